@@ -1,0 +1,459 @@
+//! The executor: runs a plan against a [`Kernel`], in order, journaled,
+//! undoable, and verified by observing again.
+//!
+//! Every step's undo is computed from the observed state before the first
+//! step runs. On a failure the undos of the steps that ran are replayed
+//! newest first; a failed rollback is reported beside the original error.
+
+pub mod journal;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::compile::Desired;
+use crate::kernel::{Kernel, KernelError, LoadRequest, Scope};
+use crate::model::{ForeignProgram, Hook, MapRef, State};
+use crate::plan::{self, Op, Plan};
+use crate::spec::XdpMode;
+use journal::{JournalStep, JournalStore};
+
+/// One kernel operation, forward or undo. Undo operations are written to
+/// the journal, so they carry plain data (bytes as hex).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum KernelOp {
+    LoadProgram { program: String, digest: String, fresh_maps: Vec<String> },
+    UnloadProgram { program: String, digest: String },
+    RestoreProgram { program: String, digest: String },
+    DiscardProgram { program: String, digest: String },
+    WriteEntries { map: MapRef, #[serde(with = "hex_pairs")] entries: Vec<(Vec<u8>, Vec<u8>)> },
+    DeleteEntries { map: MapRef, #[serde(with = "hex_list")] keys: Vec<Vec<u8>> },
+    Attach { hook: Hook, program: String, digest: String, mode: Option<XdpMode> },
+    UpdateLink { hook: Hook, program: String, digest: String },
+    Detach { hook: Hook },
+    Evict { foreign: ForeignProgram },
+    Unevict { foreign: ForeignProgram },
+}
+
+mod hex_list {
+    use serde::{Deserialize, Deserializer, Serializer, ser::SerializeSeq};
+    pub fn serialize<S: Serializer>(v: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for b in v {
+            seq.serialize_element(&crate::codec::hex(b))?;
+        }
+        seq.end()
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+        let v: Vec<String> = Vec::deserialize(d)?;
+        v.iter().map(|s| super::unhex(s).ok_or_else(|| serde::de::Error::custom("bad hex"))).collect()
+    }
+}
+
+mod hex_pairs {
+    use serde::{Deserialize, Deserializer, Serializer, ser::SerializeSeq};
+    pub fn serialize<S: Serializer>(v: &[(Vec<u8>, Vec<u8>)], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for (k, val) in v {
+            seq.serialize_element(&[crate::codec::hex(k), crate::codec::hex(val)])?;
+        }
+        seq.end()
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(Vec<u8>, Vec<u8>)>, D::Error> {
+        let v: Vec<[String; 2]> = Vec::deserialize(d)?;
+        v.iter()
+            .map(|[k, val]| match (super::unhex(k), super::unhex(val)) {
+                (Some(k), Some(val)) => Ok((k, val)),
+                _ => Err(serde::de::Error::custom("bad hex")),
+            })
+            .collect()
+    }
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    let h = s.strip_prefix("0x")?;
+    if h.len() % 2 != 0 {
+        return None;
+    }
+    (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).ok()).collect()
+}
+
+pub type UndoOp = KernelOp;
+
+/// One executor step: forward operations and their undo.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub what: String,
+    pub forward: Vec<KernelOp>,
+    pub undo: Vec<KernelOp>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("step {index} ({what}) failed; every earlier step was rolled back, the node is as it was")]
+    RolledBack {
+        index: usize,
+        what: String,
+        #[source]
+        cause: KernelError,
+    },
+    #[error("step {index} ({what}) failed: {cause}; the rollback failed too: {}", rollback.join("; "))]
+    RollbackFailed { index: usize, what: String, cause: KernelError, rollback: Vec<String> },
+    #[error("verification after apply found {count} difference(s) (first: `{first}`); the apply was rolled back")]
+    Verify { count: usize, first: String },
+    #[error("failed to observe the kernel")]
+    Observe(#[source] KernelError),
+    #[error("failed to write the journal in the state directory")]
+    Journal(#[source] std::io::Error),
+    #[error("an interrupted apply was found and could not be rolled back: {}", errors.join("; "))]
+    Recovery { errors: Vec<String> },
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ApplyReport {
+    pub steps: usize,
+    pub kernel_writes: u64,
+    /// Steps of an interrupted earlier apply that were rolled back first.
+    pub recovered_steps: usize,
+}
+
+/// Retry policy for kernel operations that may succeed later.
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    pub attempts: u32,
+    pub first_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry { attempts: 3, first_delay: Duration::from_millis(100), max_delay: Duration::from_secs(60) }
+    }
+}
+
+impl Retry {
+    pub fn none() -> Self {
+        Retry { attempts: 1, ..Default::default() }
+    }
+}
+
+/// Builds the executor steps of a plan: consecutive entry writes (or
+/// deletes) of one map become one batched step.
+pub fn steps(plan: &Plan, desired: &Desired, observed: &State) -> Vec<Step> {
+    let digest_of = |state: &State, name: &str| state.programs.get(name).map(|p| p.digest.clone()).unwrap_or_default();
+    let mut out: Vec<Step> = Vec::new();
+    for c in &plan.changes {
+        match &c.op {
+            Op::LoadProgram { program, fresh_maps } => {
+                let digest = digest_of(&desired.state, program);
+                out.push(Step {
+                    what: format!("load program `{program}`"),
+                    forward: vec![KernelOp::LoadProgram { program: program.clone(), digest: digest.clone(), fresh_maps: fresh_maps.clone() }],
+                    undo: vec![KernelOp::DiscardProgram { program: program.clone(), digest }],
+                });
+            }
+            Op::UnloadProgram { program, digest } => out.push(Step {
+                what: format!("unload program `{program}`"),
+                forward: vec![KernelOp::UnloadProgram { program: program.clone(), digest: digest.clone() }],
+                undo: vec![KernelOp::RestoreProgram { program: program.clone(), digest: digest.clone() }],
+            }),
+            Op::WriteEntry { map, key, value, old } => {
+                let merge = matches!(out.last(), Some(Step { forward, .. })
+                    if matches!(forward.as_slice(), [KernelOp::WriteEntries { map: m, .. }] if m == map));
+                if !merge {
+                    out.push(Step {
+                        what: format!("write entries of map `{map}`"),
+                        forward: vec![KernelOp::WriteEntries { map: map.clone(), entries: vec![] }],
+                        undo: vec![
+                            KernelOp::DeleteEntries { map: map.clone(), keys: vec![] },
+                            KernelOp::WriteEntries { map: map.clone(), entries: vec![] },
+                        ],
+                    });
+                }
+                let step = out.last_mut().unwrap();
+                if let KernelOp::WriteEntries { entries, .. } = &mut step.forward[0] {
+                    entries.push((key.clone(), value.clone()));
+                }
+                match old {
+                    None => {
+                        if let KernelOp::DeleteEntries { keys, .. } = &mut step.undo[0] {
+                            keys.push(key.clone());
+                        }
+                    }
+                    Some(o) => {
+                        if let KernelOp::WriteEntries { entries, .. } = &mut step.undo[1] {
+                            entries.push((key.clone(), o.clone()));
+                        }
+                    }
+                }
+            }
+            Op::DeleteEntry { map, key, old, zero } => {
+                let merge = matches!(out.last(), Some(Step { what, forward, .. })
+                    if what.starts_with("delete") && matches!(forward.as_slice(),
+                        [KernelOp::DeleteEntries { map: m, .. }] | [KernelOp::WriteEntries { map: m, .. }] if m == map));
+                if !merge {
+                    let forward = if *zero {
+                        KernelOp::WriteEntries { map: map.clone(), entries: vec![] }
+                    } else {
+                        KernelOp::DeleteEntries { map: map.clone(), keys: vec![] }
+                    };
+                    out.push(Step {
+                        what: format!("delete entries of map `{map}`"),
+                        forward: vec![forward],
+                        undo: vec![KernelOp::WriteEntries { map: map.clone(), entries: vec![] }],
+                    });
+                }
+                let step = out.last_mut().unwrap();
+                match &mut step.forward[0] {
+                    KernelOp::WriteEntries { entries, .. } => entries.push((key.clone(), vec![0; old.len()])),
+                    KernelOp::DeleteEntries { keys, .. } => keys.push(key.clone()),
+                    _ => {}
+                }
+                if let KernelOp::WriteEntries { entries, .. } = &mut step.undo[0] {
+                    entries.push((key.clone(), old.clone()));
+                }
+            }
+            Op::Attach { hook, program, mode, evict } => {
+                for f in evict {
+                    out.push(Step {
+                        what: format!("evict foreign program `{}` from `{hook}`", f.program_name),
+                        forward: vec![KernelOp::Evict { foreign: f.clone() }],
+                        undo: vec![KernelOp::Unevict { foreign: f.clone() }],
+                    });
+                }
+                let digest = digest_of(&desired.state, program);
+                out.push(Step {
+                    what: format!("attach `{program}` to `{hook}`"),
+                    forward: vec![KernelOp::Attach { hook: hook.clone(), program: program.clone(), digest, mode: *mode }],
+                    undo: vec![KernelOp::Detach { hook: hook.clone() }],
+                });
+            }
+            Op::UpdateLink { hook, from, to } => out.push(Step {
+                what: format!("update the link on `{hook}` to `{to}`"),
+                forward: vec![KernelOp::UpdateLink { hook: hook.clone(), program: to.clone(), digest: digest_of(&desired.state, to) }],
+                undo: vec![KernelOp::UpdateLink { hook: hook.clone(), program: from.clone(), digest: digest_of(observed, from) }],
+            }),
+            Op::Reattach { hook, program, from_mode, to_mode, old_program } => {
+                let old_digest = digest_of(observed, old_program);
+                let defunct = observed.attachments.get(hook).is_some_and(|a| a.defunct);
+                out.push(Step {
+                    what: format!("detach `{hook}` to re-attach it"),
+                    forward: vec![KernelOp::Detach { hook: hook.clone() }],
+                    undo: if defunct {
+                        vec![]
+                    } else {
+                        vec![KernelOp::Attach { hook: hook.clone(), program: old_program.clone(), digest: old_digest, mode: *from_mode }]
+                    },
+                });
+                out.push(Step {
+                    what: format!("attach `{program}` to `{hook}`"),
+                    forward: vec![KernelOp::Attach {
+                        hook: hook.clone(),
+                        program: program.clone(),
+                        digest: digest_of(&desired.state, program),
+                        mode: *to_mode,
+                    }],
+                    undo: vec![KernelOp::Detach { hook: hook.clone() }],
+                });
+            }
+            Op::Detach { hook, program, mode, defunct } => out.push(Step {
+                what: format!("detach `{hook}`"),
+                forward: vec![KernelOp::Detach { hook: hook.clone() }],
+                undo: if *defunct {
+                    vec![]
+                } else {
+                    vec![KernelOp::Attach { hook: hook.clone(), program: program.clone(), digest: digest_of(observed, program), mode: *mode }]
+                },
+            }),
+        }
+    }
+    // Empty undo halves of entry steps are dropped.
+    for s in &mut out {
+        s.undo.retain(|op| match op {
+            KernelOp::WriteEntries { entries, .. } => !entries.is_empty(),
+            KernelOp::DeleteEntries { keys, .. } => !keys.is_empty(),
+            _ => true,
+        });
+    }
+    out
+}
+
+fn run_op<K: Kernel + ?Sized>(k: &mut K, op: &KernelOp, desired: Option<&Desired>) -> Result<(), KernelError> {
+    match op {
+        KernelOp::LoadProgram { program, digest, fresh_maps } => {
+            let desired = desired.ok_or_else(|| KernelError::NotFound { what: "no desired state to load from".into() })?;
+            let p = desired.state.programs.get(program).ok_or_else(|| KernelError::NotFound { what: format!("program `{program}` is not desired") })?;
+            let bytes = desired.objects.get(program).cloned().ok_or_else(|| KernelError::NotFound { what: format!("no object for `{program}`") })?;
+            k.load_program(&LoadRequest {
+                name: program.clone(),
+                digest: digest.clone(),
+                function: p.function.clone(),
+                program_type: p.program_type,
+                bytes,
+                map_owner: p.map_owner().to_string(),
+                fresh_maps: fresh_maps.clone(),
+            })
+        }
+        KernelOp::UnloadProgram { program, digest } => k.unload_program(program, digest),
+        KernelOp::RestoreProgram { program, digest } => k.restore_program(program, digest),
+        KernelOp::DiscardProgram { program, digest } => k.discard_program(program, digest),
+        KernelOp::WriteEntries { map, entries } => k.write_entries(map, entries),
+        KernelOp::DeleteEntries { map, keys } => k.delete_entries(map, keys),
+        KernelOp::Attach { hook, program, digest, mode } => k.attach(hook, program, digest, *mode),
+        KernelOp::UpdateLink { hook, program, digest } => k.update_link(hook, program, digest),
+        KernelOp::Detach { hook } => k.detach(hook),
+        KernelOp::Evict { foreign } => k.evict(foreign),
+        KernelOp::Unevict { foreign } => k.unevict(foreign),
+    }
+}
+
+fn with_retry<K: Kernel + ?Sized>(k: &mut K, op: &KernelOp, desired: Option<&Desired>, retry: Retry) -> Result<(), KernelError> {
+    let mut delay = retry.first_delay;
+    let mut attempt = 1;
+    loop {
+        match run_op(k, op, desired) {
+            Err(e) if e.is_retryable() && attempt < retry.attempts => {
+                tracing::warn!(error = %e, attempt, "kernel operation failed, retrying");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(retry.max_delay);
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Replays undos newest first; returns what failed.
+fn roll_back<K: Kernel + ?Sized>(k: &mut K, undos: &[Vec<KernelOp>], retry: Retry) -> Vec<String> {
+    let mut errors = Vec::new();
+    for ops in undos.iter().rev() {
+        for op in ops {
+            if let Err(e) = with_retry(k, op, None, retry) {
+                errors.push(format!("{}", error_chain(&e)));
+            }
+        }
+    }
+    errors
+}
+
+/// `a: b: c` from an error and its sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Rolls back an apply that was interrupted (crash, `kill -9`), if any.
+/// Returns how many steps were undone.
+pub fn recover<K: Kernel + ?Sized>(k: &mut K, journal: &mut dyn JournalStore, retry: Retry) -> Result<usize, ApplyError> {
+    let Some((steps, started)) = journal.pending().map_err(ApplyError::Journal)? else { return Ok(0) };
+    let Some(last) = started else {
+        journal.finish().map_err(ApplyError::Journal)?;
+        return Ok(0);
+    };
+    let undos: Vec<Vec<KernelOp>> = steps[..=last.min(steps.len().saturating_sub(1))].iter().map(|s| s.undo.clone()).collect();
+    tracing::warn!(steps = undos.len(), "rolling back an interrupted apply");
+    let errors = roll_back(k, &undos, retry);
+    if !errors.is_empty() {
+        return Err(ApplyError::Recovery { errors });
+    }
+    k.commit().map_err(|e| ApplyError::Recovery { errors: vec![error_chain(&e)] })?;
+    journal.finish().map_err(ApplyError::Journal)?;
+    Ok(undos.len())
+}
+
+/// The scope to observe for a desired state.
+pub fn scope_for(desired: &State) -> Scope {
+    Scope {
+        interfaces: desired.attachments.keys().filter_map(|h| h.interface().map(str::to_string)).collect(),
+        maps: desired.maps.iter().filter(|(_, m)| m.managed).map(|(r, _)| r.clone()).collect(),
+        all_maps: false,
+        events: desired
+            .attachments
+            .keys()
+            .filter_map(|h| match h {
+                Hook::Tracepoint { event, .. } => Some(event.clone()),
+                _ => None,
+            })
+            .collect(),
+    }
+}
+
+/// Applies `plan` (computed from `observed`), then observes again and
+/// checks that nothing is left to do. Any failure rolls back.
+pub fn apply<K: Kernel + ?Sized>(
+    k: &mut K,
+    plan: &Plan,
+    desired: &Desired,
+    observed: &State,
+    journal: &mut dyn JournalStore,
+    retry: Retry,
+) -> Result<ApplyReport, ApplyError> {
+    let writes_before = k.writes();
+    let steps = steps(plan, desired, observed);
+    if steps.is_empty() {
+        return Ok(ApplyReport::default());
+    }
+    let jsteps: Vec<JournalStep> = steps.iter().map(|s| JournalStep { what: s.what.clone(), undo: s.undo.clone() }).collect();
+    journal.begin(&jsteps).map_err(ApplyError::Journal)?;
+
+    for (i, step) in steps.iter().enumerate() {
+        journal.started(i).map_err(ApplyError::Journal)?;
+        let mut failure = None;
+        for op in &step.forward {
+            if let Err(e) = with_retry(k, op, Some(desired), retry) {
+                failure = Some(e);
+                break;
+            }
+        }
+        if let Some(cause) = failure {
+            // The failed step may have half-happened: undo it too.
+            let undos: Vec<Vec<KernelOp>> = steps[..=i].iter().map(|s| s.undo.clone()).collect();
+            let rollback = roll_back(k, &undos, retry);
+            if rollback.is_empty() {
+                let _ = k.commit();
+                journal.finish().map_err(ApplyError::Journal)?;
+                return Err(ApplyError::RolledBack { index: i + 1, what: step.what.clone(), cause });
+            }
+            return Err(ApplyError::RollbackFailed { index: i + 1, what: step.what.clone(), cause, rollback });
+        }
+        journal.done(i).map_err(ApplyError::Journal)?;
+    }
+
+    // Verify: the kernel must now match the desired state.
+    let after = k.observe(&scope_for(&desired.state)).map_err(ApplyError::Observe)?;
+    let remaining = plan::plan(&desired.state, &after);
+    let remaining: Vec<_> = remaining.changes.iter().filter(|c| c.part_of.is_none()).collect();
+    if !remaining.is_empty() {
+        let undos: Vec<Vec<KernelOp>> = steps.iter().map(|s| s.undo.clone()).collect();
+        let rollback = roll_back(k, &undos, retry);
+        let first = format!("{} ({})", remaining[0].address, remaining[0].reason);
+        if rollback.is_empty() {
+            let _ = k.commit();
+            journal.finish().map_err(ApplyError::Journal)?;
+        }
+        return Err(ApplyError::Verify { count: remaining.len(), first });
+    }
+    k.commit().map_err(ApplyError::Observe)?;
+    journal.finish().map_err(ApplyError::Journal)?;
+    Ok(ApplyReport { steps: steps.len(), kernel_writes: k.writes() - writes_before, recovered_steps: 0 })
+}
+
+/// Per-kind counts of a state, for reports.
+pub fn counts(state: &State) -> BTreeMap<&'static str, usize> {
+    let mut m = BTreeMap::new();
+    m.insert("programs", state.programs.len());
+    m.insert("attachments", state.attachments.len());
+    m.insert("map entries", state.maps.values().filter(|m| m.managed).map(|m| m.entries.len()).sum());
+    m
+}

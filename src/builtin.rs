@@ -1,0 +1,58 @@
+//! The programs shipped in `bpf/`, compiled objects embedded in the binary.
+
+use crate::spec::ProgramType;
+
+/// A built-in program: one function of one committed object.
+#[derive(Debug, Clone, Copy)]
+pub struct Builtin {
+    pub name: &'static str,
+    /// Object file name under `bpf/`.
+    pub object: &'static str,
+    pub function: &'static str,
+    pub program_type: ProgramType,
+    pub bytes: &'static [u8],
+    pub summary: &'static str,
+}
+
+static COUNTER: &[u8] = include_bytes!("../bpf/counter.bpf.o");
+static CLASSIFIER: &[u8] = include_bytes!("../bpf/classifier.bpf.o");
+static SYSCALL_LATENCY: &[u8] = include_bytes!("../bpf/syscall_latency.bpf.o");
+
+pub const BUILTINS: &[Builtin] = &[
+    Builtin {
+        name: "counter",
+        object: "counter.bpf.o",
+        function: "xdp_counter",
+        program_type: ProgramType::Xdp,
+        bytes: COUNTER,
+        summary: "XDP per-protocol packet and byte counts (`packet_stats`), switches in `counter_config`",
+    },
+    Builtin {
+        name: "classifier",
+        object: "classifier.bpf.o",
+        function: "tc_classify",
+        program_type: ProgramType::Tc,
+        bytes: CLASSIFIER,
+        summary: "TC classifier: marks and prioritises by destination prefix and port",
+    },
+    Builtin {
+        name: "syscall_enter",
+        object: "syscall_latency.bpf.o",
+        function: "syscall_enter",
+        program_type: ProgramType::Tracepoint,
+        bytes: SYSCALL_LATENCY,
+        summary: "`raw_syscalls/sys_enter`: records syscall entry times",
+    },
+    Builtin {
+        name: "syscall_exit",
+        object: "syscall_latency.bpf.o",
+        function: "syscall_exit",
+        program_type: ProgramType::Tracepoint,
+        bytes: SYSCALL_LATENCY,
+        summary: "`raw_syscalls/sys_exit`: log2 syscall latency histogram (`latency_hist`)",
+    },
+];
+
+pub fn find(name: &str) -> Option<&'static Builtin> {
+    BUILTINS.iter().find(|b| b.name == name)
+}

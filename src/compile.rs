@@ -1,0 +1,283 @@
+//! Spec → desired state: resolves programs to object bytes, checks them
+//! against the objects (functions, types, map sizes), and encodes map
+//! entries.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::builtin;
+use crate::codec::{self, Form};
+use crate::model::{Attachment, Direction, Hook, MapCodec, MapRef, MapShape, MapState, Program, State};
+use crate::object::{self, MapDef, ObjectInfo};
+use crate::spec::{Diagnostic, Diagnostics, LoadedSpec};
+
+/// The desired state, plus what the executor needs to create it.
+#[derive(Debug, Clone, Default)]
+pub struct Desired {
+    pub state: State,
+    /// Program name → the ELF bytes it is loaded from.
+    pub objects: BTreeMap<String, Arc<[u8]>>,
+    /// Map definitions from the objects, by map.
+    pub map_defs: BTreeMap<MapRef, MapDef>,
+}
+
+/// Reads object files named by specs; caches by path.
+#[derive(Default)]
+pub struct ObjectLoader {
+    cache: HashMap<PathBuf, Result<(Arc<[u8]>, Arc<ObjectInfo>), String>>,
+}
+
+impl ObjectLoader {
+    fn load_path(&mut self, path: PathBuf) -> Result<(Arc<[u8]>, Arc<ObjectInfo>), String> {
+        self.cache
+            .entry(path.clone())
+            .or_insert_with(|| {
+                let bytes = std::fs::read(&path).map_err(|e| format!("cannot read object `{}`: {e}", path.display()))?;
+                let info = object::inspect(&bytes).map_err(|e| format!("`{}`: {e}", path.display()))?;
+                Ok((Arc::from(bytes), Arc::new(info)))
+            })
+            .clone()
+    }
+
+    fn load_builtin(&mut self, name: &str) -> Result<(Arc<[u8]>, Arc<ObjectInfo>), String> {
+        let b = builtin::find(name).ok_or_else(|| format!("unknown builtin `{name}`"))?;
+        let key = PathBuf::from(format!("builtin:{}", b.object));
+        self.cache
+            .entry(key)
+            .or_insert_with(|| {
+                let info = object::inspect(b.bytes).map_err(|e| format!("builtin `{name}`: {e}"))?;
+                Ok((Arc::from(b.bytes), Arc::new(info)))
+            })
+            .clone()
+    }
+}
+
+/// Program digest: the object's bytes and the function loaded from it.
+pub fn program_digest(object_digest: &str, function: &str) -> String {
+    object::digest(format!("{object_digest}\0{function}").as_bytes())
+}
+
+/// Compiles a validated spec into the desired state. Every problem is
+/// reported, as diagnostics pointing into the spec.
+pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, Diagnostics> {
+    let s = &spec.spec;
+    let mut diags: Vec<Diagnostic> = Vec::new();
+    let mut desired = Desired::default();
+    let mut infos: BTreeMap<String, Arc<ObjectInfo>> = BTreeMap::new();
+
+    for (i, p) in s.programs.iter().enumerate() {
+        let ptr = format!("/programs/{i}");
+        let (loaded, source, default_function) = match (&p.builtin, &p.object) {
+            (Some(b), _) => {
+                let def = builtin::find(b).map(|b| b.function.to_string());
+                (loader.load_builtin(b), format!("builtin:{b}"), def)
+            }
+            (None, Some(o)) => {
+                let path = spec.base_dir().join(o);
+                (loader.load_path(path), o.clone(), None)
+            }
+            (None, None) => continue, // reported by the spec checks
+        };
+        let (bytes, info) = match loaded {
+            Ok(x) => x,
+            Err(e) => {
+                let field = if p.builtin.is_some() { "builtin" } else { "object" };
+                diags.push(spec.diag(&format!("{ptr}/{field}"), e));
+                continue;
+            }
+        };
+        let function = match (&p.function, default_function) {
+            (Some(f), _) => f.clone(),
+            (None, Some(f)) => f,
+            (None, None) => {
+                let usable: Vec<_> = info.functions.iter().filter(|(_, t)| t.is_some()).map(|(n, _)| n).collect();
+                if usable.len() == 1 {
+                    usable[0].clone()
+                } else {
+                    let names: Vec<_> = usable.iter().map(|n| format!("`{n}`")).collect();
+                    diags.push(spec.diag(
+                        &format!("{ptr}/object"),
+                        format!("the object has {} programs ({}): name one with `function`", usable.len(), names.join(", ")),
+                    ));
+                    continue;
+                }
+            }
+        };
+        let fptr = if p.function.is_some() { format!("{ptr}/function") } else { format!("{ptr}/type") };
+        match info.functions.get(&function) {
+            None => {
+                let names: Vec<_> = info.functions.keys().map(|n| format!("`{n}`")).collect();
+                diags.push(spec.diag(
+                    &fptr,
+                    format!("no program `{function}` in the object (it has {})", names.join(", ")),
+                ));
+                continue;
+            }
+            Some(None) => {
+                diags.push(spec.diag(&fptr, format!("`{function}` is not an xdp, tc or tracepoint program")));
+                continue;
+            }
+            Some(Some(t)) if *t != p.program_type => {
+                diags.push(spec.diag(
+                    &format!("{ptr}/type"),
+                    format!("`{function}` is a `{}` program, not `{}`", t.as_str(), p.program_type.as_str()),
+                ));
+                continue;
+            }
+            Some(Some(_)) => {}
+        }
+        let program = Program {
+            name: p.name.clone(),
+            program_type: p.program_type,
+            function: function.clone(),
+            digest: program_digest(&info.digest, &function),
+            share_maps: p.share_maps.clone(),
+            source,
+            id: None,
+            tag: None,
+        };
+        desired.objects.insert(p.name.clone(), bytes);
+        infos.insert(p.name.clone(), info.clone());
+        desired.state.programs.insert(p.name.clone(), program);
+    }
+
+    // Maps: owners get every map of their object; declared ones are managed.
+    for (i, p) in s.programs.iter().enumerate() {
+        let Some(info) = infos.get(&p.name) else { continue };
+        if let Some(owner) = &p.share_maps {
+            if let Some(owner_info) = infos.get(owner)
+                && owner_info.digest != info.digest
+            {
+                diags.push(spec.diag(
+                    &format!("/programs/{i}/share-maps"),
+                    format!("`{owner}` is loaded from a different object: only programs of one object can share maps"),
+                ));
+            }
+            continue;
+        }
+        for (name, def) in &info.maps {
+            let r = MapRef { program: p.name.clone(), map: name.clone() };
+            desired.map_defs.insert(r.clone(), def.clone());
+            let shape = MapShape {
+                map_type: def.map_type,
+                key_size: def.key_size,
+                value_size: def.value_size,
+                max_entries: def.max_entries,
+                flags: def.flags,
+            };
+            desired.state.maps.insert(r, MapState { shape: Some(shape), ..Default::default() });
+        }
+        for (j, m) in p.maps.iter().enumerate() {
+            let mptr = format!("/programs/{i}/maps/{j}");
+            let Some(def) = info.maps.get(&m.name) else {
+                let names: Vec<_> = info.maps.keys().map(|n| format!("`{n}`")).collect();
+                diags.push(spec.diag(
+                    &format!("{mptr}/name"),
+                    format!("no map `{}` in the object (it has {})", m.name, names.join(", ")),
+                ));
+                continue;
+            };
+            if !def.is_manageable() {
+                diags.push(spec.diag(
+                    &format!("{mptr}/name"),
+                    format!("map `{}` is a {} map: only hash, lru_hash, array and lpm_trie maps take entries", m.name, def.type_name()),
+                ));
+                continue;
+            }
+            let r = MapRef { program: p.name.clone(), map: m.name.clone() };
+            let state = desired.state.maps.get_mut(&r).expect("inserted above");
+            state.managed = true;
+            state.codec = MapCodec {
+                key: Some(def.key.clone()),
+                value: Some(def.value.clone()),
+                key_form: m.entries.first().map(|e| Form::of(&e.key)).unwrap_or_default(),
+                value_form: m.entries.first().map(|e| Form::of(&e.value)).unwrap_or_default(),
+            };
+            if m.entries.len() > def.max_entries as usize {
+                diags.push(spec.diag(
+                    &format!("{mptr}/entries"),
+                    format!("{} entries, map `{}` holds at most {}", m.entries.len(), m.name, def.max_entries),
+                ));
+            }
+            let mut first_at: HashMap<Vec<u8>, usize> = HashMap::new();
+            for (k, e) in m.entries.iter().enumerate() {
+                let eptr = format!("{mptr}/entries/{k}");
+                let key = codec::encode(&e.key, &def.key)
+                    .map_err(|err| diags.push(spec.diag(&format!("{eptr}/key"), format!("key: {err}"))));
+                let value = codec::encode(&e.value, &def.value)
+                    .map_err(|err| diags.push(spec.diag(&format!("{eptr}/value"), format!("value: {err}"))));
+                let (Ok(key), Ok(value)) = (key, value) else { continue };
+                if def.is_array() {
+                    let index = u32::from_le_bytes(key[..4.min(key.len())].try_into().unwrap_or([0; 4]));
+                    if key.len() != 4 || index >= def.max_entries {
+                        diags.push(spec.diag(
+                            &format!("{eptr}/key"),
+                            format!("index {index} is out of range for array map `{}` (0..{})", m.name, def.max_entries),
+                        ));
+                        continue;
+                    }
+                }
+                if let Some(prev) = first_at.insert(key.clone(), k) {
+                    diags.push(spec.diag(
+                        &format!("{eptr}/key"),
+                        format!("duplicate key {} (also entries[{prev}])", codec::display(&e.key)),
+                    ));
+                    continue;
+                }
+                // Array maps always hold every index: zero is "no entry".
+                if def.is_array() && value.iter().all(|b| *b == 0) {
+                    continue;
+                }
+                state.entries.insert(key, value);
+            }
+        }
+    }
+
+    for (i, iface) in s.interfaces.iter().enumerate() {
+        if let Some(x) = &iface.xdp {
+            let hook = Hook::Xdp { interface: iface.name.clone() };
+            let att = Attachment { program: x.program.clone(), mode: Some(x.mode), takeover: x.takeover, link_id: None, defunct: false };
+            desired.state.attachments.insert(hook, att);
+        }
+        if let Some(tc) = &iface.tc {
+            for (direction, list) in [(Direction::Ingress, &tc.ingress), (Direction::Egress, &tc.egress)] {
+                for (position, program) in list.iter().enumerate() {
+                    let hook = Hook::Tc { interface: iface.name.clone(), direction, position: position as u32 };
+                    let att = Attachment { program: program.clone(), mode: None, takeover: tc.takeover, link_id: None, defunct: false };
+                    desired.state.attachments.insert(hook, att);
+                }
+            }
+        }
+        let _ = i;
+    }
+    for tp in &s.tracepoints {
+        let hook = Hook::Tracepoint { event: tp.event.clone(), program: tp.program.clone() };
+        let att = Attachment { program: tp.program.clone(), mode: None, takeover: false, link_id: None, defunct: false };
+        desired.state.attachments.insert(hook, att);
+    }
+
+    if diags.is_empty() {
+        Ok(desired)
+    } else {
+        diags.sort_by_key(|d| d.position);
+        Err(Diagnostics(diags))
+    }
+}
+
+/// Decodes an entry of `map` for display with the desired codec.
+pub fn decode_key(state: &MapState, key: &[u8]) -> Value {
+    match &state.codec.key {
+        Some(l) => codec::decode(key, l, state.codec.key_form),
+        None => codec::decode(key, &codec::Layout::Opaque { size: key.len() }, Form::Auto),
+    }
+}
+
+pub fn decode_value(state: &MapState, value: &[u8]) -> Value {
+    match &state.codec.value {
+        Some(l) => codec::decode(value, l, state.codec.value_form),
+        None => codec::decode(value, &codec::Layout::Opaque { size: value.len() }, Form::Auto),
+    }
+}

@@ -1,0 +1,188 @@
+//! rtnetlink for XDP where bpf links do not reach: which programs an
+//! interface runs in which mode (also those attached by `ip link set … xdp`),
+//! and detaching or re-attaching such a program.
+
+use std::io;
+use std::mem::size_of;
+
+const RTM_NEWLINK: u16 = 16;
+const RTM_GETLINK: u16 = 18;
+const RTM_SETLINK: u16 = 19;
+const NLMSG_ERROR: u16 = 2;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const IFLA_XDP: u16 = 43;
+const IFLA_XDP_FD: u16 = 1;
+const IFLA_XDP_ATTACHED: u16 = 2;
+const IFLA_XDP_FLAGS: u16 = 3;
+const IFLA_XDP_PROG_ID: u16 = 4;
+const IFLA_XDP_DRV_PROG_ID: u16 = 5;
+const IFLA_XDP_SKB_PROG_ID: u16 = 6;
+const NLA_F_NESTED: u16 = 1 << 15;
+
+pub const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+pub const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+
+/// XDP programs on one interface, by mode.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct XdpState {
+    pub skb_prog: Option<u32>,
+    pub drv_prog: Option<u32>,
+}
+
+#[repr(C)]
+struct NlMsgHdr {
+    len: u32,
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    pid: u32,
+}
+
+#[repr(C)]
+struct IfInfoMsg {
+    family: u8,
+    _pad: u8,
+    kind: u16,
+    index: i32,
+    flags: u32,
+    change: u32,
+}
+
+struct Socket(i32);
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        // SAFETY: we own this descriptor.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+fn socket() -> io::Result<Socket> {
+    // SAFETY: plain socket(2) call.
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
+    if fd < 0 { Err(io::Error::last_os_error()) } else { Ok(Socket(fd)) }
+}
+
+fn push_attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+    let len = 4 + payload.len();
+    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(payload);
+    while buf.len() % 4 != 0 {
+        buf.push(0);
+    }
+}
+
+fn request(kind: u16, flags: u16, ifindex: u32, attrs: &[u8]) -> Vec<u8> {
+    let mut msg = Vec::new();
+    let total = size_of::<NlMsgHdr>() + size_of::<IfInfoMsg>() + attrs.len();
+    let hdr = NlMsgHdr { len: total as u32, kind, flags, seq: 1, pid: 0 };
+    let ifi = IfInfoMsg { family: libc::AF_UNSPEC as u8, _pad: 0, kind: 0, index: ifindex as i32, flags: 0, change: 0 };
+    // SAFETY: both are repr(C) plain structs viewed as bytes.
+    unsafe {
+        msg.extend_from_slice(std::slice::from_raw_parts(&hdr as *const _ as *const u8, size_of::<NlMsgHdr>()));
+        msg.extend_from_slice(std::slice::from_raw_parts(&ifi as *const _ as *const u8, size_of::<IfInfoMsg>()));
+    }
+    msg.extend_from_slice(attrs);
+    msg
+}
+
+fn roundtrip(msg: &[u8]) -> io::Result<Vec<u8>> {
+    let s = socket()?;
+    // SAFETY: `msg` is a valid buffer of the given length.
+    let sent = unsafe { libc::send(s.0, msg.as_ptr() as *const libc::c_void, msg.len(), 0) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: `buf` is writable for its whole length.
+    let n = unsafe { libc::recv(s.0, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+fn u16_at(b: &[u8], o: usize) -> u16 {
+    u16::from_ne_bytes([b[o], b[o + 1]])
+}
+
+fn u32_at(b: &[u8], o: usize) -> u32 {
+    u32::from_ne_bytes(b[o..o + 4].try_into().unwrap())
+}
+
+/// Iterates netlink attributes in `b`: (type without flags, payload).
+fn attrs(b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut off = 0;
+    std::iter::from_fn(move || {
+        if off + 4 > b.len() {
+            return None;
+        }
+        let len = u16_at(b, off) as usize;
+        let kind = u16_at(b, off + 2) & !NLA_F_NESTED;
+        if len < 4 || off + len > b.len() {
+            return None;
+        }
+        let payload = &b[off + 4..off + len];
+        off += (len + 3) & !3;
+        Some((kind, payload))
+    })
+}
+
+fn check_error(reply: &[u8]) -> io::Result<()> {
+    if reply.len() >= 20 && u16_at(reply, 4) == NLMSG_ERROR {
+        let errno = i32::from_ne_bytes(reply[16..20].try_into().unwrap());
+        if errno != 0 {
+            return Err(io::Error::from_raw_os_error(-errno));
+        }
+    }
+    Ok(())
+}
+
+/// The XDP programs attached to interface `ifindex`, whoever attached them.
+pub fn xdp_state(ifindex: u32) -> io::Result<XdpState> {
+    let reply = roundtrip(&request(RTM_GETLINK, NLM_F_REQUEST, ifindex, &[]))?;
+    check_error(&reply)?;
+    if reply.len() < 32 || u16_at(&reply, 4) != RTM_NEWLINK {
+        return Err(io::Error::other("unexpected rtnetlink reply"));
+    }
+    let len = (u32_at(&reply, 0) as usize).min(reply.len());
+    let mut state = XdpState::default();
+    for (kind, payload) in attrs(&reply[32..len]) {
+        if kind != IFLA_XDP {
+            continue;
+        }
+        let mut attached = 0u8;
+        let mut single = None;
+        for (k, p) in attrs(payload) {
+            match k {
+                IFLA_XDP_ATTACHED if !p.is_empty() => attached = p[0],
+                IFLA_XDP_PROG_ID if p.len() >= 4 => single = Some(u32_at(p, 0)),
+                IFLA_XDP_DRV_PROG_ID if p.len() >= 4 => state.drv_prog = Some(u32_at(p, 0)),
+                IFLA_XDP_SKB_PROG_ID if p.len() >= 4 => state.skb_prog = Some(u32_at(p, 0)),
+                _ => {}
+            }
+        }
+        // XDP_ATTACHED_DRV = 1, XDP_ATTACHED_SKB = 2: one program, one id.
+        match (attached, single) {
+            (1, Some(id)) => state.drv_prog = Some(id),
+            (2, Some(id)) => state.skb_prog = Some(id),
+            _ => {}
+        }
+    }
+    Ok(state)
+}
+
+/// Sets (or with `prog_fd` -1, clears) the netlink-attached XDP program of
+/// one mode.
+pub fn xdp_set(ifindex: u32, prog_fd: i32, mode_flags: u32) -> io::Result<()> {
+    let mut inner = Vec::new();
+    push_attr(&mut inner, IFLA_XDP_FD, &prog_fd.to_ne_bytes());
+    push_attr(&mut inner, IFLA_XDP_FLAGS, &mode_flags.to_ne_bytes());
+    let mut outer = Vec::new();
+    push_attr(&mut outer, IFLA_XDP | NLA_F_NESTED, &inner);
+    let reply = roundtrip(&request(RTM_SETLINK, NLM_F_REQUEST | NLM_F_ACK, ifindex, &outer))?;
+    check_error(&reply)
+}

@@ -1,0 +1,34 @@
+//! bpfsync keeps a Linux node's eBPF datapath equal to a YAML spec.
+//!
+//! # Layout
+//!
+//! The pipeline is `spec → compile → Desired`, `kernel → observe → Observed`,
+//! `plan(Desired, Observed) → Plan`, `apply(Plan) → kernel`.
+//!
+//! - [`spec`]: the YAML spec — types, JSON Schema, positioned diagnostics.
+//!   Pure.
+//! - [`object`]: what an ELF object holds (functions, maps, BTF layouts).
+//!   Pure over bytes.
+//! - [`codec`]: map keys/values between spec values and bytes.
+//! - [`model`]: the flat state model shared by desired and observed.
+//! - [`compile`]: spec + objects → desired state (reads object files).
+//! - [`plan`]: the pure diff, and its text and JSON renderings.
+//! - [`kernel`]: the one boundary to the kernel: a trait with the real
+//!   backend (aya, raw bpf syscalls, netlink) and an in-memory model for
+//!   tests.
+//! - [`apply`]: the executor — ordered, journaled, undoable, verified.
+//! - [`sandbox`]: network namespaces and veths for the demo and tests.
+//! - [`cli`]: one module per subcommand; `main.rs` only parses arguments.
+
+pub mod apply;
+pub mod builtin;
+pub mod cli;
+pub mod codec;
+pub mod compile;
+pub mod kernel;
+pub mod model;
+pub mod net;
+pub mod object;
+pub mod plan;
+pub mod sandbox;
+pub mod spec;

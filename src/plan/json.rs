@@ -1,0 +1,44 @@
+//! The machine-readable plan, `-o json`.
+//!
+//! Format (versioned by `format_version`; additions bump the minor, any
+//! change to existing fields the major):
+//! ```json
+//! { "format_version": "1.0",
+//!   "changes": [ { "address": "…", "kind": "program|attachment|map-entry",
+//!                  "action": "create|update|replace|delete", "reason": "…",
+//!                  "before": {…}|null, "after": {…}|null,
+//!                  "part_of": "…" (only on the old half of a replace),
+//!                  "operation": { "op": "…", … raw keys and values in hex } } ],
+//!   "summary": { "add": 0, "change": 0, "destroy": 0 },
+//!   "conflicts": [ { "hook": "…", "kind": "…", "message": "…", "program_id": 1 } ] }
+//! ```
+
+use serde_json::{Value, json};
+
+use super::Plan;
+
+pub const FORMAT_VERSION: &str = "1.0";
+
+pub fn to_value(plan: &Plan) -> Value {
+    let changes: Vec<Value> = plan
+        .changes
+        .iter()
+        .map(|c| {
+            let mut v = serde_json::to_value(c).expect("changes serialise");
+            v["operation"] = serde_json::to_value(&c.op).expect("operations serialise");
+            v
+        })
+        .collect();
+    json!({
+        "format_version": FORMAT_VERSION,
+        "changes": changes,
+        "summary": plan.summary(),
+        "conflicts": plan.conflicts,
+    })
+}
+
+pub fn render(plan: &Plan) -> String {
+    let mut s = serde_json::to_string_pretty(&to_value(plan)).expect("plan serialises");
+    s.push('\n');
+    s
+}

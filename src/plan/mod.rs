@@ -1,0 +1,566 @@
+//! The planner: a pure function from (desired, observed) to a plan.
+//!
+//! A plan is data: each change has an action, a reason, before/after
+//! values for people, and the operation the executor runs. Rendering lives
+//! in [`text`] and [`json`].
+
+pub mod json;
+pub mod text;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::codec;
+use crate::compile::{decode_key, decode_value};
+use crate::model::{ForeignProgram, Hook, MapRef, MapState, State};
+use crate::spec::XdpMode;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    Create,
+    Update,
+    Replace,
+    Delete,
+}
+
+impl Action {
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Action::Create => "+",
+            Action::Update => "~",
+            Action::Replace => "-/+",
+            Action::Delete => "-",
+        }
+    }
+
+    pub fn verb(self) -> &'static str {
+        match self {
+            Action::Create => "will be created",
+            Action::Update => "will be updated in-place",
+            Action::Replace => "will be replaced",
+            Action::Delete => "will be destroyed",
+        }
+    }
+
+    pub fn legend(self) -> &'static str {
+        match self {
+            Action::Create => "create",
+            Action::Update => "update in-place",
+            Action::Replace => "replace (create the new one, then destroy the old one)",
+            Action::Delete => "destroy",
+        }
+    }
+}
+
+/// What the executor does for one change. Each operation carries what its
+/// undo needs (old values, old programs).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Op {
+    /// Load a program version and pin it (beside an older version, if any).
+    /// `fresh_maps` are owned maps whose shape changed: they are recreated.
+    LoadProgram { program: String, fresh_maps: Vec<String> },
+    /// Unpin a program version (and its maps, when it owns them).
+    UnloadProgram { program: String, digest: String },
+    WriteEntry {
+        map: MapRef,
+        #[serde(serialize_with = "ser_hex")]
+        key: Vec<u8>,
+        #[serde(serialize_with = "ser_hex")]
+        value: Vec<u8>,
+        #[serde(serialize_with = "ser_opt_hex")]
+        old: Option<Vec<u8>>,
+    },
+    DeleteEntry {
+        map: MapRef,
+        #[serde(serialize_with = "ser_hex")]
+        key: Vec<u8>,
+        #[serde(serialize_with = "ser_hex")]
+        old: Vec<u8>,
+        /// Array maps cannot delete: the entry is zeroed.
+        zero: bool,
+    },
+    /// Attach a program; first evict foreign programs (takeover).
+    Attach { hook: Hook, program: String, mode: Option<XdpMode>, evict: Vec<ForeignProgram> },
+    /// Atomically swap the program behind an existing link.
+    UpdateLink { hook: Hook, from: String, to: String },
+    /// XDP mode change: attach in the new mode, then drop the old link.
+    Reattach { hook: Hook, program: String, from_mode: Option<XdpMode>, to_mode: Option<XdpMode>, old_program: String },
+    /// Remove a link.
+    Detach { hook: Hook, program: String, mode: Option<XdpMode>, defunct: bool },
+}
+
+fn ser_hex<S: serde::Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&codec::hex(b))
+}
+
+fn ser_opt_hex<S: serde::Serializer>(b: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+    match b {
+        Some(b) => s.serialize_str(&codec::hex(b)),
+        None => s.serialize_none(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    Program,
+    Attachment,
+    MapEntry,
+}
+
+/// One change to one object.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Change {
+    pub address: String,
+    pub kind: Kind,
+    pub action: Action,
+    pub reason: String,
+    pub before: Option<Value>,
+    pub after: Option<Value>,
+    /// Set on the second half of a replace (unpinning the old version):
+    /// executed, but not counted or shown as its own change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub part_of: Option<String>,
+    #[serde(skip)]
+    pub op: Op,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConflictKind {
+    /// A program bpfsync does not own holds a declared hook.
+    ForeignProgram,
+    MissingInterface,
+    MissingTracepoint,
+}
+
+/// Something the plan cannot do, and why; the rest of the plan proceeds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Conflict {
+    pub hook: String,
+    pub kind: ConflictKind,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub program_id: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Summary {
+    pub add: usize,
+    pub change: usize,
+    pub destroy: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    /// In execution order: loads, map writes, attachments, entry deletes,
+    /// detaches, unloads.
+    pub changes: Vec<Change>,
+    pub conflicts: Vec<Conflict>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+
+    /// Terraform's counting: a replace is one add and one destroy.
+    pub fn summary(&self) -> Summary {
+        let mut s = Summary::default();
+        for c in self.changes.iter().filter(|c| c.part_of.is_none()) {
+            match c.action {
+                Action::Create => s.add += 1,
+                Action::Update => s.change += 1,
+                Action::Replace => {
+                    s.add += 1;
+                    s.destroy += 1
+                }
+                Action::Delete => s.destroy += 1,
+            }
+        }
+        s
+    }
+}
+
+fn short(digest: &str) -> &str {
+    &digest[..digest.len().min(12)]
+}
+
+fn program_value(p: &crate::model::Program) -> Value {
+    let mut v = json!({
+        "type": p.program_type.as_str(),
+        "function": p.function,
+        "digest": short(&p.digest),
+    });
+    if !p.source.is_empty() {
+        v["source"] = json!(p.source);
+    }
+    if let Some(owner) = &p.share_maps {
+        v["share-maps"] = json!(owner);
+    }
+    v
+}
+
+fn attachment_value(a: &crate::model::Attachment) -> Value {
+    let mut v = json!({ "program": a.program });
+    if let Some(m) = a.mode {
+        v["mode"] = json!(m.as_str());
+    }
+    v
+}
+
+/// Groups of changes, in execution order.
+#[derive(Default)]
+struct Phases {
+    loads: Vec<Change>,
+    writes: Vec<Change>,
+    attaches: Vec<Change>,
+    entry_deletes: Vec<Change>,
+    detaches: Vec<Change>,
+    unloads: Vec<Change>,
+}
+
+/// Diffs desired against observed. Pure.
+pub fn plan(desired: &State, observed: &State) -> Plan {
+    let mut ph = Phases::default();
+    let mut conflicts = Vec::new();
+
+    // Programs. `renewed` programs get a new kernel program: links follow.
+    let mut renewed: BTreeSet<&str> = BTreeSet::new();
+    let mut fresh_maps: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (name, d) in &desired.programs {
+        let address = format!("program.{name}");
+        let mut changed_maps = Vec::new();
+        if d.share_maps.is_none() {
+            for (r, dm) in desired.maps.range(MapRef { program: name.clone(), map: String::new() }..) {
+                if &r.program != name {
+                    break;
+                }
+                if let (Some(ds), Some(os)) = (dm.shape, observed.maps.get(r).and_then(|m| m.shape))
+                    && ds != os
+                {
+                    changed_maps.push(r.map.clone());
+                }
+            }
+        }
+        let Some(o) = observed.programs.get(name) else {
+            ph.loads.push(Change {
+                address,
+                kind: Kind::Program,
+                action: Action::Create,
+                reason: "it is not loaded".into(),
+                before: None,
+                after: Some(program_value(d)),
+                part_of: None,
+                op: Op::LoadProgram { program: name.clone(), fresh_maps: vec![] },
+            });
+            renewed.insert(name);
+            continue;
+        };
+        let reason = if o.program_type != d.program_type {
+            Some(format!("its type changes from `{}` to `{}`", o.program_type.as_str(), d.program_type.as_str()))
+        } else if o.share_maps != d.share_maps {
+            Some("it changes whose maps it uses (`share-maps`)".to_string())
+        } else if o.digest != d.digest {
+            Some(format!("its bytecode changed (digest {} → {})", short(&o.digest), short(&d.digest)))
+        } else if !changed_maps.is_empty() {
+            Some(format!("the shape of map `{}` changed", changed_maps.join("`, `")))
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            let reason = if changed_maps.is_empty() || reason.starts_with("the shape") {
+                reason
+            } else {
+                format!("{reason}; map `{}` changes shape and is recreated", changed_maps.join("`, `"))
+            };
+            ph.loads.push(Change {
+                address,
+                kind: Kind::Program,
+                action: Action::Replace,
+                reason,
+                before: Some(program_value(o)),
+                after: Some(program_value(d)),
+                part_of: None,
+                op: Op::LoadProgram { program: name.clone(), fresh_maps: changed_maps.clone() },
+            });
+            renewed.insert(name);
+            ph.unloads.push(Change {
+                address: format!("program.{name}@{}", short(&o.digest)),
+                kind: Kind::Program,
+                action: Action::Delete,
+                reason: "the replaced version is no longer attached".into(),
+                before: Some(program_value(o)),
+                after: None,
+                part_of: Some(format!("program.{name}")),
+                op: Op::UnloadProgram { program: name.clone(), digest: o.digest.clone() },
+            });
+            fresh_maps.insert(name, changed_maps);
+        }
+    }
+    for (name, o) in &observed.programs {
+        if !desired.programs.contains_key(name) {
+            ph.unloads.push(Change {
+                address: format!("program.{name}"),
+                kind: Kind::Program,
+                action: Action::Delete,
+                reason: "it is not in the spec".into(),
+                before: Some(program_value(o)),
+                after: None,
+                part_of: None,
+                op: Op::UnloadProgram { program: name.clone(), digest: o.digest.clone() },
+            });
+        }
+    }
+    for (name, digest) in &observed.stray_programs {
+        ph.unloads.push(Change {
+            address: format!("program.{name}@{}", short(digest)),
+            kind: Kind::Program,
+            action: Action::Delete,
+            reason: "it is a leftover version from an interrupted apply".into(),
+            before: Some(json!({ "digest": short(digest) })),
+            after: None,
+            part_of: None,
+            op: Op::UnloadProgram { program: name.clone(), digest: digest.clone() },
+        });
+    }
+
+    // Map entries of managed maps.
+    let empty = MapState::default();
+    for (r, dm) in desired.maps.iter().filter(|(_, m)| m.managed) {
+        let fresh = !observed.programs.contains_key(&r.program)
+            || fresh_maps.get(r.program.as_str()).is_some_and(|m| m.contains(&r.map));
+        let om = if fresh { &empty } else { observed.maps.get(r).unwrap_or(&empty) };
+        diff_entries(r, dm, om, &mut ph);
+    }
+
+    // Attachments.
+    for (hook, d) in &desired.attachments {
+        let address = format!("attachment.{hook}");
+        let observed_att = observed.attachments.get(hook);
+        if let Some(iface) = hook.interface()
+            && !observed.interfaces.contains_key(iface)
+        {
+            conflicts.push(Conflict {
+                hook: hook.to_string(),
+                kind: ConflictKind::MissingInterface,
+                message: format!("interface `{iface}` does not exist; `{}` is attached when it appears", d.program),
+                program_id: None,
+            });
+            if let Some(o) = observed_att {
+                ph.detaches.push(detach_change(hook, o, "its interface is gone and the link is defunct"));
+            }
+            continue;
+        }
+        if let (Hook::Tracepoint { event, .. }, Some(events)) = (hook, &observed.events)
+            && !events.contains(event)
+        {
+            conflicts.push(Conflict {
+                hook: hook.to_string(),
+                kind: ConflictKind::MissingTracepoint,
+                message: format!("tracepoint `{event}` does not exist on this kernel"),
+                program_id: None,
+            });
+            continue;
+        }
+        let foreign: Vec<ForeignProgram> = observed.foreign.iter().filter(|f| same_hook(&f.hook, hook)).cloned().collect();
+        let mut evict = Vec::new();
+        for f in &foreign {
+            if d.takeover {
+                evict.push(f.clone());
+            } else {
+                conflicts.push(Conflict {
+                    hook: hook.to_string(),
+                    kind: ConflictKind::ForeignProgram,
+                    message: format!(
+                        "program `{}` (id {}, {}) is attached and not owned by bpfsync; it is left alone (set `takeover: true` on this hook to replace it)",
+                        f.program_name, f.program_id, f.detail
+                    ),
+                    program_id: Some(f.program_id),
+                });
+            }
+        }
+        // XDP has one slot per mode: a foreign program there blocks ours.
+        let blocked = matches!(hook, Hook::Xdp { .. }) && !foreign.is_empty() && !d.takeover;
+        match observed_att {
+            None if blocked => {}
+            None => {
+                let (action, reason) = if evict.is_empty() {
+                    (Action::Create, "it is not attached".to_string())
+                } else {
+                    let names: Vec<_> = evict.iter().map(|f| format!("`{}` (id {})", f.program_name, f.program_id)).collect();
+                    (Action::Replace, format!("`takeover: true` replaces foreign program {}", names.join(", ")))
+                };
+                ph.attaches.push(Change {
+                    address,
+                    kind: Kind::Attachment,
+                    action,
+                    reason,
+                    before: None,
+                    after: Some(attachment_value(d)),
+                    part_of: None,
+                    op: Op::Attach { hook: hook.clone(), program: d.program.clone(), mode: d.mode, evict },
+                });
+            }
+            Some(o) if o.defunct => {
+                ph.attaches.push(Change {
+                    address,
+                    kind: Kind::Attachment,
+                    action: Action::Replace,
+                    reason: "its link is defunct (the interface was re-created)".into(),
+                    before: Some(attachment_value(o)),
+                    after: Some(attachment_value(d)),
+                    part_of: None,
+                    op: Op::Reattach {
+                        hook: hook.clone(),
+                        program: d.program.clone(),
+                        from_mode: o.mode,
+                        to_mode: d.mode,
+                        old_program: o.program.clone(),
+                    },
+                });
+            }
+            Some(o) if o.mode != d.mode => {
+                let show = |m: Option<XdpMode>| m.map_or("none", |m| m.as_str());
+                ph.attaches.push(Change {
+                    address,
+                    kind: Kind::Attachment,
+                    action: Action::Replace,
+                    reason: format!("its mode changes from `{}` to `{}`", show(o.mode), show(d.mode)),
+                    before: Some(attachment_value(o)),
+                    after: Some(attachment_value(d)),
+                    part_of: None,
+                    op: Op::Reattach {
+                        hook: hook.clone(),
+                        program: d.program.clone(),
+                        from_mode: o.mode,
+                        to_mode: d.mode,
+                        old_program: o.program.clone(),
+                    },
+                });
+            }
+            Some(o) if o.program != d.program || renewed.contains(d.program.as_str()) => {
+                let reason = if o.program != d.program {
+                    format!("its program changes from `{}` to `{}`", o.program, d.program)
+                } else {
+                    format!("program `{}` is replaced", d.program)
+                };
+                ph.attaches.push(Change {
+                    address,
+                    kind: Kind::Attachment,
+                    action: Action::Update,
+                    reason,
+                    before: Some(attachment_value(o)),
+                    after: Some(attachment_value(d)),
+                    part_of: None,
+                    op: Op::UpdateLink { hook: hook.clone(), from: o.program.clone(), to: d.program.clone() },
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    for (hook, o) in &observed.attachments {
+        if !desired.attachments.contains_key(hook) {
+            ph.detaches.push(detach_change(hook, o, "it is not in the spec"));
+        }
+    }
+
+    let mut changes = ph.loads;
+    changes.extend(ph.writes);
+    changes.extend(ph.attaches);
+    changes.extend(ph.entry_deletes);
+    changes.extend(ph.detaches);
+    changes.extend(ph.unloads);
+    Plan { changes, conflicts }
+}
+
+fn same_hook(foreign: &Hook, ours: &Hook) -> bool {
+    match (foreign, ours) {
+        (Hook::Xdp { interface: a }, Hook::Xdp { interface: b }) => a == b,
+        (Hook::Tc { interface: a, direction: da, .. }, Hook::Tc { interface: b, direction: db, position: 0 }) => {
+            a == b && da == db
+        }
+        _ => false,
+    }
+}
+
+fn detach_change(hook: &Hook, o: &crate::model::Attachment, reason: &str) -> Change {
+    Change {
+        address: format!("attachment.{hook}"),
+        kind: Kind::Attachment,
+        action: Action::Delete,
+        reason: reason.into(),
+        before: Some(attachment_value(o)),
+        after: None,
+        part_of: None,
+        op: Op::Detach { hook: hook.clone(), program: o.program.clone(), mode: o.mode, defunct: o.defunct },
+    }
+}
+
+fn entry_address(r: &MapRef, key: &Value) -> String {
+    format!("map_entry.{r}[{}]", codec::display(key))
+}
+
+/// Merge-join of two sorted entry sets: O(n), one change per differing key.
+fn diff_entries(r: &MapRef, dm: &MapState, om: &MapState, ph: &mut Phases) {
+    let is_array = dm.shape.is_some_and(|s| s.map_type == crate::object::BPF_MAP_TYPE_ARRAY);
+    let mut d = dm.entries.iter().peekable();
+    let mut o = om.entries.iter().peekable();
+    let entry_value = |k: &[u8], v: &[u8]| json!({ "key": decode_key(dm, k), "value": decode_value(dm, v) });
+    loop {
+        let ord = match (d.peek(), o.peek()) {
+            (None, None) => break,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some((dk, _)), Some((ok, _))) => dk.cmp(ok),
+        };
+        match ord {
+            std::cmp::Ordering::Less => {
+                let (k, v) = d.next().unwrap();
+                ph.writes.push(Change {
+                    address: entry_address(r, &decode_key(dm, k)),
+                    kind: Kind::MapEntry,
+                    action: Action::Create,
+                    reason: "the key is missing".into(),
+                    before: None,
+                    after: Some(entry_value(k, v)),
+                    part_of: None,
+                    op: Op::WriteEntry { map: r.clone(), key: k.clone(), value: v.clone(), old: None },
+                });
+            }
+            std::cmp::Ordering::Greater => {
+                let (k, v) = o.next().unwrap();
+                ph.entry_deletes.push(Change {
+                    address: entry_address(r, &decode_key(dm, k)),
+                    kind: Kind::MapEntry,
+                    action: Action::Delete,
+                    reason: "the key is not in the spec".into(),
+                    before: Some(entry_value(k, v)),
+                    after: None,
+                    part_of: None,
+                    op: Op::DeleteEntry { map: r.clone(), key: k.clone(), old: v.clone(), zero: is_array },
+                });
+            }
+            std::cmp::Ordering::Equal => {
+                let (k, dv) = d.next().unwrap();
+                let (_, ov) = o.next().unwrap();
+                if dv != ov {
+                    ph.writes.push(Change {
+                        address: entry_address(r, &decode_key(dm, k)),
+                        kind: Kind::MapEntry,
+                        action: Action::Update,
+                        reason: "the value differs".into(),
+                        before: Some(entry_value(k, ov)),
+                        after: Some(entry_value(k, dv)),
+                        part_of: None,
+                        op: Op::WriteEntry { map: r.clone(), key: k.clone(), value: dv.clone(), old: Some(ov.clone()) },
+                    });
+                }
+            }
+        }
+    }
+}

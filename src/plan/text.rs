@@ -1,0 +1,184 @@
+//! Terraform-style text rendering of a plan.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde_json::Value;
+use similar::{ChangeTag, TextDiff};
+
+use super::{Action, Change, Kind, Plan};
+use crate::codec;
+
+/// Map-entry changes shown per map before the rest is summarised.
+pub const ENTRIES_SHOWN_PER_MAP: usize = 50;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TextOptions {
+    pub color: bool,
+}
+
+struct Paint {
+    on: bool,
+}
+
+impl Paint {
+    fn wrap(&self, code: &str, s: &str) -> String {
+        if self.on { format!("\x1b[{code}m{s}\x1b[0m") } else { s.to_string() }
+    }
+    fn action(&self, a: Action, s: &str) -> String {
+        let code = match a {
+            Action::Create => "32",
+            Action::Update => "33",
+            Action::Replace => "35",
+            Action::Delete => "31",
+        };
+        self.wrap(code, s)
+    }
+    fn bold(&self, s: &str) -> String {
+        self.wrap("1", s)
+    }
+}
+
+/// Renders `plan` for people.
+pub fn render(plan: &Plan, opts: TextOptions) -> String {
+    let p = Paint { on: opts.color };
+    let mut out = String::new();
+    let shown: Vec<&Change> = plan.changes.iter().filter(|c| c.part_of.is_none()).collect();
+
+    if shown.is_empty() {
+        out.push_str(&p.bold("No changes."));
+        out.push_str(" The node matches the spec.\n");
+    } else {
+        let mut used: Vec<Action> = shown.iter().map(|c| c.action).collect();
+        used.sort();
+        used.dedup();
+        out.push_str("bpfsync used the following symbols to indicate actions:\n");
+        for a in &used {
+            let _ = writeln!(out, "  {} {}", p.action(*a, &format!("{:>3}", a.symbol())), a.legend());
+        }
+        out.push_str("\nbpfsync will perform the following actions:\n");
+
+        let mut per_map: BTreeMap<String, usize> = BTreeMap::new();
+        let mut hidden: BTreeMap<String, usize> = BTreeMap::new();
+        for c in &shown {
+            if c.kind == Kind::MapEntry {
+                let map = map_of(&c.address);
+                let n = per_map.entry(map.clone()).or_default();
+                *n += 1;
+                if *n > ENTRIES_SHOWN_PER_MAP {
+                    *hidden.entry(map).or_default() += 1;
+                    continue;
+                }
+            }
+            out.push('\n');
+            render_change(&mut out, &p, c);
+        }
+        for (map, n) in hidden {
+            let _ = writeln!(out, "\n  # … and {n} more changes to entries of map `{map}` (all of them: `-o json`)");
+        }
+    }
+
+    if !plan.conflicts.is_empty() {
+        let _ = writeln!(out, "\n{}", p.bold("Conflicts (these hooks are left as they are):"));
+        for c in &plan.conflicts {
+            let _ = writeln!(out, "  {} {}: {}", p.wrap("31", "!"), c.hook, c.message);
+        }
+    }
+
+    if !shown.is_empty() {
+        let s = plan.summary();
+        let _ = writeln!(
+            out,
+            "\n{} {} to add, {} to change, {} to destroy.",
+            p.bold("Plan:"),
+            s.add,
+            s.change,
+            s.destroy
+        );
+    }
+    out
+}
+
+/// `map_entry.prog/map[key]` → `prog/map`.
+fn map_of(address: &str) -> String {
+    let rest = address.trim_start_matches("map_entry.");
+    rest.split('[').next().unwrap_or(rest).to_string()
+}
+
+fn render_change(out: &mut String, p: &Paint, c: &Change) {
+    let _ = writeln!(out, "  {} {} {}", p.bold("#"), p.bold(&c.address), c.action.verb());
+    let _ = writeln!(out, "  {} {}", p.action(c.action, &format!("{:>3}", c.action.symbol())), headline(c));
+    let _ = writeln!(out, "        (because {})", c.reason);
+    let before = c.before.as_ref().map(|v| field_lines(v, c.kind)).unwrap_or_default();
+    let after = c.after.as_ref().map(|v| field_lines(v, c.kind)).unwrap_or_default();
+    match c.action {
+        Action::Create => {
+            for l in after.lines() {
+                let _ = writeln!(out, "      {} {l}", p.action(Action::Create, "+"));
+            }
+        }
+        Action::Delete => {
+            for l in before.lines() {
+                let _ = writeln!(out, "      {} {l}", p.action(Action::Delete, "-"));
+            }
+        }
+        Action::Update | Action::Replace => {
+            let diff = TextDiff::from_lines(&before, &after);
+            for change in diff.iter_all_changes() {
+                let line = change.value().trim_end_matches('\n');
+                match change.tag() {
+                    ChangeTag::Delete => {
+                        let _ = writeln!(out, "      {} {line}", p.action(Action::Delete, "-"));
+                    }
+                    ChangeTag::Insert => {
+                        let _ = writeln!(out, "      {} {line}", p.action(Action::Create, "+"));
+                    }
+                    ChangeTag::Equal => {
+                        let _ = writeln!(out, "        {line}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn headline(c: &Change) -> String {
+    let name = c.address.split_once('.').map_or(c.address.as_str(), |(_, rest)| rest);
+    match c.kind {
+        Kind::Program => format!("program {name}"),
+        Kind::Attachment => format!("attachment {name}"),
+        Kind::MapEntry => format!("map entry {name}"),
+    }
+}
+
+/// One `key = value` line per field; map entries show their key once in the
+/// headline, so only the value is diffed.
+fn field_lines(v: &Value, kind: Kind) -> String {
+    let mut s = String::new();
+    match (kind, v) {
+        (Kind::MapEntry, Value::Object(m)) => {
+            if let Some(value) = m.get("value") {
+                match value {
+                    Value::Object(fields) => {
+                        for (k, fv) in fields {
+                            let _ = writeln!(s, "value.{k} = {}", codec::display(fv));
+                        }
+                    }
+                    other => {
+                        let _ = writeln!(s, "value = {}", codec::display(other));
+                    }
+                }
+            }
+        }
+        (_, Value::Object(m)) => {
+            let width = m.keys().map(|k| k.len()).max().unwrap_or(0);
+            for (k, fv) in m {
+                let _ = writeln!(s, "{k:<width$} = {}", codec::display(fv));
+            }
+        }
+        (_, other) => {
+            let _ = writeln!(s, "{}", codec::display(other));
+        }
+    }
+    s
+}

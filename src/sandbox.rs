@@ -1,0 +1,1 @@
+//! Network namespaces and veth pairs: the demo's sandbox and the tests'.

@@ -1,0 +1,366 @@
+//! The spec: parse, validate against the JSON Schema, deserialise, and check
+//! what a schema cannot (unique names, references, addresses, ranges).
+//!
+//! Pure: takes text, returns the typed spec or every problem found. Checks
+//! that need the ELF objects (functions, map sizes) live in `compile`.
+
+mod diag;
+pub mod types;
+pub mod yaml;
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+pub use diag::{Diagnostic, Diagnostics, pointer_to_path};
+pub use types::*;
+use yaml::{MarkedDocument, Position};
+
+use crate::net::{Cidr, parse_mac};
+
+/// The JSON Schema, the spec's contract (`bpfsync schema` prints it).
+pub const SCHEMA: &str = include_str!("../../schema/bpfsync.schema.json");
+
+/// A spec that passed every check, with what is needed to point at its
+/// parts in later diagnostics.
+#[derive(Debug)]
+pub struct LoadedSpec {
+    pub spec: NodeSpec,
+    pub file: PathBuf,
+    pub source: String,
+    pub doc: MarkedDocument,
+}
+
+impl LoadedSpec {
+    /// A diagnostic at the node `pointer` (e.g. `/programs/0/maps/1`).
+    pub fn diag(&self, pointer: &str, message: impl Into<String>) -> Diagnostic {
+        Diagnostic::new(&self.file, &self.source, self.doc.position(pointer), pointer, message)
+    }
+
+    /// The directory relative paths in the spec are resolved against.
+    pub fn base_dir(&self) -> PathBuf {
+        self.file.parent().map(Path::to_path_buf).unwrap_or_default()
+    }
+}
+
+fn schema_validator() -> &'static jsonschema::Validator {
+    static VALIDATOR: OnceLock<jsonschema::Validator> = OnceLock::new();
+    VALIDATOR.get_or_init(|| {
+        let schema: serde_json::Value = serde_json::from_str(SCHEMA).expect("embedded schema is valid JSON");
+        jsonschema::draft202012::new(&schema).expect("embedded schema compiles")
+    })
+}
+
+/// Parses and validates `source` (the contents of `file`).
+pub fn load(file: &Path, source: &str) -> Result<LoadedSpec, Diagnostics> {
+    let doc = match yaml::parse(source) {
+        Ok(doc) => doc,
+        Err(e) => {
+            let d = Diagnostic::new(file, source, e.position, "", format!("invalid YAML: {}", e.message));
+            return Err(Diagnostics(vec![d]));
+        }
+    };
+    let mut diags: Vec<Diagnostic> = doc
+        .problems
+        .iter()
+        .map(|(ptr, pos, msg)| Diagnostic::new(file, source, *pos, ptr, msg.clone()))
+        .collect();
+    diags.extend(schema_diagnostics(file, source, &doc));
+    if !diags.is_empty() {
+        return Err(sorted(diags));
+    }
+    let spec: NodeSpec = match serde_json::from_value(doc.value.clone()) {
+        Ok(spec) => spec,
+        Err(e) => {
+            // The schema should have caught this; report it rather than panic.
+            let d = Diagnostic::new(file, source, Position { line: 1, col: 1 }, "", format!("invalid spec: {e}"));
+            return Err(Diagnostics(vec![d]));
+        }
+    };
+    let loaded = LoadedSpec { spec, file: file.to_path_buf(), source: source.to_string(), doc };
+    let diags = semantic_checks(&loaded);
+    if diags.is_empty() { Ok(loaded) } else { Err(sorted(diags)) }
+}
+
+fn sorted(mut diags: Vec<Diagnostic>) -> Diagnostics {
+    diags.sort_by(|a, b| (a.position, &a.path, &a.message).cmp(&(b.position, &b.path, &b.message)));
+    diags.dedup();
+    Diagnostics(diags)
+}
+
+fn schema_diagnostics(file: &Path, source: &str, doc: &MarkedDocument) -> Vec<Diagnostic> {
+    use jsonschema::error::ValidationErrorKind as Kind;
+    let mut out = Vec::new();
+    for err in schema_validator().iter_errors(&doc.value) {
+        let pointer = err.instance_path.as_str().to_string();
+        match &err.kind {
+            Kind::AdditionalProperties { unexpected } => {
+                for key in unexpected {
+                    let ptr = format!("{pointer}/{}", key.replace('~', "~0").replace('/', "~1"));
+                    let pos = doc.key_position(&ptr);
+                    out.push(Diagnostic::new(file, source, pos, &ptr, format!("unknown key `{key}`")));
+                }
+            }
+            Kind::Required { property } => {
+                let name = property.as_str().unwrap_or_default();
+                let msg = format!("missing required key `{name}`");
+                out.push(Diagnostic::new(file, source, doc.position(&pointer), &pointer, msg));
+            }
+            Kind::Type { kind } => {
+                let expected = match kind {
+                    jsonschema::error::TypeKind::Single(t) => format!("{t}"),
+                    jsonschema::error::TypeKind::Multiple(ts) => {
+                        ts.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" or ")
+                    }
+                };
+                let msg = format!("expected {expected}, found {}", describe(&err.instance));
+                out.push(Diagnostic::new(file, source, doc.position(&pointer), &pointer, msg));
+            }
+            _ => {
+                let msg = lowercase_first(&err.to_string());
+                out.push(Diagnostic::new(file, source, doc.position(&pointer), &pointer, msg));
+            }
+        }
+    }
+    out
+}
+
+fn describe(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "null".into(),
+        serde_json::Value::Bool(b) => format!("boolean `{b}`"),
+        serde_json::Value::Number(n) => format!("number `{n}`"),
+        serde_json::Value::String(s) => format!("string `{s}`"),
+        serde_json::Value::Array(_) => "a list".into(),
+        serde_json::Value::Object(_) => "a mapping".into(),
+    }
+}
+
+fn lowercase_first(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_lowercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
+/// Checks across the document: unique names, resolvable references,
+/// parseable addresses, sane ranges.
+fn semantic_checks(l: &LoadedSpec) -> Vec<Diagnostic> {
+    let s = &l.spec;
+    let mut d = Vec::new();
+
+    let mut programs: HashMap<&str, &ProgramSpec> = HashMap::new();
+    for (i, p) in s.programs.iter().enumerate() {
+        if programs.insert(p.name.as_str(), p).is_some() {
+            d.push(l.diag(&format!("/programs/{i}/name"), format!("duplicate program name `{}`", p.name)));
+        }
+        match (&p.builtin, &p.object) {
+            (Some(_), Some(_)) => d.push(l.diag(
+                &format!("/programs/{i}/object"),
+                "`builtin` and `object` are exclusive: give one",
+            )),
+            (None, None) => d.push(l.diag(&format!("/programs/{i}"), "program needs `builtin` or `object`")),
+            _ => {}
+        }
+        let mut maps = HashSet::new();
+        for (j, m) in p.maps.iter().enumerate() {
+            if !maps.insert(m.name.as_str()) {
+                d.push(l.diag(&format!("/programs/{i}/maps/{j}/name"), format!("map `{}` listed twice", m.name)));
+            }
+        }
+    }
+    for (i, p) in s.programs.iter().enumerate() {
+        if let Some(owner) = &p.share_maps {
+            let ptr = format!("/programs/{i}/share-maps");
+            match programs.get(owner.as_str()) {
+                None => d.push(l.diag(&ptr, format!("unknown program `{owner}`"))),
+                Some(o) if o.name == p.name => d.push(l.diag(&ptr, "a program cannot share maps with itself")),
+                Some(o) if o.share_maps.is_some() => d.push(l.diag(
+                    &ptr,
+                    format!("`{owner}` shares maps itself; name the program that owns them"),
+                )),
+                Some(_) if !p.maps.is_empty() => d.push(l.diag(
+                    &format!("/programs/{i}/maps"),
+                    format!("maps are shared with `{owner}`: declare their entries there"),
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+
+    let check_program_ref = |d: &mut Vec<Diagnostic>, ptr: String, name: &str, want: ProgramType| match programs
+        .get(name)
+    {
+        None => d.push(l.diag(&ptr, format!("unknown program `{name}`"))),
+        Some(p) if p.program_type != want => d.push(l.diag(
+            &ptr,
+            format!("program `{name}` is of type `{}`, this hook needs `{}`", p.program_type.as_str(), want.as_str()),
+        )),
+        Some(_) => {}
+    };
+
+    let mut ifaces = HashSet::new();
+    for (i, iface) in s.interfaces.iter().enumerate() {
+        if !ifaces.insert(iface.name.as_str()) {
+            d.push(l.diag(&format!("/interfaces/{i}/name"), format!("interface `{}` listed twice", iface.name)));
+        }
+        if let Some(x) = &iface.xdp {
+            check_program_ref(&mut d, format!("/interfaces/{i}/xdp/program"), &x.program, ProgramType::Xdp);
+        }
+        if let Some(tc) = &iface.tc {
+            for (dir, list) in [("ingress", &tc.ingress), ("egress", &tc.egress)] {
+                let mut seen = HashSet::new();
+                for (j, name) in list.iter().enumerate() {
+                    let ptr = format!("/interfaces/{i}/tc/{dir}/{j}");
+                    if !seen.insert(name) {
+                        d.push(l.diag(&ptr, format!("program `{name}` listed twice on {dir}")));
+                    }
+                    check_program_ref(&mut d, ptr, name, ProgramType::Tc);
+                }
+            }
+        }
+    }
+    let mut tps = HashSet::new();
+    for (i, tp) in s.tracepoints.iter().enumerate() {
+        check_program_ref(&mut d, format!("/tracepoints/{i}/program"), &tp.program, ProgramType::Tracepoint);
+        if !tps.insert((&tp.event, &tp.program)) {
+            d.push(l.diag(&format!("/tracepoints/{i}"), format!("`{}` on `{}` listed twice", tp.program, tp.event)));
+        }
+    }
+
+    let mut prefixes = HashMap::new();
+    for (i, r) in s.routes.iter().enumerate() {
+        let ptr = format!("/routes/{i}/prefix");
+        match r.prefix.parse::<Cidr>() {
+            Ok(c) => {
+                if prefixes.insert(c, i).is_some() {
+                    d.push(l.diag(&ptr, format!("duplicate route for `{}`", r.prefix)));
+                }
+                let hops = std::iter::once(("via".to_string(), &r.via))
+                    .chain(r.fallback.iter().enumerate().map(|(j, h)| (format!("fallback/{j}"), h)));
+                for (hp, hop) in hops {
+                    let base = format!("/routes/{i}/{hp}");
+                    match hop.neighbor.parse::<IpAddr>() {
+                        Ok(ip) if ip.is_ipv4() != c.addr.is_ipv4() => d.push(l.diag(
+                            &format!("{base}/neighbor"),
+                            format!("neighbour `{ip}` is not in the address family of `{}`", r.prefix),
+                        )),
+                        Ok(_) => {}
+                        Err(_) => d.push(l.diag(
+                            &format!("{base}/neighbor"),
+                            format!("`{}` is not an IP address", hop.neighbor),
+                        )),
+                    }
+                    if let Some(mac) = &hop.mac
+                        && parse_mac(mac).is_none()
+                    {
+                        d.push(l.diag(&format!("{base}/mac"), format!("`{mac}` is not a MAC address")));
+                    }
+                }
+            }
+            Err(e) => d.push(l.diag(&ptr, e)),
+        }
+    }
+
+    let mut policies = HashSet::new();
+    for (i, p) in s.policies.iter().enumerate() {
+        if !policies.insert(p.name.as_str()) {
+            d.push(l.diag(&format!("/policies/{i}/name"), format!("duplicate policy name `{}`", p.name)));
+        }
+        let sections = [("ingress", p.ingress.as_deref().unwrap_or(&[])), ("egress", p.egress.as_deref().unwrap_or(&[])), ("deny", &p.deny[..])];
+        for (section, rules) in sections {
+            for (j, rule) in rules.iter().enumerate() {
+                let base = format!("/policies/{i}/{section}/{j}");
+                check_rule(l, &mut d, &base, section, rule);
+            }
+        }
+    }
+
+    let mut fallback_names = HashSet::new();
+    for (i, f) in s.fallback.iter().enumerate() {
+        if !fallback_names.insert(f.name.as_str()) {
+            d.push(l.diag(&format!("/fallback/{i}/name"), format!("duplicate fallback rule `{}`", f.name)));
+        }
+        let ptr = format!("/fallback/{i}/route");
+        match f.route.parse::<Cidr>().ok().and_then(|c| prefixes.get(&c)) {
+            None => d.push(l.diag(&ptr, format!("no route with prefix `{}`", f.route))),
+            Some(&ri) if s.routes[ri].fallback.is_empty() => {
+                d.push(l.diag(&ptr, format!("route `{}` declares no `fallback` hops", f.route)))
+            }
+            Some(_) => {}
+        }
+        let needs_threshold = matches!(f.when.metric, FallbackMetric::DropRate | FallbackMetric::LatencyP99Ms);
+        if needs_threshold && f.when.above.is_none() {
+            d.push(l.diag(&format!("/fallback/{i}/when"), "this metric needs a threshold: add `above`"));
+        }
+        if let (Some(above), Some(below)) = (f.when.above, f.recover.as_ref().and_then(|r| r.below))
+            && below > above
+        {
+            d.push(l.diag(
+                &format!("/fallback/{i}/recover/below"),
+                format!("`below` ({below}) must not exceed `above` ({above}), or the rule would flap"),
+            ));
+        }
+        for (ptr, dur) in [
+            (format!("/fallback/{i}/when/for"), f.when.for_duration.as_ref()),
+            (format!("/fallback/{i}/recover/for"), f.recover.as_ref().and_then(|r| r.for_duration.as_ref())),
+        ] {
+            if let Some(dur) = dur
+                && dur.to_duration().is_none()
+            {
+                d.push(l.diag(&ptr, "not a duration: use seconds or a number with `ms`, `s`, `m`, `h`"));
+            }
+        }
+    }
+    d
+}
+
+fn check_rule(l: &LoadedSpec, d: &mut Vec<Diagnostic>, base: &str, section: &str, rule: &PolicyRule) {
+    let peers_ok = match section {
+        "ingress" => rule.to.is_empty(),
+        "egress" => rule.from.is_empty(),
+        _ => true,
+    };
+    if !peers_ok {
+        let (key, hint) = if section == "ingress" { ("to", "from") } else { ("from", "to") };
+        d.push(l.diag(&format!("{base}/{key}"), format!("`{key}` is not allowed in {section} rules: use `{hint}`")));
+    }
+    let mut families = HashSet::new();
+    for (key, list) in [("from", &rule.from), ("to", &rule.to), ("except", &rule.except)] {
+        for (k, text) in list.iter().enumerate() {
+            match text.parse::<Cidr>() {
+                Ok(c) => {
+                    if key != "except" {
+                        families.insert(c.addr.is_ipv4());
+                    }
+                }
+                Err(e) => d.push(l.diag(&format!("{base}/{key}/{k}"), e)),
+            }
+        }
+    }
+    for (k, text) in rule.except.iter().enumerate() {
+        let Ok(hole) = text.parse::<Cidr>() else { continue };
+        let peers = rule.from.iter().chain(&rule.to).filter_map(|p| p.parse::<Cidr>().ok());
+        if !peers.clone().any(|p| p.contains(&hole)) {
+            d.push(l.diag(&format!("{base}/except/{k}"), format!("`{text}` is not inside any peer of this rule")));
+        }
+    }
+    for (k, port) in rule.ports.iter().enumerate() {
+        if let Some(end) = port.end_port
+            && end < port.port
+        {
+            d.push(l.diag(
+                &format!("{base}/ports/{k}/end-port"),
+                format!("`end-port` {end} is below `port` {}", port.port),
+            ));
+        }
+        if matches!(port.protocol, Protocol::Icmp | Protocol::Icmpv6) {
+            d.push(l.diag(&format!("{base}/ports/{k}/protocol"), "icmp has no ports: use `protocol: icmp` on the rule"));
+        }
+    }
+    if rule.protocol.is_some() && !rule.ports.is_empty() {
+        d.push(l.diag(&format!("{base}/protocol"), "give either `protocol` or `ports`, not both"));
+    }
+}

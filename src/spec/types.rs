@@ -1,0 +1,357 @@
+//! The spec's serde types (v1).
+//!
+//! Keys are kebab-case everywhere, except the Kubernetes-style envelope
+//! `apiVersion` / `kind`. Every type denies unknown fields; the JSON Schema
+//! in `schema/bpfsync.schema.json` describes the same shapes and a test
+//! keeps the two in agreement.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub const API_VERSION: &str = "bpfsync/v1";
+pub const KIND: &str = "NodeSpec";
+
+/// The whole desired state of one node.
+///
+/// ```yaml
+/// apiVersion: bpfsync/v1
+/// kind: NodeSpec
+/// programs:
+///   - { name: counter, builtin: counter, type: xdp }
+/// interfaces:
+///   - { name: veth0, xdp: { program: counter, mode: skb } }
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    #[serde(rename = "apiVersion")]
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub programs: Vec<ProgramSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<InterfaceSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tracepoints: Vec<TracepointSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<PolicySpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback: Vec<FallbackRule>,
+}
+
+/// An eBPF program: a built-in one or a function of an ELF object.
+///
+/// ```yaml
+/// - name: counter
+///   builtin: counter
+///   type: xdp
+///   maps:
+///     - name: counter_config
+///       entries:
+///         - { key: 0, value: 1 }
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ProgramSpec {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builtin: Option<String>,
+    /// ELF path, relative to the spec file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
+    /// Function in the object; optional when the object has one program.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<String>,
+    #[serde(rename = "type")]
+    pub program_type: ProgramType,
+    /// Use the maps of this other program (same object) instead of owning
+    /// a copy, e.g. a tracepoint pair that shares a start-time map.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_maps: Option<String>,
+    /// Maps whose contents bpfsync manages: exactly these entries, no others.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub maps: Vec<MapSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProgramType {
+    Xdp,
+    Tc,
+    Tracepoint,
+}
+
+impl ProgramType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProgramType::Xdp => "xdp",
+            ProgramType::Tc => "tc",
+            ProgramType::Tracepoint => "tracepoint",
+        }
+    }
+}
+
+/// The managed contents of one map of a program.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MapSpec {
+    pub name: String,
+    #[serde(default)]
+    pub entries: Vec<EntrySpec>,
+}
+
+/// One map entry. Keys and values are integers, IP addresses, CIDRs,
+/// `0x…` bytes, or (with BTF) mappings of field names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntrySpec {
+    pub key: Value,
+    pub value: Value,
+}
+
+/// Hooks of one network interface.
+///
+/// ```yaml
+/// - name: veth0
+///   xdp: { program: counter, mode: skb }
+///   tc: { ingress: [classify], egress: [classify] }
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct InterfaceSpec {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xdp: Option<XdpHookSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tc: Option<TcHookSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct XdpHookSpec {
+    pub program: String,
+    #[serde(default)]
+    pub mode: XdpMode,
+    /// Replace a program on this hook that bpfsync does not own.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub takeover: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum XdpMode {
+    Skb,
+    Driver,
+    #[default]
+    Auto,
+}
+
+impl XdpMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XdpMode::Skb => "skb",
+            XdpMode::Driver => "driver",
+            XdpMode::Auto => "auto",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TcHookSpec {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<String>,
+    /// Remove TCX programs on these hooks that bpfsync does not own.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub takeover: bool,
+}
+
+/// A tracepoint attachment: `category/name` from tracefs `events/`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TracepointSpec {
+    pub event: String,
+    pub program: String,
+}
+
+/// A mesh route (compiled into the datapath by the `mesh` program).
+///
+/// ```yaml
+/// - prefix: 10.20.0.0/16
+///   via: { interface: mesh0, neighbor: 10.0.0.2 }
+///   fallback:
+///     - { interface: mesh1, neighbor: 10.0.1.2 }
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RouteSpec {
+    pub prefix: String,
+    pub via: NextHopSpec,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback: Vec<NextHopSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NextHopSpec {
+    pub interface: String,
+    pub neighbor: String,
+    /// The neighbour's MAC; resolved from the neighbour table when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// A network policy, Kubernetes NetworkPolicy semantics.
+///
+/// ```yaml
+/// - name: api
+///   interfaces: [veth0]
+///   ingress:
+///     - from: [10.0.0.0/24]
+///       except: [10.0.0.66/32]
+///       ports: [{ port: 8080, protocol: tcp }]
+///   deny:
+///     - from: [10.9.0.0/16]
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PolicySpec {
+    pub name: String,
+    pub interfaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<Vec<PolicyRule>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Vec<PolicyRule>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<PolicyRule>,
+}
+
+/// One allow or deny rule; peers and ports are ANDed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PolicyRule {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub except: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortSpec>,
+    /// Protocol for rules without ports (e.g. `icmp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PortSpec {
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_port: Option<u16>,
+    #[serde(default = "default_protocol")]
+    pub protocol: Protocol,
+}
+
+fn default_protocol() -> Protocol {
+    Protocol::Tcp
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+    Icmp,
+    Icmpv6,
+}
+
+/// A fallback rule: when a route's primary path degrades, switch it to its
+/// declared fallback, and back when it recovers (with hysteresis).
+///
+/// ```yaml
+/// - name: mesh0-loss
+///   route: 10.20.0.0/16
+///   when: { metric: drop-rate, above: 0.05, for: 30s }
+///   recover: { below: 0.01, for: 60s }
+///   auto-apply: true
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FallbackRule {
+    pub name: String,
+    /// The `prefix` of the route this rule switches.
+    pub route: String,
+    pub when: Trigger,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recover: Option<Recovery>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub auto_apply: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Trigger {
+    pub metric: FallbackMetric,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub above: Option<f64>,
+    /// Seconds or a duration such as `30s`, `2m`.
+    #[serde(default, rename = "for", skip_serializing_if = "Option::is_none")]
+    pub for_duration: Option<DurationSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Recovery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub below: Option<f64>,
+    #[serde(default, rename = "for", skip_serializing_if = "Option::is_none")]
+    pub for_duration: Option<DurationSpec>,
+}
+
+/// A duration: whole seconds, or a number with `ms`, `s`, `m` or `h`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DurationSpec {
+    Seconds(u64),
+    Text(String),
+}
+
+impl DurationSpec {
+    pub fn to_duration(&self) -> Option<std::time::Duration> {
+        use std::time::Duration;
+        match self {
+            DurationSpec::Seconds(s) => Some(Duration::from_secs(*s)),
+            DurationSpec::Text(t) => {
+                let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+                let (n, unit) = t.split_at(split);
+                let n: u64 = n.parse().ok()?;
+                match unit {
+                    "" | "s" => Some(Duration::from_secs(n)),
+                    "ms" => Some(Duration::from_millis(n)),
+                    "m" => Some(Duration::from_secs(n * 60)),
+                    "h" => Some(Duration::from_secs(n * 3600)),
+                    _ => None,
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FallbackMetric {
+    DropRate,
+    LatencyP99Ms,
+    LinkDown,
+    NeighborUnreachable,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
