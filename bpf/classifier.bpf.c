@@ -51,7 +51,7 @@ static __always_inline void apply(struct __sk_buff *skb, struct class_action *a)
 		skb->priority = a->priority;
 }
 
-SEC("tc")
+SEC("classifier")
 int tc_classify(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;

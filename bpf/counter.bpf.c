@@ -76,6 +76,12 @@ int xdp_counter(struct xdp_md *ctx)
 			__sync_fetch_and_add(&s->bytes, (__u64)(data_end - data));
 		}
 	}
+#ifdef COUNTER_VARIANT
+	/* A second build of the same program with different bytecode, used by
+	 * tests that replace a running program. Never true at run time. */
+	if (bpf_ktime_get_ns() == 0)
+		return XDP_ABORTED;
+#endif
 	if (proto == PROTO_NON_IP && config(CONFIG_DROP_NON_IP))
 		return XDP_DROP;
 	return XDP_PASS;

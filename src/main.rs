@@ -1,1 +1,81 @@
-fn main(){}
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use bpfsync::cli::{self, Context};
+use bpfsync::kernel::real::DEFAULT_ROOT;
+
+/// Keeps a Linux node's eBPF datapath equal to a YAML desired-state file.
+#[derive(Debug, Parser)]
+#[command(name = "bpfsync", version, about)]
+struct Cli {
+    /// bpfsync's own directory on bpffs, where it pins what it owns.
+    #[arg(long, env = "BPFSYNC_BPFFS_ROOT", default_value = DEFAULT_ROOT, global = true)]
+    bpffs_root: PathBuf,
+    /// Where bpfsync records what it applied, and its journal.
+    #[arg(long, env = "BPFSYNC_STATE_DIR", default_value = cli::DEFAULT_STATE_DIR, global = true)]
+    state_dir: PathBuf,
+    /// Never colour the output (colour is used on terminals only).
+    #[arg(long, global = true)]
+    no_color: bool,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check a spec: syntax, schema, references, objects, map sizes.
+    Validate(cli::validate::Args),
+    /// Show what apply would change (exit 2 with changes under --detailed-exitcode).
+    Plan(cli::plan::Args),
+    /// Change the kernel to match the spec, then verify.
+    Apply(cli::apply::Args),
+    /// Show what bpfsync owns, counters, and drift from the last applied spec.
+    Status(cli::status::Args),
+    /// Remove everything bpfsync owns, nothing else.
+    Down(cli::down::Args),
+    /// Print the spec's JSON Schema.
+    Schema,
+    /// Run bpfsync in a throwaway sandbox of network namespaces.
+    Demo(cli::demo::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BPFSYNC_LOG").unwrap_or_else(|_| "warn".into());
+    match cli.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init(),
+        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init(),
+    }
+    let ctx = Context { bpffs_root: cli.bpffs_root, state_dir: cli.state_dir, color: cli::color_for_stdout(cli.no_color) };
+    let result = match &cli.command {
+        Command::Validate(a) => cli::validate::run(a),
+        Command::Plan(a) => cli::plan::run(&ctx, a),
+        Command::Apply(a) => cli::apply::run(&ctx, a),
+        Command::Status(a) => cli::status::run(&ctx, a),
+        Command::Down(a) => cli::down::run(&ctx, a),
+        Command::Schema => cli::schema::run(),
+        Command::Demo(a) => cli::demo::run(&ctx, a),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            if e.downcast_ref::<cli::InvalidSpec>().is_none() {
+                eprintln!("error: {}", bpfsync::apply::error_chain(e.as_ref()));
+            } else {
+                eprintln!("error: {e}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}

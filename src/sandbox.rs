@@ -1,1 +1,189 @@
 //! Network namespaces and veth pairs: the demo's sandbox and the tests'.
+//!
+//! A sandbox is one network namespace holding the peer end of a veth pair
+//! whose host end stays in the root namespace, where bpfsync attaches (XDP
+//! and TCX attach by ifindex in the caller's namespace). Traffic flows only
+//! between the two ends. A bpffs mounted on a temporary directory gives
+//! each test its own bpfsync root. Everything is removed on drop, also when
+//! a test fails.
+
+use std::fs;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+fn run(args: &[&str]) -> io::Result<()> {
+    let out = Command::new(args[0]).args(&args[1..]).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("`{}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())))
+    }
+}
+
+/// A namespace with one veth pair to the root namespace.
+#[derive(Debug)]
+pub struct Sandbox {
+    pub netns: String,
+    /// The end in the root namespace (where programs attach).
+    pub host_if: String,
+    /// The end inside the namespace.
+    pub peer_if: String,
+    pub host_ip: Ipv4Addr,
+    pub peer_ip: Ipv4Addr,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl Sandbox {
+    /// A sandbox with fixed names (the demo's).
+    pub fn create_named(netns: &str, host_if: &str, subnet: [u8; 3]) -> io::Result<Sandbox> {
+        let sb = Sandbox {
+            netns: netns.to_string(),
+            host_if: host_if.to_string(),
+            peer_if: format!("{host_if}p"),
+            host_ip: Ipv4Addr::new(subnet[0], subnet[1], subnet[2], 1),
+            peer_ip: Ipv4Addr::new(subnet[0], subnet[1], subnet[2], 2),
+        };
+        sb.setup().inspect_err(|_| sb.teardown())?;
+        Ok(sb)
+    }
+
+    /// A sandbox with names and a /30 unique to this process and call, for
+    /// tests running in parallel.
+    pub fn create() -> io::Result<Sandbox> {
+        let pid = std::process::id();
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{}{}", pid % 100_000, n);
+        Self::create_named(&format!("bpfsync-t{tag}"), &format!("bt{tag}"), [10, 100 + (pid % 100) as u8, (n * 4 % 256) as u8])
+    }
+
+    fn setup(&self) -> io::Result<()> {
+        run(&["ip", "netns", "add", &self.netns])?;
+        run(&["ip", "link", "add", &self.host_if, "type", "veth", "peer", "name", &self.peer_if, "netns", &self.netns])?;
+        run(&["ip", "addr", "add", &format!("{}/30", self.host_ip), "dev", &self.host_if])?;
+        run(&["ip", "link", "set", &self.host_if, "up"])?;
+        run(&["ip", "-n", &self.netns, "addr", "add", &format!("{}/30", self.peer_ip), "dev", &self.peer_if])?;
+        run(&["ip", "-n", &self.netns, "link", "set", &self.peer_if, "up"])?;
+        run(&["ip", "-n", &self.netns, "link", "set", "lo", "up"])?;
+        // Wait for the link to come up both ways (IPv6 DAD and carrier).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let oper = fs::read_to_string(format!("/sys/class/net/{}/operstate", self.host_if)).unwrap_or_default();
+            if oper.trim() == "up" {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    fn teardown(&self) {
+        let _ = run(&["ip", "link", "del", &self.host_if]);
+        let _ = run(&["ip", "netns", "del", &self.netns]);
+    }
+
+    /// Runs `f` on a thread that has entered the sandbox's namespace.
+    pub fn in_netns<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
+        let path = PathBuf::from("/var/run/netns").join(&self.netns);
+        std::thread::spawn(move || {
+            let ns = fs::File::open(&path)?;
+            // SAFETY: setns on a namespace fd changes only this thread.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| io::Error::other("sandbox thread panicked"))?
+    }
+
+    /// Sends `count` UDP datagrams from the namespace to `host_ip:port`, one
+    /// every `interval`. Returns how many were sent.
+    pub fn send_udp(&self, port: u16, count: u64, interval: Duration) -> io::Result<u64> {
+        let (src, dst) = (self.peer_ip, self.host_ip);
+        self.in_netns(move || -> io::Result<u64> {
+            let sock = UdpSocket::bind(SocketAddrV4::new(src, 0))?;
+            let mut sent = 0;
+            for i in 0..count {
+                sock.send_to(&i.to_be_bytes(), SocketAddrV4::new(dst, port))?;
+                sent += 1;
+                if !interval.is_zero() {
+                    std::thread::sleep(interval);
+                }
+            }
+            Ok(sent)
+        })?
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// A bpf filesystem mounted on a fresh temporary directory: an isolated
+/// bpfsync root. Unmounting releases every pin under it.
+#[derive(Debug)]
+pub struct TempBpffs {
+    pub mount: PathBuf,
+}
+
+impl TempBpffs {
+    pub fn create() -> io::Result<TempBpffs> {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("bpfsync-bpffs-{}-{n}", std::process::id()));
+        fs::create_dir_all(&dir)?;
+        run(&["mount", "-t", "bpf", "bpf", &dir.to_string_lossy()]).inspect_err(|_| {
+            let _ = fs::remove_dir(&dir);
+        })?;
+        Ok(TempBpffs { mount: dir })
+    }
+
+    /// The bpfsync root inside this bpffs.
+    pub fn root(&self) -> PathBuf {
+        self.mount.join("bpfsync")
+    }
+}
+
+impl Drop for TempBpffs {
+    fn drop(&mut self) {
+        let _ = run(&["umount", "-l", &self.mount.to_string_lossy()]);
+        let _ = fs::remove_dir(&self.mount);
+    }
+}
+
+/// A temporary directory removed on drop (state directories in tests).
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn create(prefix: &str) -> io::Result<TempDir> {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()));
+        fs::create_dir_all(&dir)?;
+        Ok(TempDir(dir))
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Receives UDP datagrams on `ip:port` in the root namespace, counting them
+/// until `stop` returns true or `timeout` passes.
+pub fn count_udp(ip: Ipv4Addr, port: u16) -> io::Result<UdpSocket> {
+    let sock = UdpSocket::bind(SocketAddrV4::new(ip, port))?;
+    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    Ok(sock)
+}

@@ -1,1 +1,175 @@
-//! CLI
+//! The command-line interface: one module per subcommand. `main.rs` parses
+//! arguments and calls [`run`]; errors become exit code 1 here.
+
+pub mod apply;
+pub mod demo;
+pub mod down;
+pub mod plan;
+pub mod schema;
+pub mod status;
+pub mod validate;
+
+use std::fs;
+use std::io::IsTerminal;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::compile::{self, Desired, ObjectLoader};
+use crate::kernel::real::RealKernel;
+use crate::spec::{self, LoadedSpec};
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/bpfsync";
+
+/// Where bpfsync keeps its pins and its records.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub bpffs_root: PathBuf,
+    pub state_dir: PathBuf,
+    pub color: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+/// Exit status: 0 ok / no changes, 1 error, 2 changes (`--detailed-exitcode`).
+pub type Exit = i32;
+
+/// A spec that failed validation: the diagnostics are already printed.
+#[derive(Debug, thiserror::Error)]
+#[error("the spec is invalid; nothing was changed")]
+pub struct InvalidSpec;
+
+/// Loads, validates and compiles a spec file, printing every diagnostic.
+pub fn load_spec(path: &Path) -> anyhow::Result<(LoadedSpec, Desired)> {
+    let source = fs::read_to_string(path).with_context(|| format!("cannot read spec `{}`", path.display()))?;
+    let loaded = match spec::load(path, &source) {
+        Ok(l) => l,
+        Err(d) => {
+            eprintln!("{d}");
+            return Err(InvalidSpec.into());
+        }
+    };
+    match compile::compile(&loaded, &mut ObjectLoader::default()) {
+        Ok(desired) => Ok((loaded, desired)),
+        Err(d) => {
+            eprintln!("{d}");
+            Err(InvalidSpec.into())
+        }
+    }
+}
+
+pub fn require_root() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("bpfsync needs root (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN) to read and change the kernel's eBPF state");
+    }
+    Ok(())
+}
+
+pub fn open_kernel(ctx: &Context) -> anyhow::Result<RealKernel> {
+    require_root()?;
+    RealKernel::open(&ctx.bpffs_root).map_err(|e| anyhow::anyhow!(crate::apply::error_chain(&e)))
+}
+
+/// An exclusive lock on the state directory: one apply at a time.
+pub struct StateLock {
+    _file: fs::File,
+}
+
+pub fn lock_state(ctx: &Context) -> anyhow::Result<StateLock> {
+    fs::create_dir_all(&ctx.state_dir).with_context(|| format!("cannot create state directory `{}`", ctx.state_dir.display()))?;
+    let path = ctx.state_dir.join("lock");
+    let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!("another bpfsync is applying changes (lock `{}` is held)", path.display());
+    }
+    Ok(StateLock { _file: file })
+}
+
+/// Asks for confirmation on a terminal; elsewhere requires `--auto-approve`.
+pub fn confirm(auto_approve: bool, question: &str) -> anyhow::Result<bool> {
+    if auto_approve {
+        return Ok(true);
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("refusing to change the kernel without confirmation: not a terminal, pass `--auto-approve`");
+    }
+    println!("\n{question}\n  Only 'yes' will be accepted to approve.\n");
+    print!("  Enter a value: ");
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    Ok(answer.trim() == "yes")
+}
+
+/// What `status` compares against: the last spec applied, with copies of
+/// the objects it named.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AppliedMeta {
+    pub spec_path: String,
+    pub spec_sha256: String,
+    pub applied_at_unix: u64,
+}
+
+fn applied_dir(ctx: &Context) -> PathBuf {
+    ctx.state_dir.join("last-applied")
+}
+
+pub fn save_last_applied(ctx: &Context, loaded: &LoadedSpec, desired: &Desired) -> anyhow::Result<()> {
+    let dir = applied_dir(ctx);
+    let tmp = ctx.state_dir.join("last-applied.tmp");
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(tmp.join("objects"))?;
+    let mut spec = loaded.spec.clone();
+    for p in &mut spec.programs {
+        if p.object.is_some()
+            && let Some(bytes) = desired.objects.get(&p.name)
+        {
+            let name = format!("{}.bpf.o", p.name);
+            fs::write(tmp.join("objects").join(&name), bytes)?;
+            p.object = Some(format!("objects/{name}"));
+        }
+    }
+    let text = format!(
+        "# The spec bpfsync last applied (from `{}`); object paths point at copies.\n{}",
+        loaded.file.display(),
+        serde_yaml::to_string(&spec)?
+    );
+    fs::write(tmp.join("spec.yaml"), text)?;
+    let meta = AppliedMeta {
+        spec_path: loaded.file.display().to_string(),
+        spec_sha256: crate::object::digest(loaded.source.as_bytes()),
+        applied_at_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+    };
+    fs::write(tmp.join("meta.json"), serde_json::to_string_pretty(&meta)?)?;
+    let _ = fs::remove_dir_all(&dir);
+    fs::rename(&tmp, &dir)?;
+    Ok(())
+}
+
+pub fn load_last_applied(ctx: &Context) -> anyhow::Result<Option<(AppliedMeta, Desired)>> {
+    let dir = applied_dir(ctx);
+    let spec_path = dir.join("spec.yaml");
+    if !spec_path.exists() {
+        return Ok(None);
+    }
+    let meta: AppliedMeta = serde_json::from_str(&fs::read_to_string(dir.join("meta.json"))?)?;
+    let (_, desired) = load_spec(&spec_path).context("the last applied spec no longer compiles")?;
+    Ok(Some((meta, desired)))
+}
+
+pub fn clear_last_applied(ctx: &Context) {
+    let _ = fs::remove_dir_all(applied_dir(ctx));
+}
+
+pub fn color_for_stdout(no_color: bool) -> bool {
+    !no_color && std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}

@@ -68,6 +68,9 @@ struct ObjAttr {
     bpf_fd: u32,
     file_flags: u32,
     path_fd: i32,
+    /// Explicit tail padding: the kernel rejects non-zero bytes past the
+    /// fields it knows.
+    _pad: u32,
 }
 
 fn c_path(path: &Path) -> SysResult<CString> {
@@ -81,13 +84,13 @@ fn c_path(path: &Path) -> SysResult<CString> {
 /// Opens a pinned object.
 pub fn obj_get(path: &Path) -> SysResult<OwnedFd> {
     let c = c_path(path)?;
-    let mut a = ObjAttr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0 };
+    let mut a = ObjAttr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: 0 };
     bpf(BPF_OBJ_GET, &mut a, "BPF_OBJ_GET").map(fd_result)
 }
 
 pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> SysResult<()> {
     let c = c_path(path)?;
-    let mut a = ObjAttr { pathname: c.as_ptr() as u64, bpf_fd: fd.as_raw_fd() as u32, file_flags: 0, path_fd: 0 };
+    let mut a = ObjAttr { pathname: c.as_ptr() as u64, bpf_fd: fd.as_raw_fd() as u32, file_flags: 0, path_fd: 0, _pad: 0 };
     bpf(BPF_OBJ_PIN, &mut a, "BPF_OBJ_PIN").map(|_| ())
 }
 

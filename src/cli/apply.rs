@@ -1,0 +1,65 @@
+//! `bpfsync apply SPEC`: plan, confirm, apply, verify.
+
+use std::path::PathBuf;
+
+use super::{Context, Exit, Output, confirm, load_spec, lock_state, open_kernel, save_last_applied};
+use crate::apply::journal::FileJournal;
+use crate::apply::{self, Retry, error_chain, scope_for};
+use crate::kernel::Kernel;
+use crate::plan::{self, text::TextOptions};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The spec file.
+    pub spec: PathBuf,
+    /// Apply without asking (required when not on a terminal).
+    #[arg(long)]
+    pub auto_approve: bool,
+    #[arg(short, long, value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
+    let (loaded, desired) = load_spec(&args.spec)?;
+    let mut kernel = open_kernel(ctx)?;
+    let _lock = lock_state(ctx)?;
+    let mut journal = FileJournal::new(&ctx.state_dir);
+    let recovered = apply::recover(&mut kernel, &mut journal, Retry::default()).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    if recovered > 0 {
+        eprintln!("Rolled back {recovered} step(s) of an interrupted apply.");
+    }
+    let observed = kernel.observe(&scope_for(&desired.state)).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let plan = plan::plan(&desired.state, &observed);
+    let text = args.output == Output::Text;
+    if text {
+        print!("{}", plan::text::render(&plan, TextOptions { color: ctx.color }));
+    }
+    if plan.is_empty() {
+        save_last_applied(ctx, &loaded, &desired)?;
+        if !text {
+            println!("{}", serde_json::json!({ "plan": plan::json::to_value(&plan), "applied": { "steps": 0, "kernel_writes": 0 } }));
+        }
+        return Ok(0);
+    }
+    if !confirm(args.auto_approve, "Do you want to perform these actions?")? {
+        println!("Apply cancelled.");
+        return Ok(1);
+    }
+    let report = apply::apply(&mut kernel, &plan, &desired, &observed, &mut journal, Retry::default())
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    save_last_applied(ctx, &loaded, &desired)?;
+    let s = plan.summary();
+    if text {
+        println!(
+            "\nApply complete! {} added, {} changed, {} destroyed ({} steps, {} kernel writes, verified).",
+            s.add, s.change, s.destroy, report.steps, report.kernel_writes
+        );
+        if !plan.conflicts.is_empty() {
+            println!("{} conflict(s) left unresolved (see above).", plan.conflicts.len());
+        }
+    } else {
+        println!("{}", serde_json::json!({ "plan": plan::json::to_value(&plan), "applied": report }));
+    }
+    tracing::info!(add = s.add, change = s.change, destroy = s.destroy, steps = report.steps, "applied");
+    Ok(0)
+}

@@ -1,0 +1,45 @@
+//! `bpfsync down`: removes everything bpfsync owns, and nothing else.
+
+use std::fs;
+
+use super::{Context, Exit, clear_last_applied, confirm, lock_state, open_kernel};
+use crate::apply::journal::FileJournal;
+use crate::apply::{self, Retry, error_chain};
+use crate::compile::Desired;
+use crate::kernel::{Kernel, Scope};
+use crate::plan::{self, text::TextOptions};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Remove without asking (required when not on a terminal).
+    #[arg(long)]
+    pub auto_approve: bool,
+}
+
+pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
+    let mut kernel = open_kernel(ctx)?;
+    let _lock = lock_state(ctx)?;
+    let mut journal = FileJournal::new(&ctx.state_dir);
+    apply::recover(&mut kernel, &mut journal, Retry::default()).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let observed = kernel.observe(&Scope::default()).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let desired = Desired::default();
+    let plan = plan::plan(&desired.state, &observed);
+    print!("{}", plan::text::render(&plan, TextOptions { color: ctx.color }));
+    if !plan.is_empty() {
+        if !confirm(args.auto_approve, "Remove everything bpfsync owns on this node?")? {
+            println!("Cancelled.");
+            return Ok(1);
+        }
+        let report = apply::apply(&mut kernel, &plan, &desired, &observed, &mut journal, Retry::default())
+            .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+        println!("\nDown complete: {} steps, {} kernel writes.", report.steps, report.kernel_writes);
+    }
+    // Remove bpfsync's (now empty) directories under its root.
+    let root = kernel.root().to_path_buf();
+    for d in ["programs", "maps", "links", "trash"] {
+        let _ = fs::remove_dir_all(root.join(d));
+    }
+    let _ = fs::remove_dir(&root);
+    clear_last_applied(ctx);
+    Ok(0)
+}

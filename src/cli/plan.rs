@@ -1,0 +1,52 @@
+//! `bpfsync plan SPEC`: what apply would change, changing nothing.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+
+use super::{Context, Exit, Output, load_spec, open_kernel};
+use crate::apply::journal::{FileJournal, JournalStore};
+use crate::apply::scope_for;
+use crate::kernel::Kernel;
+use crate::plan::{self, text::TextOptions};
+use crate::snapshot::Snapshot;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The spec file.
+    pub spec: PathBuf,
+    #[arg(short, long, value_enum, default_value = "text")]
+    pub output: Output,
+    /// Exit 0 when there are no changes, 2 when there are, 1 on error.
+    #[arg(long)]
+    pub detailed_exitcode: bool,
+    /// Plan against an observed-state snapshot (`bpfsync status --snapshot`)
+    /// instead of the kernel: no privileges needed, e.g. in CI.
+    #[arg(long, value_name = "FILE")]
+    pub observed: Option<PathBuf>,
+}
+
+pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
+    let (_, desired) = load_spec(&args.spec)?;
+    let observed = match &args.observed {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read `{}`", path.display()))?;
+            Snapshot::parse(&text)
+                .and_then(|s| s.to_state(&desired.state))
+                .with_context(|| format!("invalid snapshot `{}`", path.display()))?
+        }
+        None => {
+            let mut kernel = open_kernel(ctx)?;
+            if FileJournal::new(&ctx.state_dir).pending().ok().flatten().is_some() {
+                eprintln!("warning: an interrupted apply is pending; `bpfsync apply` rolls it back before planning");
+            }
+            kernel.observe(&scope_for(&desired.state)).map_err(|e| anyhow::anyhow!(crate::apply::error_chain(&e)))?
+        }
+    };
+    let plan = plan::plan(&desired.state, &observed);
+    match args.output {
+        Output::Text => print!("{}", plan::text::render(&plan, TextOptions { color: ctx.color })),
+        Output::Json => print!("{}", plan::json::render(&plan)),
+    }
+    Ok(if args.detailed_exitcode && !plan.is_empty() { 2 } else { 0 })
+}

@@ -1,0 +1,199 @@
+//! `bpfsync status`: every owned object as the kernel has it, the counters
+//! of the built-in programs, foreign programs on declared hooks, kernel
+//! features, and drift against the last applied spec.
+
+use std::fmt::Write as _;
+
+use serde_json::{Value, json};
+
+use super::{Context, Exit, Output, load_last_applied, open_kernel};
+use crate::apply::{error_chain, scope_for};
+use crate::datapath;
+use crate::kernel::real::probe_features;
+use crate::kernel::{Kernel, Scope};
+use crate::model::State;
+use crate::object::map_type_name;
+use crate::plan::{self, Plan};
+use crate::snapshot::Snapshot;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[arg(short, long, value_enum, default_value = "text")]
+    pub output: Output,
+    /// Print an observed-state snapshot (YAML) for `plan --observed`.
+    #[arg(long)]
+    pub snapshot: bool,
+}
+
+/// The status report, as `-o json` prints it (and the agent serves).
+pub fn report(ctx: &Context) -> anyhow::Result<(Value, State, Option<Plan>)> {
+    let mut kernel = open_kernel(ctx)?;
+    let applied = load_last_applied(ctx)?;
+    let mut scope = applied.as_ref().map(|(_, d)| scope_for(&d.state)).unwrap_or_else(Scope::default);
+    scope.all_maps = true;
+    let observed = kernel.observe(&scope).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let drift = applied.as_ref().map(|(_, d)| plan::plan(&d.state, &observed));
+    let features = probe_features(&ctx.bpffs_root);
+
+    let programs: Vec<Value> = observed
+        .programs
+        .values()
+        .map(|p| {
+            json!({ "name": p.name, "type": p.program_type.as_str(), "function": p.function,
+                    "digest": p.digest, "id": p.id, "tag": p.tag, "share_maps": p.share_maps })
+        })
+        .collect();
+    let attachments: Vec<Value> = observed
+        .attachments
+        .iter()
+        .map(|(h, a)| {
+            json!({ "hook": h.to_string(), "program": a.program, "mode": a.mode.map(|m| m.as_str()),
+                    "link_id": a.link_id, "defunct": a.defunct })
+        })
+        .collect();
+    let maps: Vec<Value> = observed
+        .maps
+        .iter()
+        .map(|(r, m)| {
+            let managed = applied.as_ref().is_some_and(|(_, d)| d.state.maps.get(r).is_some_and(|dm| dm.managed));
+            let mut v = json!({ "map": r.to_string(), "id": m.id,
+                "type": m.shape.map(|s| map_type_name(s.map_type)), "entries": m.entries.len(),
+                "max_entries": m.shape.map(|s| s.max_entries), "managed": managed });
+            if r.map == "packet_stats" || r.map == "class_stats" {
+                let c = datapath::proto_counters(&m.entries);
+                v["counters"] = json!(c.iter().map(|(k, s)| (k.to_string(), json!({"packets": s.packets, "bytes": s.bytes}))).collect::<serde_json::Map<_, _>>());
+            }
+            if r.map == "latency_hist" {
+                let h = datapath::latency_histogram(&m.entries);
+                v["histogram_log2_ns"] = json!(h.iter().map(|(b, c)| json!([b, c])).collect::<Vec<_>>());
+            }
+            v
+        })
+        .collect();
+    let drift_json = drift.as_ref().map(|p| {
+        json!({
+            "in_sync": p.is_empty(),
+            "summary": p.summary(),
+            "changes": p.changes.iter().filter(|c| c.part_of.is_none()).map(|c| json!({"address": c.address, "action": c.action, "reason": c.reason})).collect::<Vec<_>>(),
+            "conflicts": p.conflicts,
+        })
+    });
+    let v = json!({
+        "format_version": "1.0",
+        "bpffs_root": ctx.bpffs_root,
+        "state_dir": ctx.state_dir,
+        "features": features,
+        "programs": programs,
+        "attachments": attachments,
+        "maps": maps,
+        "foreign": observed.foreign,
+        "stray_programs": observed.stray_programs,
+        "last_applied": applied.as_ref().map(|(m, _)| json!({"spec": m.spec_path, "sha256": m.spec_sha256, "at_unix": m.applied_at_unix})),
+        "drift": drift_json,
+    });
+    Ok((v, observed, drift))
+}
+
+pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
+    let (v, observed, drift) = report(ctx)?;
+    if args.snapshot {
+        print!("{}", serde_yaml::to_string(&Snapshot::from_state(&observed))?);
+        return Ok(0);
+    }
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+        Output::Text => print!("{}", render_text(&v, drift.as_ref())),
+    }
+    Ok(0)
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+pub fn render_text(v: &Value, drift: Option<&Plan>) -> String {
+    let mut o = String::new();
+    let f = &v["features"];
+    let _ = writeln!(o, "bpfsync status: root {}, kernel {}", s(&v["bpffs_root"]), s(&f["kernel_release"]));
+    let yn = |b: &Value| if b.as_bool() == Some(true) { "yes" } else { "no" };
+    let _ = writeln!(
+        o,
+        "features: tcx {} (6.6+), xdp links {}, batch map ops {}, tracefs {}",
+        yn(&f["tcx"]),
+        yn(&f["xdp_link"]),
+        yn(&f["batch_map_ops"]),
+        yn(&f["tracefs"])
+    );
+    let _ = writeln!(o, "\nPROGRAMS");
+    for p in v["programs"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "  {:<16} {:<10} id {:<6} tag {}  digest {}  function {}",
+            s(&p["name"]),
+            s(&p["type"]),
+            s(&p["id"]),
+            s(&p["tag"]),
+            &s(&p["digest"])[..12.min(s(&p["digest"]).len())],
+            s(&p["function"])
+        );
+    }
+    let _ = writeln!(o, "\nATTACHMENTS");
+    for a in v["attachments"].as_array().into_iter().flatten() {
+        let defunct = if a["defunct"].as_bool() == Some(true) { "  DEFUNCT" } else { "" };
+        let mode = if a["mode"].is_null() { String::new() } else { format!("  mode {}", s(&a["mode"])) };
+        let _ = writeln!(o, "  {:<36} {:<16} link {}{mode}{defunct}", s(&a["hook"]), s(&a["program"]), s(&a["link_id"]));
+    }
+    let _ = writeln!(o, "\nMAPS");
+    for m in v["maps"].as_array().into_iter().flatten() {
+        let managed = if m["managed"].as_bool() == Some(true) { "  managed" } else { "" };
+        let _ = writeln!(o, "  {:<36} {:<9} {}/{} entries{managed}", s(&m["map"]), s(&m["type"]), s(&m["entries"]), s(&m["max_entries"]));
+        if let Some(c) = m["counters"].as_object() {
+            for (proto, st) in c {
+                let _ = writeln!(o, "      {proto:<8} {:>10} packets {:>12} bytes", s(&st["packets"]), s(&st["bytes"]));
+            }
+        }
+        if let Some(h) = m["histogram_log2_ns"].as_array() {
+            let total: u64 = h.iter().filter_map(|x| x[1].as_u64()).sum();
+            let _ = writeln!(o, "      {total} samples");
+            for x in h {
+                let b = x[0].as_u64().unwrap_or(0);
+                let c = x[1].as_u64().unwrap_or(0);
+                let bar = "#".repeat(((c as f64 / total.max(1) as f64) * 40.0).ceil() as usize);
+                let _ = writeln!(o, "      {:>12} ns  {c:>10} {bar}", 1u64 << b.min(63));
+            }
+        }
+    }
+    if let Some(fs) = v["foreign"].as_array().filter(|a| !a.is_empty()) {
+        let _ = writeln!(o, "\nFOREIGN PROGRAMS ON DECLARED HOOKS (not touched)");
+        for x in fs {
+            let _ = writeln!(o, "  {:?}  `{}` id {} ({})", x["hook"], s(&x["program-name"]), s(&x["program-id"]), s(&x["detail"]));
+        }
+    }
+    let _ = writeln!(o);
+    match (drift, v["last_applied"].as_object()) {
+        (Some(p), Some(meta)) if p.is_empty() => {
+            let _ = writeln!(o, "DRIFT: none — the kernel matches the spec applied from {}", s(&meta["spec"]));
+        }
+        (Some(p), Some(meta)) => {
+            let _ = writeln!(o, "DRIFT against the spec applied from {}:", s(&meta["spec"]));
+            for c in p.changes.iter().filter(|c| c.part_of.is_none()) {
+                let _ = writeln!(o, "  {} {} ({})", c.action.symbol(), c.address, c.reason);
+            }
+            let sm = p.summary();
+            let _ = writeln!(o, "  `bpfsync apply` would make {} to add, {} to change, {} to destroy.", sm.add, sm.change, sm.destroy);
+        }
+        _ => {
+            let _ = writeln!(o, "DRIFT: unknown — nothing applied yet from this state directory");
+        }
+    }
+    if let Some(p) = drift {
+        for c in &p.conflicts {
+            let _ = writeln!(o, "  ! {}: {}", c.hook, c.message);
+        }
+    }
+    o
+}
