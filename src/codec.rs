@@ -20,12 +20,26 @@ use crate::net::Cidr;
 /// Byte layout of a key or value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Layout {
-    Int { size: usize, signed: bool },
-    Bytes { size: usize },
-    Array { size: usize, len: usize, elem: Box<Layout> },
-    Struct { size: usize, fields: Vec<Field> },
+    Int {
+        size: usize,
+        signed: bool,
+    },
+    Bytes {
+        size: usize,
+    },
+    Array {
+        size: usize,
+        len: usize,
+        elem: Box<Layout>,
+    },
+    Struct {
+        size: usize,
+        fields: Vec<Field>,
+    },
     /// No usable type information: raw bytes of this size.
-    Opaque { size: usize },
+    Opaque {
+        size: usize,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -100,9 +114,9 @@ pub fn encode(v: &Value, layout: &Layout) -> Result<Vec<u8>, String> {
         }
         if s.contains('/') {
             let cidr: Cidr = s.parse()?;
-            let n = layout
-                .lpm_addr_len()
-                .ok_or_else(|| format!("a CIDR needs an LPM trie key (prefix length + address), this is {size} bytes"))?;
+            let n = layout.lpm_addr_len().ok_or_else(|| {
+                format!("a CIDR needs an LPM trie key (prefix length + address), this is {size} bytes")
+            })?;
             let addr = cidr.addr_bytes();
             if addr.len() != n {
                 return Err(format!("`{s}` is {}, the key holds {n}-byte addresses", family(&cidr.addr)));
@@ -208,7 +222,7 @@ fn kind_of(v: &Value) -> &'static str {
 
 fn parse_hex(s: &str) -> Option<Vec<u8>> {
     let s: String = s.chars().filter(|c| *c != '_').collect();
-    if s.is_empty() || s.len() % 2 != 0 {
+    if s.is_empty() || !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()

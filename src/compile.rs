@@ -24,25 +24,29 @@ pub struct Desired {
     pub map_defs: BTreeMap<MapRef, MapDef>,
 }
 
+/// An object's bytes and what they hold.
+type LoadedObject = (Arc<[u8]>, Arc<ObjectInfo>);
+
 /// Reads object files named by specs; caches by path.
 #[derive(Default)]
 pub struct ObjectLoader {
-    cache: HashMap<PathBuf, Result<(Arc<[u8]>, Arc<ObjectInfo>), String>>,
+    cache: HashMap<PathBuf, Result<LoadedObject, String>>,
 }
 
 impl ObjectLoader {
-    fn load_path(&mut self, path: PathBuf) -> Result<(Arc<[u8]>, Arc<ObjectInfo>), String> {
+    fn load_path(&mut self, path: PathBuf) -> Result<LoadedObject, String> {
         self.cache
             .entry(path.clone())
             .or_insert_with(|| {
-                let bytes = std::fs::read(&path).map_err(|e| format!("cannot read object `{}`: {e}", path.display()))?;
+                let bytes =
+                    std::fs::read(&path).map_err(|e| format!("cannot read object `{}`: {e}", path.display()))?;
                 let info = object::inspect(&bytes).map_err(|e| format!("`{}`: {e}", path.display()))?;
                 Ok((Arc::from(bytes), Arc::new(info)))
             })
             .clone()
     }
 
-    fn load_builtin(&mut self, name: &str) -> Result<(Arc<[u8]>, Arc<ObjectInfo>), String> {
+    fn load_builtin(&mut self, name: &str) -> Result<LoadedObject, String> {
         let b = builtin::find(name).ok_or_else(|| format!("unknown builtin `{name}`"))?;
         let key = PathBuf::from(format!("builtin:{}", b.object));
         self.cache
@@ -100,7 +104,11 @@ pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, 
                     let names: Vec<_> = usable.iter().map(|n| format!("`{n}`")).collect();
                     diags.push(spec.diag(
                         &format!("{ptr}/object"),
-                        format!("the object has {} programs ({}): name one with `function`", usable.len(), names.join(", ")),
+                        format!(
+                            "the object has {} programs ({}): name one with `function`",
+                            usable.len(),
+                            names.join(", ")
+                        ),
                     ));
                     continue;
                 }
@@ -110,10 +118,9 @@ pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, 
         match info.functions.get(&function) {
             None => {
                 let names: Vec<_> = info.functions.keys().map(|n| format!("`{n}`")).collect();
-                diags.push(spec.diag(
-                    &fptr,
-                    format!("no program `{function}` in the object (it has {})", names.join(", ")),
-                ));
+                diags.push(
+                    spec.diag(&fptr, format!("no program `{function}` in the object (it has {})", names.join(", "))),
+                );
                 continue;
             }
             Some(None) => {
@@ -183,7 +190,11 @@ pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, 
             if !def.is_manageable() {
                 diags.push(spec.diag(
                     &format!("{mptr}/name"),
-                    format!("map `{}` is a {} map: only hash, lru_hash, array and lpm_trie maps take entries", m.name, def.type_name()),
+                    format!(
+                        "map `{}` is a {} map: only hash, lru_hash, array and lpm_trie maps take entries",
+                        m.name,
+                        def.type_name()
+                    ),
                 ));
                 continue;
             }
@@ -215,7 +226,10 @@ pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, 
                     if key.len() != 4 || index >= def.max_entries {
                         diags.push(spec.diag(
                             &format!("{eptr}/key"),
-                            format!("index {index} is out of range for array map `{}` (0..{})", m.name, def.max_entries),
+                            format!(
+                                "index {index} is out of range for array map `{}` (0..{})",
+                                m.name, def.max_entries
+                            ),
                         ));
                         continue;
                     }
@@ -239,14 +253,26 @@ pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, 
     for (i, iface) in s.interfaces.iter().enumerate() {
         if let Some(x) = &iface.xdp {
             let hook = Hook::Xdp { interface: iface.name.clone() };
-            let att = Attachment { program: x.program.clone(), mode: Some(x.mode), takeover: x.takeover, link_id: None, defunct: false };
+            let att = Attachment {
+                program: x.program.clone(),
+                mode: Some(x.mode),
+                takeover: x.takeover,
+                link_id: None,
+                defunct: false,
+            };
             desired.state.attachments.insert(hook, att);
         }
         if let Some(tc) = &iface.tc {
             for (direction, list) in [(Direction::Ingress, &tc.ingress), (Direction::Egress, &tc.egress)] {
                 for (position, program) in list.iter().enumerate() {
                     let hook = Hook::Tc { interface: iface.name.clone(), direction, position: position as u32 };
-                    let att = Attachment { program: program.clone(), mode: None, takeover: tc.takeover, link_id: None, defunct: false };
+                    let att = Attachment {
+                        program: program.clone(),
+                        mode: None,
+                        takeover: tc.takeover,
+                        link_id: None,
+                        defunct: false,
+                    };
                     desired.state.attachments.insert(hook, att);
                 }
             }
@@ -255,7 +281,8 @@ pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, 
     }
     for tp in &s.tracepoints {
         let hook = Hook::Tracepoint { event: tp.event.clone(), program: tp.program.clone() };
-        let att = Attachment { program: tp.program.clone(), mode: None, takeover: false, link_id: None, defunct: false };
+        let att =
+            Attachment { program: tp.program.clone(), mode: None, takeover: false, link_id: None, defunct: false };
         desired.state.attachments.insert(hook, att);
     }
 

@@ -57,7 +57,8 @@ fn main() -> ExitCode {
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init(),
         LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init(),
     }
-    let ctx = Context { bpffs_root: cli.bpffs_root, state_dir: cli.state_dir, color: cli::color_for_stdout(cli.no_color) };
+    let ctx =
+        Context { bpffs_root: cli.bpffs_root, state_dir: cli.state_dir, color: cli::color_for_stdout(cli.no_color) };
     let result = match &cli.command {
         Command::Validate(a) => cli::validate::run(a),
         Command::Plan(a) => cli::plan::run(&ctx, a),

@@ -21,12 +21,21 @@ use crate::spec::{ProgramType, XdpMode};
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Hook {
-    Xdp { interface: String },
+    Xdp {
+        interface: String,
+    },
     /// One slot of the TCX chain of an interface; `position` is the index
     /// in the spec's list, so swapping the program in a slot is an atomic
     /// link update.
-    Tc { interface: String, direction: Direction, position: u32 },
-    Tracepoint { event: String, program: String },
+    Tc {
+        interface: String,
+        direction: Direction,
+        position: u32,
+    },
+    Tracepoint {
+        event: String,
+        program: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -52,7 +61,6 @@ impl Hook {
             Hook::Tracepoint { .. } => None,
         }
     }
-
 }
 
 impl fmt::Display for Hook {

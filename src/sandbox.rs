@@ -59,12 +59,28 @@ impl Sandbox {
         let pid = std::process::id();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let tag = format!("{}{}", pid % 100_000, n);
-        Self::create_named(&format!("bpfsync-t{tag}"), &format!("bt{tag}"), [10, 100 + (pid % 100) as u8, (n * 4 % 256) as u8])
+        Self::create_named(
+            &format!("bpfsync-t{tag}"),
+            &format!("bt{tag}"),
+            [10, 100 + (pid % 100) as u8, (n * 4 % 256) as u8],
+        )
     }
 
     fn setup(&self) -> io::Result<()> {
         run(&["ip", "netns", "add", &self.netns])?;
-        run(&["ip", "link", "add", &self.host_if, "type", "veth", "peer", "name", &self.peer_if, "netns", &self.netns])?;
+        run(&[
+            "ip",
+            "link",
+            "add",
+            &self.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &self.peer_if,
+            "netns",
+            &self.netns,
+        ])?;
         run(&["ip", "addr", "add", &format!("{}/30", self.host_ip), "dev", &self.host_if])?;
         run(&["ip", "link", "set", &self.host_if, "up"])?;
         run(&["ip", "-n", &self.netns, "addr", "add", &format!("{}/30", self.peer_ip), "dev", &self.peer_if])?;

@@ -114,7 +114,7 @@ pub enum SnapshotError {
 fn unhex(map: &str, s: &str) -> Result<Vec<u8>, SnapshotError> {
     let bad = || SnapshotError::Hex { map: map.to_string(), value: s.to_string() };
     let h = s.strip_prefix("0x").ok_or_else(bad)?;
-    if h.len() % 2 != 0 {
+    if !h.len().is_multiple_of(2) {
         return Err(bad());
     }
     (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).map_err(|_| bad())).collect()
@@ -155,7 +155,13 @@ impl Snapshot {
         for a in &self.attachments {
             s.attachments.insert(
                 a.hook.clone(),
-                Attachment { program: a.program.clone(), mode: a.mode, takeover: false, link_id: a.link_id, defunct: a.defunct },
+                Attachment {
+                    program: a.program.clone(),
+                    mode: a.mode,
+                    takeover: false,
+                    link_id: a.link_id,
+                    defunct: a.defunct,
+                },
             );
         }
         for m in &self.maps {
@@ -212,7 +218,13 @@ impl Snapshot {
             attachments: state
                 .attachments
                 .iter()
-                .map(|(h, a)| SnapAttachment { hook: h.clone(), program: a.program.clone(), mode: a.mode, link_id: a.link_id, defunct: a.defunct })
+                .map(|(h, a)| SnapAttachment {
+                    hook: h.clone(),
+                    program: a.program.clone(),
+                    mode: a.mode,
+                    link_id: a.link_id,
+                    defunct: a.defunct,
+                })
                 .collect(),
             maps: state
                 .maps
@@ -228,7 +240,11 @@ impl Snapshot {
             foreign: state.foreign.clone(),
             interfaces: state.interfaces.clone(),
             events: state.events.clone(),
-            stray_programs: state.stray_programs.iter().map(|(p, d)| SnapStray { program: p.clone(), digest: d.clone() }).collect(),
+            stray_programs: state
+                .stray_programs
+                .iter()
+                .map(|(p, d)| SnapStray { program: p.clone(), digest: d.clone() })
+                .collect(),
         }
     }
 }

@@ -24,17 +24,53 @@ use journal::{JournalStep, JournalStore};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum KernelOp {
-    LoadProgram { program: String, digest: String, fresh_maps: Vec<String> },
-    UnloadProgram { program: String, digest: String },
-    RestoreProgram { program: String, digest: String },
-    DiscardProgram { program: String, digest: String },
-    WriteEntries { map: MapRef, #[serde(with = "hex_pairs")] entries: Vec<(Vec<u8>, Vec<u8>)> },
-    DeleteEntries { map: MapRef, #[serde(with = "hex_list")] keys: Vec<Vec<u8>> },
-    Attach { hook: Hook, program: String, digest: String, mode: Option<XdpMode> },
-    UpdateLink { hook: Hook, program: String, digest: String },
-    Detach { hook: Hook },
-    Evict { foreign: ForeignProgram },
-    Unevict { foreign: ForeignProgram },
+    LoadProgram {
+        program: String,
+        digest: String,
+        fresh_maps: Vec<String>,
+    },
+    UnloadProgram {
+        program: String,
+        digest: String,
+    },
+    RestoreProgram {
+        program: String,
+        digest: String,
+    },
+    DiscardProgram {
+        program: String,
+        digest: String,
+    },
+    WriteEntries {
+        map: MapRef,
+        #[serde(with = "hex_pairs")]
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+    },
+    DeleteEntries {
+        map: MapRef,
+        #[serde(with = "hex_list")]
+        keys: Vec<Vec<u8>>,
+    },
+    Attach {
+        hook: Hook,
+        program: String,
+        digest: String,
+        mode: Option<XdpMode>,
+    },
+    UpdateLink {
+        hook: Hook,
+        program: String,
+        digest: String,
+    },
+    Detach {
+        hook: Hook,
+    },
+    Evict {
+        foreign: ForeignProgram,
+    },
+    Unevict {
+        foreign: ForeignProgram,
+    },
 }
 
 mod hex_list {
@@ -61,7 +97,7 @@ mod hex_pairs {
         }
         seq.end()
     }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(Vec<u8>, Vec<u8>)>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<super::Entries, D::Error> {
         let v: Vec<[String; 2]> = Vec::deserialize(d)?;
         v.iter()
             .map(|[k, val]| match (super::unhex(k), super::unhex(val)) {
@@ -74,13 +110,16 @@ mod hex_pairs {
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
     let h = s.strip_prefix("0x")?;
-    if h.len() % 2 != 0 {
+    if !h.len().is_multiple_of(2) {
         return None;
     }
     (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).ok()).collect()
 }
 
 pub type UndoOp = KernelOp;
+
+/// Map entries as (key, value) byte pairs.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// One executor step: forward operations and their undo.
 #[derive(Debug, Clone)]
@@ -150,7 +189,11 @@ pub fn steps(plan: &Plan, desired: &Desired, observed: &State) -> Vec<Step> {
                 let digest = digest_of(&desired.state, program);
                 out.push(Step {
                     what: format!("load program `{program}`"),
-                    forward: vec![KernelOp::LoadProgram { program: program.clone(), digest: digest.clone(), fresh_maps: fresh_maps.clone() }],
+                    forward: vec![KernelOp::LoadProgram {
+                        program: program.clone(),
+                        digest: digest.clone(),
+                        fresh_maps: fresh_maps.clone(),
+                    }],
                     undo: vec![KernelOp::DiscardProgram { program: program.clone(), digest }],
                 });
             }
@@ -226,14 +269,27 @@ pub fn steps(plan: &Plan, desired: &Desired, observed: &State) -> Vec<Step> {
                 let digest = digest_of(&desired.state, program);
                 out.push(Step {
                     what: format!("attach `{program}` to `{hook}`"),
-                    forward: vec![KernelOp::Attach { hook: hook.clone(), program: program.clone(), digest, mode: *mode }],
+                    forward: vec![KernelOp::Attach {
+                        hook: hook.clone(),
+                        program: program.clone(),
+                        digest,
+                        mode: *mode,
+                    }],
                     undo: vec![KernelOp::Detach { hook: hook.clone() }],
                 });
             }
             Op::UpdateLink { hook, from, to } => out.push(Step {
                 what: format!("update the link on `{hook}` to `{to}`"),
-                forward: vec![KernelOp::UpdateLink { hook: hook.clone(), program: to.clone(), digest: digest_of(&desired.state, to) }],
-                undo: vec![KernelOp::UpdateLink { hook: hook.clone(), program: from.clone(), digest: digest_of(observed, from) }],
+                forward: vec![KernelOp::UpdateLink {
+                    hook: hook.clone(),
+                    program: to.clone(),
+                    digest: digest_of(&desired.state, to),
+                }],
+                undo: vec![KernelOp::UpdateLink {
+                    hook: hook.clone(),
+                    program: from.clone(),
+                    digest: digest_of(observed, from),
+                }],
             }),
             Op::Reattach { hook, program, from_mode, to_mode, old_program } => {
                 let old_digest = digest_of(observed, old_program);
@@ -244,7 +300,12 @@ pub fn steps(plan: &Plan, desired: &Desired, observed: &State) -> Vec<Step> {
                     undo: if defunct {
                         vec![]
                     } else {
-                        vec![KernelOp::Attach { hook: hook.clone(), program: old_program.clone(), digest: old_digest, mode: *from_mode }]
+                        vec![KernelOp::Attach {
+                            hook: hook.clone(),
+                            program: old_program.clone(),
+                            digest: old_digest,
+                            mode: *from_mode,
+                        }]
                     },
                 });
                 out.push(Step {
@@ -264,7 +325,12 @@ pub fn steps(plan: &Plan, desired: &Desired, observed: &State) -> Vec<Step> {
                 undo: if *defunct {
                     vec![]
                 } else {
-                    vec![KernelOp::Attach { hook: hook.clone(), program: program.clone(), digest: digest_of(observed, program), mode: *mode }]
+                    vec![KernelOp::Attach {
+                        hook: hook.clone(),
+                        program: program.clone(),
+                        digest: digest_of(observed, program),
+                        mode: *mode,
+                    }]
                 },
             }),
         }
@@ -283,9 +349,18 @@ pub fn steps(plan: &Plan, desired: &Desired, observed: &State) -> Vec<Step> {
 fn run_op<K: Kernel + ?Sized>(k: &mut K, op: &KernelOp, desired: Option<&Desired>) -> Result<(), KernelError> {
     match op {
         KernelOp::LoadProgram { program, digest, fresh_maps } => {
-            let desired = desired.ok_or_else(|| KernelError::NotFound { what: "no desired state to load from".into() })?;
-            let p = desired.state.programs.get(program).ok_or_else(|| KernelError::NotFound { what: format!("program `{program}` is not desired") })?;
-            let bytes = desired.objects.get(program).cloned().ok_or_else(|| KernelError::NotFound { what: format!("no object for `{program}`") })?;
+            let desired =
+                desired.ok_or_else(|| KernelError::NotFound { what: "no desired state to load from".into() })?;
+            let p = desired
+                .state
+                .programs
+                .get(program)
+                .ok_or_else(|| KernelError::NotFound { what: format!("program `{program}` is not desired") })?;
+            let bytes = desired
+                .objects
+                .get(program)
+                .cloned()
+                .ok_or_else(|| KernelError::NotFound { what: format!("no object for `{program}`") })?;
             k.load_program(&LoadRequest {
                 name: program.clone(),
                 digest: digest.clone(),
@@ -309,7 +384,12 @@ fn run_op<K: Kernel + ?Sized>(k: &mut K, op: &KernelOp, desired: Option<&Desired
     }
 }
 
-fn with_retry<K: Kernel + ?Sized>(k: &mut K, op: &KernelOp, desired: Option<&Desired>, retry: Retry) -> Result<(), KernelError> {
+fn with_retry<K: Kernel + ?Sized>(
+    k: &mut K,
+    op: &KernelOp,
+    desired: Option<&Desired>,
+    retry: Retry,
+) -> Result<(), KernelError> {
     let mut delay = retry.first_delay;
     let mut attempt = 1;
     loop {
@@ -331,7 +411,7 @@ fn roll_back<K: Kernel + ?Sized>(k: &mut K, undos: &[Vec<KernelOp>], retry: Retr
     for ops in undos.iter().rev() {
         for op in ops {
             if let Err(e) = with_retry(k, op, None, retry) {
-                errors.push(format!("{}", error_chain(&e)));
+                errors.push(error_chain(&e));
             }
         }
     }
@@ -355,13 +435,18 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Rolls back an apply that was interrupted (crash, `kill -9`), if any.
 /// Returns how many steps were undone.
-pub fn recover<K: Kernel + ?Sized>(k: &mut K, journal: &mut dyn JournalStore, retry: Retry) -> Result<usize, ApplyError> {
+pub fn recover<K: Kernel + ?Sized>(
+    k: &mut K,
+    journal: &mut dyn JournalStore,
+    retry: Retry,
+) -> Result<usize, ApplyError> {
     let Some((steps, started)) = journal.pending().map_err(ApplyError::Journal)? else { return Ok(0) };
     let Some(last) = started else {
         journal.finish().map_err(ApplyError::Journal)?;
         return Ok(0);
     };
-    let undos: Vec<Vec<KernelOp>> = steps[..=last.min(steps.len().saturating_sub(1))].iter().map(|s| s.undo.clone()).collect();
+    let undos: Vec<Vec<KernelOp>> =
+        steps[..=last.min(steps.len().saturating_sub(1))].iter().map(|s| s.undo.clone()).collect();
     tracing::warn!(steps = undos.len(), "rolling back an interrupted apply");
     let errors = roll_back(k, &undos, retry);
     if !errors.is_empty() {
@@ -404,7 +489,8 @@ pub fn apply<K: Kernel + ?Sized>(
     if steps.is_empty() {
         return Ok(ApplyReport::default());
     }
-    let jsteps: Vec<JournalStep> = steps.iter().map(|s| JournalStep { what: s.what.clone(), undo: s.undo.clone() }).collect();
+    let jsteps: Vec<JournalStep> =
+        steps.iter().map(|s| JournalStep { what: s.what.clone(), undo: s.undo.clone() }).collect();
     journal.begin(&jsteps).map_err(ApplyError::Journal)?;
 
     for (i, step) in steps.iter().enumerate() {

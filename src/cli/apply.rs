@@ -24,7 +24,8 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     let mut kernel = open_kernel(ctx)?;
     let _lock = lock_state(ctx)?;
     let mut journal = FileJournal::new(&ctx.state_dir);
-    let recovered = apply::recover(&mut kernel, &mut journal, Retry::default()).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let recovered =
+        apply::recover(&mut kernel, &mut journal, Retry::default()).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     if recovered > 0 {
         eprintln!("Rolled back {recovered} step(s) of an interrupted apply.");
     }
@@ -37,7 +38,10 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     if plan.is_empty() {
         save_last_applied(ctx, &loaded, &desired)?;
         if !text {
-            println!("{}", serde_json::json!({ "plan": plan::json::to_value(&plan), "applied": { "steps": 0, "kernel_writes": 0 } }));
+            println!(
+                "{}",
+                serde_json::json!({ "plan": plan::json::to_value(&plan), "applied": { "steps": 0, "kernel_writes": 0 } })
+            );
         }
         return Ok(0);
     }

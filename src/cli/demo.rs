@@ -120,7 +120,12 @@ fn run_in_sandbox(ctx: &Context, spec_path: &std::path::Path, sandbox: &Sandbox,
     let report = apply::apply(&mut kernel, &p, &desired, &observed, &mut journal, Retry::default())
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     super::save_last_applied(ctx, &loaded, &desired)?;
-    println!("applied {} steps with {} kernel writes in {:?}, verified by observing again", report.steps, report.kernel_writes, t.elapsed());
+    println!(
+        "applied {} steps with {} kernel writes in {:?}, verified by observing again",
+        report.steps,
+        report.kernel_writes,
+        t.elapsed()
+    );
 
     section("bpfsync status");
     let (v, _, drift) = super::status::report(ctx)?;

@@ -67,7 +67,9 @@ pub fn load_spec(path: &Path) -> anyhow::Result<(LoadedSpec, Desired)> {
 pub fn require_root() -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("bpfsync needs root (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN) to read and change the kernel's eBPF state");
+        bail!(
+            "bpfsync needs root (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN) to read and change the kernel's eBPF state"
+        );
     }
     Ok(())
 }
@@ -83,7 +85,8 @@ pub struct StateLock {
 }
 
 pub fn lock_state(ctx: &Context) -> anyhow::Result<StateLock> {
-    fs::create_dir_all(&ctx.state_dir).with_context(|| format!("cannot create state directory `{}`", ctx.state_dir.display()))?;
+    fs::create_dir_all(&ctx.state_dir)
+        .with_context(|| format!("cannot create state directory `{}`", ctx.state_dir.display()))?;
     let path = ctx.state_dir.join("lock");
     let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
     // SAFETY: flock on a descriptor we own.
@@ -147,7 +150,10 @@ pub fn save_last_applied(ctx: &Context, loaded: &LoadedSpec, desired: &Desired) 
     let meta = AppliedMeta {
         spec_path: loaded.file.display().to_string(),
         spec_sha256: crate::object::digest(loaded.source.as_bytes()),
-        applied_at_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        applied_at_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
     };
     fs::write(tmp.join("meta.json"), serde_json::to_string_pretty(&meta)?)?;
     let _ = fs::remove_dir_all(&dir);

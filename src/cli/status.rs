@@ -61,7 +61,11 @@ pub fn report(ctx: &Context) -> anyhow::Result<(Value, State, Option<Plan>)> {
                 "max_entries": m.shape.map(|s| s.max_entries), "managed": managed });
             if r.map == "packet_stats" || r.map == "class_stats" {
                 let c = datapath::proto_counters(&m.entries);
-                v["counters"] = json!(c.iter().map(|(k, s)| (k.to_string(), json!({"packets": s.packets, "bytes": s.bytes}))).collect::<serde_json::Map<_, _>>());
+                v["counters"] = json!(
+                    c.iter()
+                        .map(|(k, s)| (k.to_string(), json!({"packets": s.packets, "bytes": s.bytes})))
+                        .collect::<serde_json::Map<_, _>>()
+                );
             }
             if r.map == "latency_hist" {
                 let h = datapath::latency_histogram(&m.entries);
@@ -145,12 +149,20 @@ pub fn render_text(v: &Value, drift: Option<&Plan>) -> String {
     for a in v["attachments"].as_array().into_iter().flatten() {
         let defunct = if a["defunct"].as_bool() == Some(true) { "  DEFUNCT" } else { "" };
         let mode = if a["mode"].is_null() { String::new() } else { format!("  mode {}", s(&a["mode"])) };
-        let _ = writeln!(o, "  {:<36} {:<16} link {}{mode}{defunct}", s(&a["hook"]), s(&a["program"]), s(&a["link_id"]));
+        let _ =
+            writeln!(o, "  {:<36} {:<16} link {}{mode}{defunct}", s(&a["hook"]), s(&a["program"]), s(&a["link_id"]));
     }
     let _ = writeln!(o, "\nMAPS");
     for m in v["maps"].as_array().into_iter().flatten() {
         let managed = if m["managed"].as_bool() == Some(true) { "  managed" } else { "" };
-        let _ = writeln!(o, "  {:<36} {:<9} {}/{} entries{managed}", s(&m["map"]), s(&m["type"]), s(&m["entries"]), s(&m["max_entries"]));
+        let _ = writeln!(
+            o,
+            "  {:<36} {:<9} {}/{} entries{managed}",
+            s(&m["map"]),
+            s(&m["type"]),
+            s(&m["entries"]),
+            s(&m["max_entries"])
+        );
         if let Some(c) = m["counters"].as_object() {
             for (proto, st) in c {
                 let _ = writeln!(o, "      {proto:<8} {:>10} packets {:>12} bytes", s(&st["packets"]), s(&st["bytes"]));
@@ -170,7 +182,14 @@ pub fn render_text(v: &Value, drift: Option<&Plan>) -> String {
     if let Some(fs) = v["foreign"].as_array().filter(|a| !a.is_empty()) {
         let _ = writeln!(o, "\nFOREIGN PROGRAMS ON DECLARED HOOKS (not touched)");
         for x in fs {
-            let _ = writeln!(o, "  {:?}  `{}` id {} ({})", x["hook"], s(&x["program-name"]), s(&x["program-id"]), s(&x["detail"]));
+            let _ = writeln!(
+                o,
+                "  {:?}  `{}` id {} ({})",
+                x["hook"],
+                s(&x["program-name"]),
+                s(&x["program-id"]),
+                s(&x["detail"])
+            );
         }
     }
     let _ = writeln!(o);
@@ -184,7 +203,11 @@ pub fn render_text(v: &Value, drift: Option<&Plan>) -> String {
                 let _ = writeln!(o, "  {} {} ({})", c.action.symbol(), c.address, c.reason);
             }
             let sm = p.summary();
-            let _ = writeln!(o, "  `bpfsync apply` would make {} to add, {} to change, {} to destroy.", sm.add, sm.change, sm.destroy);
+            let _ = writeln!(
+                o,
+                "  `bpfsync apply` would make {} to add, {} to change, {} to destroy.",
+                sm.add, sm.change, sm.destroy
+            );
         }
         _ => {
             let _ = writeln!(o, "DRIFT: unknown — nothing applied yet from this state directory");

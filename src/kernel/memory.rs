@@ -80,16 +80,15 @@ impl MemoryKernel {
 
     /// Everything, as a comparable snapshot (entries of every map).
     pub fn snapshot(&mut self) -> State {
-        let scope = Scope { all_maps: true, interfaces: self.interfaces.keys().cloned().collect(), ..Default::default() };
+        let scope =
+            Scope { all_maps: true, interfaces: self.interfaces.keys().cloned().collect(), ..Default::default() };
         self.observe(&scope).expect("memory observe cannot fail")
     }
 
     fn current(&self, name: &str) -> Option<&MemProgram> {
         let versions = self.programs.get(name)?;
         let linked = self.links.values().find(|l| l.program == name).map(|l| l.digest.clone());
-        linked
-            .and_then(|d| versions.get(&d))
-            .or_else(|| versions.values().max_by_key(|p| p.program.id))
+        linked.and_then(|d| versions.get(&d)).or_else(|| versions.values().max_by_key(|p| p.program.id))
     }
 }
 
@@ -278,7 +277,8 @@ impl Kernel for MemoryKernel {
 
     fn update_link(&mut self, hook: &Hook, program: &str, digest: &str) -> Result<(), KernelError> {
         self.gate("update_link")?;
-        let l = self.links.get_mut(hook).ok_or_else(|| KernelError::NotFound { what: format!("no link on `{hook}`") })?;
+        let l =
+            self.links.get_mut(hook).ok_or_else(|| KernelError::NotFound { what: format!("no link on `{hook}`") })?;
         l.program = program.into();
         l.digest = digest.into();
         Ok(())
@@ -317,4 +317,3 @@ impl Kernel for MemoryKernel {
         self.writes
     }
 }
-

@@ -31,7 +31,7 @@ use super::netlink::{self, XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE};
 use super::sys;
 use super::{Features, Kernel, KernelError, LoadRequest, Scope};
 use crate::model::{Attachment, Direction, ForeignProgram, Hook, MapRef, MapShape, MapState, Program, State};
-use crate::object::{self, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_LPM_TRIE};
+use crate::object::{self, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE, BPF_MAP_TYPE_LRU_HASH};
 use crate::spec::{ProgramType, XdpMode};
 
 pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/bpfsync";
@@ -296,14 +296,21 @@ impl RealKernel {
         if !self.map_fds.contains_key(map) {
             let path = self.map_pin(&map.program, &map.map);
             let fd = self.open_pin(&path, &format!("map `{map}`"))?;
-            let info = sys::map_info(fd.as_fd()).map_err(|e| KernelError::sys(format!("read info of map `{map}`"), e))?;
+            let info =
+                sys::map_info(fd.as_fd()).map_err(|e| KernelError::sys(format!("read info of map `{map}`"), e))?;
             self.map_fds.insert(map.clone(), (fd, info.type_));
         }
         let (fd, t) = &self.map_fds[map];
         Ok((fd, *t))
     }
 
-    fn attach_new(&mut self, hook: &Hook, prog_pin: &Path, mode: Option<XdpMode>, pin: &Path) -> Result<(), KernelError> {
+    fn attach_new(
+        &mut self,
+        hook: &Hook,
+        prog_pin: &Path,
+        mode: Option<XdpMode>,
+        pin: &Path,
+    ) -> Result<(), KernelError> {
         let what = format!("attach `{}` to `{hook}`", prog_pin.display());
         let fd_link: FdLink = match hook {
             Hook::Xdp { interface } => {
@@ -322,7 +329,10 @@ impl RealKernel {
                     let (_, v) = kernel_version();
                     if v < (6, 6) {
                         KernelError::Unsupported {
-                            what: format!("{what}: TC hooks use TCX links, which need Linux 6.6 or later (this kernel is {}.{})", v.0, v.1),
+                            what: format!(
+                                "{what}: TC hooks use TCX links, which need Linux 6.6 or later (this kernel is {}.{})",
+                                v.0, v.1
+                            ),
                         }
                     } else {
                         KernelError::aya(what.clone(), e)
@@ -362,7 +372,11 @@ impl RealKernel {
         Ok(())
     }
 
-    fn read_map(&self, fd: &OwnedFd, shape: &MapShape) -> Result<std::collections::BTreeMap<Vec<u8>, Vec<u8>>, sys::SysError> {
+    fn read_map(
+        &self,
+        fd: &OwnedFd,
+        shape: &MapShape,
+    ) -> Result<std::collections::BTreeMap<Vec<u8>, Vec<u8>>, sys::SysError> {
         let ks = shape.key_size as usize;
         let percpu = matches!(shape.map_type, 5 | 6 | 10); // percpu hash/array/lru
         let vs = if percpu {
@@ -372,8 +386,12 @@ impl RealKernel {
         };
         let mut out = std::collections::BTreeMap::new();
         let is_array = matches!(shape.map_type, BPF_MAP_TYPE_ARRAY | 6);
-        let batchable = matches!(shape.map_type, BPF_MAP_TYPE_HASH | BPF_MAP_TYPE_ARRAY | BPF_MAP_TYPE_LRU_HASH | 5 | 6);
-        if !matches!(shape.map_type, BPF_MAP_TYPE_HASH | BPF_MAP_TYPE_ARRAY | BPF_MAP_TYPE_LRU_HASH | BPF_MAP_TYPE_LPM_TRIE | 5 | 6 | 10) {
+        let batchable =
+            matches!(shape.map_type, BPF_MAP_TYPE_HASH | BPF_MAP_TYPE_ARRAY | BPF_MAP_TYPE_LRU_HASH | 5 | 6);
+        if !matches!(
+            shape.map_type,
+            BPF_MAP_TYPE_HASH | BPF_MAP_TYPE_ARRAY | BPF_MAP_TYPE_LRU_HASH | BPF_MAP_TYPE_LPM_TRIE | 5 | 6 | 10
+        ) {
             return Ok(out); // ring buffers, perf arrays, …: no key/value contents
         }
         if batchable && ks > 0 {
@@ -451,7 +469,8 @@ impl Kernel for RealKernel {
             for map in list_dir(&self.root.join("maps").join(&owner)) {
                 let path = self.map_pin(&owner, &map);
                 let fd = self.open_pin(&path, "map")?;
-                let info = sys::map_info(fd.as_fd()).map_err(|e| KernelError::sys(format!("read info of map `{owner}/{map}`"), e))?;
+                let info = sys::map_info(fd.as_fd())
+                    .map_err(|e| KernelError::sys(format!("read info of map `{owner}/{map}`"), e))?;
                 let shape = MapShape {
                     map_type: info.type_,
                     key_size: info.key_size,
@@ -467,7 +486,16 @@ impl Kernel for RealKernel {
                 } else {
                     Default::default()
                 };
-                state.maps.insert(r, MapState { shape: Some(shape), managed: read, entries, codec: Default::default(), id: Some(info.id) });
+                state.maps.insert(
+                    r,
+                    MapState {
+                        shape: Some(shape),
+                        managed: read,
+                        entries,
+                        codec: Default::default(),
+                        id: Some(info.id),
+                    },
+                );
             }
         }
 
@@ -482,8 +510,8 @@ impl Kernel for RealKernel {
             for digest in list_dir(&self.root.join("programs").join(&name)) {
                 let path = self.prog_pin(&name, &digest);
                 let fd = self.open_pin(&path, "program")?;
-                let (info, map_ids) =
-                    sys::prog_info(fd.as_fd()).map_err(|e| KernelError::sys(format!("read info of program `{name}`"), e))?;
+                let (info, map_ids) = sys::prog_info(fd.as_fd())
+                    .map_err(|e| KernelError::sys(format!("read info of program `{name}`"), e))?;
                 let owner = map_ids.iter().find_map(|id| map_owner_by_id.get(id)).cloned();
                 let program = Program {
                     name: name.clone(),
@@ -507,7 +535,8 @@ impl Kernel for RealKernel {
             let Some((hook, mode)) = parse_link_pin(&pin_name) else { continue };
             let path = self.links_dir().join(&pin_name);
             let fd = self.open_pin(&path, "link")?;
-            let info = sys::link_info(fd.as_fd()).map_err(|e| KernelError::sys(format!("read info of link `{hook}`"), e))?;
+            let info =
+                sys::link_info(fd.as_fd()).map_err(|e| KernelError::sys(format!("read info of link `{hook}`"), e))?;
             // SAFETY: union members are read only for the matching link type.
             let link_if = unsafe {
                 match info.type_ {
@@ -532,7 +561,9 @@ impl Kernel for RealKernel {
             if let Some(i) = hook.interface() {
                 our_prog_ids_on_if.entry(i.to_string()).or_default().push(info.prog_id);
             }
-            state.attachments.insert(hook, Attachment { program, mode, takeover: false, link_id: Some(info.id), defunct });
+            state
+                .attachments
+                .insert(hook, Attachment { program, mode, takeover: false, link_id: Some(info.id), defunct });
         }
 
         // One current version per program; the rest are strays.
@@ -540,9 +571,7 @@ impl Kernel for RealKernel {
             let pick = linked_versions
                 .get(&name)
                 .and_then(|d| vs.iter().position(|v| &v.digest == d))
-                .unwrap_or_else(|| {
-                    (0..vs.len()).max_by_key(|i| vs[*i].program.id.unwrap_or(0)).unwrap_or(0)
-                });
+                .unwrap_or_else(|| (0..vs.len()).max_by_key(|i| vs[*i].program.id.unwrap_or(0)).unwrap_or(0));
             let current = vs.swap_remove(pick);
             for v in vs {
                 state.stray_programs.push((name.clone(), v.digest));
@@ -556,7 +585,8 @@ impl Kernel for RealKernel {
             let Some(idx) = sys::ifindex(iface) else { continue };
             state.interfaces.insert(iface.clone(), idx);
             let ours = our_prog_ids_on_if.get(iface).cloned().unwrap_or_default();
-            let xdp = netlink::xdp_state(idx).map_err(|e| KernelError::io(format!("query XDP state of `{iface}`"), e))?;
+            let xdp =
+                netlink::xdp_state(idx).map_err(|e| KernelError::io(format!("query XDP state of `{iface}`"), e))?;
             for (id, mode) in [(xdp.skb_prog, XdpMode::Skb), (xdp.drv_prog, XdpMode::Driver)] {
                 let Some(id) = id.filter(|id| !ours.contains(id)) else { continue };
                 let link_id = self.find_link(BPF_LINK_TYPE_XDP, idx, id);
@@ -564,7 +594,11 @@ impl Kernel for RealKernel {
                     hook: Hook::Xdp { interface: iface.clone() },
                     program_id: id,
                     program_name: Self::prog_name_by_id(id),
-                    detail: format!("{} mode, {}", mode.as_str(), link_id.map_or("netlink".into(), |l| format!("link {l}"))),
+                    detail: format!(
+                        "{} mode, {}",
+                        mode.as_str(),
+                        link_id.map_or("netlink".into(), |l| format!("link {l}"))
+                    ),
                     mode: Some(mode),
                     link_id,
                 });
@@ -582,7 +616,11 @@ impl Kernel for RealKernel {
                             hook: Hook::Tc { interface: iface.clone(), direction, position: 0 },
                             program_id: id,
                             program_name: Self::prog_name_by_id(id),
-                            detail: format!("tcx {}, {}", direction.as_str(), link_id.map_or("prog attach".into(), |l| format!("link {l}"))),
+                            detail: format!(
+                                "tcx {}, {}",
+                                direction.as_str(),
+                                link_id.map_or("prog attach".into(), |l| format!("link {l}"))
+                            ),
                             mode: None,
                             link_id,
                         });
@@ -617,7 +655,8 @@ impl Kernel for RealKernel {
                 self.set_aside(&p)?;
             }
         }
-        let info = object::inspect(&req.bytes).map_err(|e| KernelError::aya(format!("parse object of `{}`", req.name), e))?;
+        let info =
+            object::inspect(&req.bytes).map_err(|e| KernelError::aya(format!("parse object of `{}`", req.name), e))?;
         let map_dir = self.root.join("maps").join(&req.map_owner);
         fs::create_dir_all(&map_dir).map_err(|e| KernelError::io(format!("create `{}`", map_dir.display()), e))?;
         let mut loader = aya::EbpfLoader::new();
@@ -626,9 +665,9 @@ impl Kernel for RealKernel {
         }
         let what = format!("load program `{}` (`{}`)", req.name, req.function);
         let mut ebpf = loader.load(&req.bytes).map_err(|e| KernelError::aya(what.clone(), e))?;
-        let prog = ebpf
-            .program_mut(&req.function)
-            .ok_or_else(|| KernelError::NotFound { what: format!("no function `{}` in the object of `{}`", req.function, req.name) })?;
+        let prog = ebpf.program_mut(&req.function).ok_or_else(|| KernelError::NotFound {
+            what: format!("no function `{}` in the object of `{}`", req.function, req.name),
+        })?;
         let dir = pin.parent().expect("pin has a parent");
         fs::create_dir_all(dir).map_err(|e| KernelError::io(format!("create `{}`", dir.display()), e))?;
         fn verifier(e: ProgramError) -> ProgramError {
@@ -647,7 +686,9 @@ impl Kernel for RealKernel {
                 .load()
                 .map_err(|e| KernelError::aya(what.clone(), e))
                 .and_then(|_| p.pin(&pin).map_err(|e| KernelError::aya(format!("pin `{}`", pin.display()), e))),
-            (_, t) => Err(KernelError::NotFound { what: format!("`{}` is not a {} program", req.function, t.as_str()) }),
+            (_, t) => {
+                Err(KernelError::NotFound { what: format!("`{}` is not a {} program", req.function, t.as_str()) })
+            }
         };
         self.writes += 1;
         res
@@ -720,13 +761,17 @@ impl Kernel for RealKernel {
                 Ok(()) => return Ok(()),
                 Err((_, e)) if sys::batch_unsupported(&e) => {}
                 Err((done, e)) => {
-                    return Err(KernelError::sys(format!("write {} entries to map `{map}` (stopped after {done})", entries.len()), e));
+                    return Err(KernelError::sys(
+                        format!("write {} entries to map `{map}` (stopped after {done})", entries.len()),
+                        e,
+                    ));
                 }
             }
         }
         for (k, v) in entries {
             self.writes += 1;
-            sys::map_update(fd.as_fd(), k, v).map_err(|e| KernelError::sys(format!("write an entry of map `{map}`"), e))?;
+            sys::map_update(fd.as_fd(), k, v)
+                .map_err(|e| KernelError::sys(format!("write an entry of map `{map}`"), e))?;
         }
         Ok(())
     }
@@ -744,12 +789,15 @@ impl Kernel for RealKernel {
                 Ok(()) => return Ok(()),
                 // A missing key stops the batch: finish one by one (idempotent).
                 Err((_, e)) if sys::batch_unsupported(&e) || e.errno() == Some(libc::ENOENT) => {}
-                Err((_, e)) => return Err(KernelError::sys(format!("delete {} entries of map `{map}`", keys.len()), e)),
+                Err((_, e)) => {
+                    return Err(KernelError::sys(format!("delete {} entries of map `{map}`", keys.len()), e));
+                }
             }
         }
         for k in keys {
             self.writes += 1;
-            sys::map_delete(fd.as_fd(), k).map_err(|e| KernelError::sys(format!("delete an entry of map `{map}`"), e))?;
+            sys::map_delete(fd.as_fd(), k)
+                .map_err(|e| KernelError::sys(format!("delete an entry of map `{map}`"), e))?;
         }
         Ok(())
     }
@@ -801,7 +849,8 @@ impl Kernel for RealKernel {
 
     fn evict(&mut self, f: &ForeignProgram) -> Result<(), KernelError> {
         let iface = f.hook.interface().unwrap_or_default();
-        let idx = sys::ifindex(iface).ok_or_else(|| KernelError::NotFound { what: format!("interface `{iface}` is gone") })?;
+        let idx = sys::ifindex(iface)
+            .ok_or_else(|| KernelError::NotFound { what: format!("interface `{iface}` is gone") })?;
         let what = format!("remove foreign program `{}` (id {}) from `{}`", f.program_name, f.program_id, f.hook);
         if let Some(link_id) = f.link_id {
             let fd = sys::link_fd_by_id(link_id).map_err(|e| KernelError::sys(what.clone(), e))?;

@@ -53,7 +53,8 @@ pub type SysResult<T> = Result<T, SysError>;
 
 fn bpf<T>(cmd: u32, attr: &mut T, call: &'static str) -> SysResult<i64> {
     // SAFETY: `attr` is a live, initialised repr(C) struct of the size passed.
-    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd as libc::c_long, attr as *mut T, size_of::<T>() as libc::c_long) };
+    let ret =
+        unsafe { libc::syscall(libc::SYS_bpf, cmd as libc::c_long, attr as *mut T, size_of::<T>() as libc::c_long) };
     if ret < 0 { Err(SysError { call, source: io::Error::last_os_error() }) } else { Ok(ret) }
 }
 
@@ -90,7 +91,8 @@ pub fn obj_get(path: &Path) -> SysResult<OwnedFd> {
 
 pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> SysResult<()> {
     let c = c_path(path)?;
-    let mut a = ObjAttr { pathname: c.as_ptr() as u64, bpf_fd: fd.as_raw_fd() as u32, file_flags: 0, path_fd: 0, _pad: 0 };
+    let mut a =
+        ObjAttr { pathname: c.as_ptr() as u64, bpf_fd: fd.as_raw_fd() as u32, file_flags: 0, path_fd: 0, _pad: 0 };
     bpf(BPF_OBJ_PIN, &mut a, "BPF_OBJ_PIN").map(|_| ())
 }
 
@@ -104,7 +106,13 @@ struct ElemAttr {
 }
 
 pub fn map_lookup(fd: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> SysResult<bool> {
-    let mut a = ElemAttr { map_fd: fd.as_raw_fd() as u32, _pad: 0, key: key.as_ptr() as u64, value: value.as_mut_ptr() as u64, flags: 0 };
+    let mut a = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key: key.as_ptr() as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
     match bpf(BPF_MAP_LOOKUP_ELEM, &mut a, "BPF_MAP_LOOKUP_ELEM") {
         Ok(_) => Ok(true),
         Err(e) if e.errno() == Some(libc::ENOENT) => Ok(false),
@@ -113,7 +121,13 @@ pub fn map_lookup(fd: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> SysResult
 }
 
 pub fn map_update(fd: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> SysResult<()> {
-    let mut a = ElemAttr { map_fd: fd.as_raw_fd() as u32, _pad: 0, key: key.as_ptr() as u64, value: value.as_ptr() as u64, flags: BPF_ANY };
+    let mut a = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key: key.as_ptr() as u64,
+        value: value.as_ptr() as u64,
+        flags: BPF_ANY,
+    };
     bpf(BPF_MAP_UPDATE_ELEM, &mut a, "BPF_MAP_UPDATE_ELEM").map(|_| ())
 }
 
@@ -161,7 +175,12 @@ pub fn batch_unsupported(e: &SysError) -> bool {
 
 /// Reads the whole map with `BPF_MAP_LOOKUP_BATCH` (hash and array maps,
 /// Linux 5.6+). Keys and values are concatenated fixed-size records.
-pub fn map_lookup_all_batch(fd: BorrowedFd<'_>, key_size: usize, value_size: usize, max_entries: usize) -> SysResult<(Vec<u8>, Vec<u8>)> {
+pub fn map_lookup_all_batch(
+    fd: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+    max_entries: usize,
+) -> SysResult<(Vec<u8>, Vec<u8>)> {
     let chunk = max_entries.clamp(1, 8192);
     let mut keys = Vec::new();
     let mut values = Vec::new();

@@ -42,9 +42,8 @@ pub struct Btf {
 
 impl Btf {
     pub fn parse(data: &[u8]) -> Option<Btf> {
-        let u32_at = |off: usize| -> Option<u32> {
-            data.get(off..off + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-        };
+        let u32_at =
+            |off: usize| -> Option<u32> { data.get(off..off + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap())) };
         if data.len() < 24 || u16::from_le_bytes([data[0], data[1]]) != 0xeb9f {
             return None;
         }

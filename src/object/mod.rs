@@ -88,10 +88,7 @@ pub fn digest(bytes: &[u8]) -> String {
 pub fn inspect(bytes: &[u8]) -> Result<ObjectInfo, ObjectError> {
     let obj = Object::parse(bytes).map_err(|e| ObjectError::Parse { reason: e.to_string() })?;
     let elf = object::File::parse(bytes).map_err(|e| ObjectError::Parse { reason: e.to_string() })?;
-    let btf = elf
-        .section_by_name(".BTF")
-        .and_then(|s| s.data().ok())
-        .and_then(btf::Btf::parse);
+    let btf = elf.section_by_name(".BTF").and_then(|s| s.data().ok()).and_then(btf::Btf::parse);
 
     let functions = obj
         .programs

@@ -367,7 +367,8 @@ pub fn plan(desired: &State, observed: &State) -> Plan {
             });
             continue;
         }
-        let foreign: Vec<ForeignProgram> = observed.foreign.iter().filter(|f| same_hook(&f.hook, hook)).cloned().collect();
+        let foreign: Vec<ForeignProgram> =
+            observed.foreign.iter().filter(|f| same_hook(&f.hook, hook)).cloned().collect();
         let mut evict = Vec::new();
         for f in &foreign {
             if d.takeover {
@@ -392,7 +393,8 @@ pub fn plan(desired: &State, observed: &State) -> Plan {
                 let (action, reason) = if evict.is_empty() {
                     (Action::Create, "it is not attached".to_string())
                 } else {
-                    let names: Vec<_> = evict.iter().map(|f| format!("`{}` (id {})", f.program_name, f.program_id)).collect();
+                    let names: Vec<_> =
+                        evict.iter().map(|f| format!("`{}` (id {})", f.program_name, f.program_id)).collect();
                     (Action::Replace, format!("`takeover: true` replaces foreign program {}", names.join(", ")))
                 };
                 ph.attaches.push(Change {

@@ -87,14 +87,8 @@ pub fn render(plan: &Plan, opts: TextOptions) -> String {
 
     if !shown.is_empty() {
         let s = plan.summary();
-        let _ = writeln!(
-            out,
-            "\n{} {} to add, {} to change, {} to destroy.",
-            p.bold("Plan:"),
-            s.add,
-            s.change,
-            s.destroy
-        );
+        let _ =
+            writeln!(out, "\n{} {} to add, {} to change, {} to destroy.", p.bold("Plan:"), s.add, s.change, s.destroy);
     }
     out
 }

@@ -61,11 +61,8 @@ pub fn load(file: &Path, source: &str) -> Result<LoadedSpec, Diagnostics> {
             return Err(Diagnostics(vec![d]));
         }
     };
-    let mut diags: Vec<Diagnostic> = doc
-        .problems
-        .iter()
-        .map(|(ptr, pos, msg)| Diagnostic::new(file, source, *pos, ptr, msg.clone()))
-        .collect();
+    let mut diags: Vec<Diagnostic> =
+        doc.problems.iter().map(|(ptr, pos, msg)| Diagnostic::new(file, source, *pos, ptr, msg.clone())).collect();
     diags.extend(schema_diagnostics(file, source, &doc));
     if !diags.is_empty() {
         return Err(sorted(diags));
@@ -157,10 +154,9 @@ fn semantic_checks(l: &LoadedSpec) -> Vec<Diagnostic> {
             d.push(l.diag(&format!("/programs/{i}/name"), format!("duplicate program name `{}`", p.name)));
         }
         match (&p.builtin, &p.object) {
-            (Some(_), Some(_)) => d.push(l.diag(
-                &format!("/programs/{i}/object"),
-                "`builtin` and `object` are exclusive: give one",
-            )),
+            (Some(_), Some(_)) => {
+                d.push(l.diag(&format!("/programs/{i}/object"), "`builtin` and `object` are exclusive: give one"))
+            }
             (None, None) => d.push(l.diag(&format!("/programs/{i}"), "program needs `builtin` or `object`")),
             _ => {}
         }
@@ -177,10 +173,9 @@ fn semantic_checks(l: &LoadedSpec) -> Vec<Diagnostic> {
             match programs.get(owner.as_str()) {
                 None => d.push(l.diag(&ptr, format!("unknown program `{owner}`"))),
                 Some(o) if o.name == p.name => d.push(l.diag(&ptr, "a program cannot share maps with itself")),
-                Some(o) if o.share_maps.is_some() => d.push(l.diag(
-                    &ptr,
-                    format!("`{owner}` shares maps itself; name the program that owns them"),
-                )),
+                Some(o) if o.share_maps.is_some() => {
+                    d.push(l.diag(&ptr, format!("`{owner}` shares maps itself; name the program that owns them")))
+                }
                 Some(_) if !p.maps.is_empty() => d.push(l.diag(
                     &format!("/programs/{i}/maps"),
                     format!("maps are shared with `{owner}`: declare their entries there"),
@@ -248,10 +243,9 @@ fn semantic_checks(l: &LoadedSpec) -> Vec<Diagnostic> {
                             format!("neighbour `{ip}` is not in the address family of `{}`", r.prefix),
                         )),
                         Ok(_) => {}
-                        Err(_) => d.push(l.diag(
-                            &format!("{base}/neighbor"),
-                            format!("`{}` is not an IP address", hop.neighbor),
-                        )),
+                        Err(_) => d.push(
+                            l.diag(&format!("{base}/neighbor"), format!("`{}` is not an IP address", hop.neighbor)),
+                        ),
                     }
                     if let Some(mac) = &hop.mac
                         && parse_mac(mac).is_none()
@@ -269,7 +263,11 @@ fn semantic_checks(l: &LoadedSpec) -> Vec<Diagnostic> {
         if !policies.insert(p.name.as_str()) {
             d.push(l.diag(&format!("/policies/{i}/name"), format!("duplicate policy name `{}`", p.name)));
         }
-        let sections = [("ingress", p.ingress.as_deref().unwrap_or(&[])), ("egress", p.egress.as_deref().unwrap_or(&[])), ("deny", &p.deny[..])];
+        let sections = [
+            ("ingress", p.ingress.as_deref().unwrap_or(&[])),
+            ("egress", p.egress.as_deref().unwrap_or(&[])),
+            ("deny", &p.deny[..]),
+        ];
         for (section, rules) in sections {
             for (j, rule) in rules.iter().enumerate() {
                 let base = format!("/policies/{i}/{section}/{j}");
@@ -357,7 +355,9 @@ fn check_rule(l: &LoadedSpec, d: &mut Vec<Diagnostic>, base: &str, section: &str
             ));
         }
         if matches!(port.protocol, Protocol::Icmp | Protocol::Icmpv6) {
-            d.push(l.diag(&format!("{base}/ports/{k}/protocol"), "icmp has no ports: use `protocol: icmp` on the rule"));
+            d.push(
+                l.diag(&format!("{base}/ports/{k}/protocol"), "icmp has no ports: use `protocol: icmp` on the rule"),
+            );
         }
     }
     if rule.protocol.is_some() && !rule.ports.is_empty() {

@@ -77,10 +77,9 @@ pub struct SyntaxError {
 pub fn parse(text: &str) -> Result<MarkedDocument, SyntaxError> {
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(text);
-    parser.load(&mut builder, false).map_err(|e| SyntaxError {
-        position: Position::from_marker(*e.marker()),
-        message: e.info().to_string(),
-    })?;
+    parser
+        .load(&mut builder, false)
+        .map_err(|e| SyntaxError { position: Position::from_marker(*e.marker()), message: e.info().to_string() })?;
     if let Some(e) = builder.error {
         return Err(e);
     }
@@ -111,9 +110,7 @@ impl Builder {
         match self.stack.last() {
             None => Some(String::new()),
             Some(Frame::Seq { pointer, items, .. }) => Some(format!("{pointer}/{}", items.len())),
-            Some(Frame::Map { pointer, pending_key: Some((k, _)), .. }) => {
-                Some(format!("{pointer}/{}", escape(k)))
-            }
+            Some(Frame::Map { pointer, pending_key: Some((k, _)), .. }) => Some(format!("{pointer}/{}", escape(k))),
             Some(Frame::Map { .. }) => None, // the next node is a key
         }
     }
@@ -182,7 +179,8 @@ impl MarkedEventReceiver for Builder {
             }
             Event::Alias(id) if expecting_key => {
                 let _ = id;
-                self.error = Some(SyntaxError { position: pos, message: "aliases are not allowed as mapping keys".into() });
+                self.error =
+                    Some(SyntaxError { position: pos, message: "aliases are not allowed as mapping keys".into() });
             }
             Event::Scalar(text, style, anchor, tag) => {
                 let ptr = self.child_pointer().unwrap_or_default();
@@ -203,9 +201,7 @@ impl MarkedEventReceiver for Builder {
                 self.doc.values.insert(ptr, pos);
                 match self.anchors.get(&id).cloned() {
                     Some(v) => self.push_value(v),
-                    None => {
-                        self.error = Some(SyntaxError { position: pos, message: "unknown alias".into() })
-                    }
+                    None => self.error = Some(SyntaxError { position: pos, message: "unknown alias".into() }),
                 }
             }
             Event::SequenceStart(anchor, _) => {
@@ -262,10 +258,8 @@ fn resolve_plain(text: &str) -> Value {
     }
     let looks_float = digits.bytes().next().is_some_and(|b| b.is_ascii_digit() || b == b'.')
         && digits.bytes().all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'-' | b'+'));
-    if looks_float {
-        if let Some(n) = text.parse::<f64>().ok().and_then(Number::from_f64) {
-            return Value::Number(n);
-        }
+    if looks_float && let Some(n) = text.parse::<f64>().ok().and_then(Number::from_f64) {
+        return Value::Number(n);
     }
     Value::String(text.to_string())
 }
