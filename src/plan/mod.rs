@@ -266,14 +266,14 @@ pub fn plan(desired: &State, observed: &State) -> Plan {
         } else if o.share_maps != d.share_maps {
             Some("it changes whose maps it uses (`share-maps`)".to_string())
         } else if o.digest != d.digest {
-            Some(format!("its bytecode changed (digest {} → {})", short(&o.digest), short(&d.digest)))
+            Some(format!("its bytecode changed: digest {} → {}", short(&o.digest), short(&d.digest)))
         } else if !changed_maps.is_empty() {
-            Some(format!("the shape of map `{}` changed", changed_maps.join("`, `")))
+            Some(format!("map `{}` changed shape and is recreated", changed_maps.join("`, `")))
         } else {
             None
         };
         if let Some(reason) = reason {
-            let reason = if changed_maps.is_empty() || reason.starts_with("the shape") {
+            let reason = if changed_maps.is_empty() || reason.starts_with("map `") {
                 reason
             } else {
                 format!("{reason}; map `{}` changes shape and is recreated", changed_maps.join("`, `"))
@@ -284,7 +284,17 @@ pub fn plan(desired: &State, observed: &State) -> Plan {
                 action: Action::Replace,
                 reason,
                 before: Some(program_value(o)),
-                after: Some(program_value(d)),
+                after: Some({
+                    // The kernel does not know where bytecode came from: do
+                    // not show that as a change.
+                    let mut v = program_value(d);
+                    if o.source.is_empty()
+                        && let Some(m) = v.as_object_mut()
+                    {
+                        m.remove("source");
+                    }
+                    v
+                }),
                 part_of: None,
                 op: Op::LoadProgram { program: name.clone(), fresh_maps: changed_maps.clone() },
             });
@@ -397,12 +407,17 @@ pub fn plan(desired: &State, observed: &State) -> Plan {
                         evict.iter().map(|f| format!("`{}` (id {})", f.program_name, f.program_id)).collect();
                     (Action::Replace, format!("`takeover: true` replaces foreign program {}", names.join(", ")))
                 };
+                let before = (!evict.is_empty()).then(|| {
+                    let names: Vec<_> =
+                        evict.iter().map(|f| format!("{} (foreign, id {})", f.program_name, f.program_id)).collect();
+                    json!({ "program": names.join(", ") })
+                });
                 ph.attaches.push(Change {
                     address,
                     kind: Kind::Attachment,
                     action,
                     reason,
-                    before: None,
+                    before,
                     after: Some(attachment_value(d)),
                     part_of: None,
                     op: Op::Attach { hook: hook.clone(), program: d.program.clone(), mode: d.mode, evict },
@@ -413,7 +428,7 @@ pub fn plan(desired: &State, observed: &State) -> Plan {
                     address,
                     kind: Kind::Attachment,
                     action: Action::Replace,
-                    reason: "its link is defunct (the interface was re-created)".into(),
+                    reason: "its link is defunct: the interface was re-created".into(),
                     before: Some(attachment_value(o)),
                     after: Some(attachment_value(d)),
                     part_of: None,

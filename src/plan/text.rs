@@ -103,8 +103,15 @@ fn render_change(out: &mut String, p: &Paint, c: &Change) {
     let _ = writeln!(out, "  {} {} {}", p.bold("#"), p.bold(&c.address), c.action.verb());
     let _ = writeln!(out, "  {} {}", p.action(c.action, &format!("{:>3}", c.action.symbol())), headline(c));
     let _ = writeln!(out, "        (because {})", c.reason);
-    let before = c.before.as_ref().map(|v| field_lines(v, c.kind)).unwrap_or_default();
-    let after = c.after.as_ref().map(|v| field_lines(v, c.kind)).unwrap_or_default();
+    let width = [&c.before, &c.after]
+        .iter()
+        .filter_map(|v| v.as_ref()?.as_object())
+        .flat_map(|m| m.keys())
+        .map(|k| k.len())
+        .max()
+        .unwrap_or(0);
+    let before = c.before.as_ref().map(|v| field_lines(v, c.kind, width)).unwrap_or_default();
+    let after = c.after.as_ref().map(|v| field_lines(v, c.kind, width)).unwrap_or_default();
     match c.action {
         Action::Create => {
             for l in after.lines() {
@@ -147,7 +154,7 @@ fn headline(c: &Change) -> String {
 
 /// One `key = value` line per field; map entries show their key once in the
 /// headline, so only the value is diffed.
-fn field_lines(v: &Value, kind: Kind) -> String {
+fn field_lines(v: &Value, kind: Kind, width: usize) -> String {
     let mut s = String::new();
     match (kind, v) {
         (Kind::MapEntry, Value::Object(m)) => {
@@ -165,7 +172,6 @@ fn field_lines(v: &Value, kind: Kind) -> String {
             }
         }
         (_, Value::Object(m)) => {
-            let width = m.keys().map(|k| k.len()).max().unwrap_or(0);
             for (k, fv) in m {
                 let _ = writeln!(s, "{k:<width$} = {}", codec::display(fv));
             }

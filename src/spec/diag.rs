@@ -101,3 +101,23 @@ mod tests {
         assert!(text.ends_with(" 2 | bb: x\n   |     ^"), "{text}");
     }
 }
+
+impl Diagnostics {
+    /// `{ "errors": [ { file, line, column, path, message } ] }`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let errors: Vec<serde_json::Value> = self
+            .0
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "file": d.file.display().to_string(),
+                    "line": d.position.line,
+                    "column": d.position.col,
+                    "path": d.path,
+                    "message": d.message,
+                })
+            })
+            .collect();
+        serde_json::json!({ "valid": false, "errors": errors })
+    }
+}
