@@ -17,7 +17,7 @@ pub use diag::{Diagnostic, Diagnostics, pointer_to_path};
 pub use types::*;
 use yaml::{MarkedDocument, Position};
 
-use crate::net::{Cidr, parse_mac};
+use crate::net::Cidr;
 
 /// The JSON Schema, the spec's contract (`bpfsync schema` prints it).
 pub const SCHEMA: &str = include_str!("../../schema/bpfsync.schema.json");
@@ -64,19 +64,19 @@ pub fn load(file: &Path, source: &str) -> Result<LoadedSpec, Diagnostics> {
     let mut diags: Vec<Diagnostic> =
         doc.problems.iter().map(|(ptr, pos, msg)| Diagnostic::new(file, source, *pos, ptr, msg.clone())).collect();
     diags.extend(schema_diagnostics(file, source, &doc));
-    if !diags.is_empty() {
-        return Err(sorted(diags));
-    }
     let spec: NodeSpec = match serde_json::from_value(doc.value.clone()) {
         Ok(spec) => spec,
+        Err(_) if !diags.is_empty() => return Err(sorted(diags)),
         Err(e) => {
             // The schema should have caught this; report it rather than panic.
             let d = Diagnostic::new(file, source, Position { line: 1, col: 1 }, "", format!("invalid spec: {e}"));
             return Err(Diagnostics(vec![d]));
         }
     };
+    // The shapes deserialise: check meaning too, so every problem is
+    // reported in one go, not only the schema's.
     let loaded = LoadedSpec { spec, file: file.to_path_buf(), source: source.to_string(), doc };
-    let diags = semantic_checks(&loaded);
+    diags.extend(semantic_checks(&loaded));
     if diags.is_empty() { Ok(loaded) } else { Err(sorted(diags)) }
 }
 
@@ -114,6 +114,15 @@ fn schema_diagnostics(file: &Path, source: &str, doc: &MarkedDocument) -> Vec<Di
                 let msg = format!("expected {expected}, found {}", describe(&err.instance));
                 out.push(Diagnostic::new(file, source, doc.position(&pointer), &pointer, msg));
             }
+            Kind::Constant { expected_value } => {
+                let msg = format!("expected `{}`, found {}", expected_value.as_str().unwrap_or_default(), describe(&err.instance));
+                out.push(Diagnostic::new(file, source, doc.position(&pointer), &pointer, msg));
+            }
+            Kind::Pattern { .. } => {
+                let what = schema_description(err.schema_path.as_str()).unwrap_or_else(|| "the expected format".into());
+                let msg = format!("{} is not {what}", describe(&err.instance));
+                out.push(Diagnostic::new(file, source, doc.position(&pointer), &pointer, msg));
+            }
             _ => {
                 let msg = lowercase_first(&err.to_string());
                 out.push(Diagnostic::new(file, source, doc.position(&pointer), &pointer, msg));
@@ -121,6 +130,30 @@ fn schema_diagnostics(file: &Path, source: &str, doc: &MarkedDocument) -> Vec<Di
         }
     }
     out
+}
+
+/// The `description` of the schema node holding the keyword at
+/// `schema_path` (following one `$ref`), for friendlier messages.
+fn schema_description(schema_path: &str) -> Option<String> {
+    let schema: serde_json::Value = serde_json::from_str(SCHEMA).ok()?;
+    let parent = schema_path.rsplit_once('/')?.0;
+    // The path runs through `$ref`s: follow them segment by segment.
+    let mut node = &schema;
+    for seg in parent.split('/').skip(1) {
+        node = if seg == "$ref" {
+            schema.pointer(node.get("$ref")?.as_str()?.strip_prefix('#')?)?
+        } else {
+            match node {
+                serde_json::Value::Array(a) => a.get(seg.parse::<usize>().ok()?)?,
+                _ => node.get(seg)?,
+            }
+        };
+    }
+    if let Some(d) = node.get("description").and_then(|d| d.as_str()) {
+        return Some(d.to_string());
+    }
+    let target = node.get("$ref")?.as_str()?.strip_prefix('#')?;
+    schema.pointer(target)?.get("description")?.as_str().map(str::to_string)
 }
 
 fn describe(v: &serde_json::Value) -> String {
@@ -247,11 +280,7 @@ fn semantic_checks(l: &LoadedSpec) -> Vec<Diagnostic> {
                             l.diag(&format!("{base}/neighbor"), format!("`{}` is not an IP address", hop.neighbor)),
                         ),
                     }
-                    if let Some(mac) = &hop.mac
-                        && parse_mac(mac).is_none()
-                    {
-                        d.push(l.diag(&format!("{base}/mac"), format!("`{mac}` is not a MAC address")));
-                    }
+                    // MACs are checked by the schema's pattern.
                 }
             }
             Err(e) => d.push(l.diag(&ptr, e)),

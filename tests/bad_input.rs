@@ -1,0 +1,68 @@
+//! Broken specs: each `tests/bad-specs/<case>.yaml` has its exact expected
+//! diagnostics in `<case>.expected` (regenerate with `UPDATE_GOLDEN=1`), and
+//! none of them may change the kernel.
+
+mod common;
+
+use std::fs;
+use std::path::PathBuf;
+
+use bpfsync::compile::{ObjectLoader, compile};
+use bpfsync::spec;
+use common::Env;
+
+fn cases() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir("tests/bad-specs")
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn diagnostics(path: &PathBuf) -> String {
+    let source = fs::read_to_string(path).unwrap();
+    match spec::load(path, &source).and_then(|l| compile(&l, &mut ObjectLoader::default())) {
+        Ok(_) => panic!("{} should be rejected", path.display()),
+        Err(d) => format!("{d}\n"),
+    }
+}
+
+#[test]
+fn every_broken_spec_is_rejected_with_its_expected_message() {
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    let mut failures = Vec::new();
+    assert!(cases().len() >= 8);
+    for case in cases() {
+        let actual = diagnostics(&case);
+        let expected_path = case.with_extension("expected");
+        if update {
+            fs::write(&expected_path, &actual).unwrap();
+            continue;
+        }
+        let expected = fs::read_to_string(&expected_path).unwrap_or_default();
+        if expected != actual {
+            failures.push(format!("{}:\n--- expected\n{expected}\n--- actual\n{actual}", case.display()));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn broken_specs_change_nothing_in_the_kernel() {
+    let env = Env::new();
+    let before = env.pins();
+    for case in cases() {
+        let path = case.display().to_string();
+        for args in [vec!["apply", &path, "--auto-approve"], vec!["plan", &path], vec!["validate", &path]] {
+            let out = env.run(&args);
+            assert_eq!(out.status.code(), Some(1), "{args:?} should exit 1");
+            let err = common::stderr(&out);
+            assert!(err.contains(&path), "{args:?}: diagnostics should name the file:\n{err}");
+            assert!(err.contains("nothing was changed"), "{err}");
+        }
+        assert_eq!(env.pins(), before, "{path} changed the bpffs");
+    }
+    assert!(!env.state.path().join("last-applied").exists());
+}
