@@ -32,7 +32,8 @@ fn sources_match_the_digests_the_objects_were_built_from() {
         .filter(|p| p.ends_with(".bpf.c") || p.ends_with(".h"))
         .collect();
     sources.sort();
-    let locked: Vec<String> = sums.iter().map(|(p, _)| p.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let locked: Vec<String> =
+        sums.iter().map(|(p, _)| p.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
     assert_eq!(sources, locked, "sources and bpf/objects.lock disagree: run bpf/build.sh");
     for (path, sum) in sums {
         let actual: String = Sha256::digest(fs::read(&path).unwrap()).iter().map(|b| format!("{b:02x}")).collect();
@@ -62,7 +63,11 @@ fn rebuilding_gives_the_committed_objects_where_clang_exists() {
             let p = e.unwrap().path();
             if p.extension().is_some_and(|x| x == "o") {
                 let fresh = fs::read(dir.join(p.file_name().unwrap())).unwrap();
-                assert!(fresh == fs::read(&p).unwrap(), "{} is stale: run bpf/build.sh and commit the result", p.display());
+                assert!(
+                    fresh == fs::read(&p).unwrap(),
+                    "{} is stale: run bpf/build.sh and commit the result",
+                    p.display()
+                );
                 compared += 1;
             }
         }

@@ -31,7 +31,8 @@ fn every_example_and_golden_spec_validates_against_the_schema() {
     for f in files {
         let text = fs::read_to_string(&f).unwrap();
         let doc = spec::yaml::parse(&text).unwrap();
-        let errors: Vec<String> = validator.iter_errors(&doc.value).map(|e| format!("{} at {}", e, e.instance_path)).collect();
+        let errors: Vec<String> =
+            validator.iter_errors(&doc.value).map(|e| format!("{} at {}", e, e.instance_path)).collect();
         assert!(errors.is_empty(), "{}: {errors:?}", f.display());
         // …and the serde types take it too.
         let _: NodeSpec = serde_json::from_value(doc.value).unwrap_or_else(|e| panic!("{}: {e}", f.display()));

@@ -115,7 +115,11 @@ fn schema_diagnostics(file: &Path, source: &str, doc: &MarkedDocument) -> Vec<Di
                 out.push(Diagnostic::new(file, source, doc.position(&pointer), &pointer, msg));
             }
             Kind::Constant { expected_value } => {
-                let msg = format!("expected `{}`, found {}", expected_value.as_str().unwrap_or_default(), describe(&err.instance));
+                let msg = format!(
+                    "expected `{}`, found {}",
+                    expected_value.as_str().unwrap_or_default(),
+                    describe(&err.instance)
+                );
                 out.push(Diagnostic::new(file, source, doc.position(&pointer), &pointer, msg));
             }
             Kind::Pattern { .. } => {

@@ -16,7 +16,10 @@ pub struct Env {
 
 impl Env {
     pub fn new() -> Env {
-        Env { bpffs: TempBpffs::create().expect("mount a test bpffs"), state: TempDir::create("bpfsync-state").unwrap() }
+        Env {
+            bpffs: TempBpffs::create().expect("mount a test bpffs"),
+            state: TempDir::create("bpfsync-state").unwrap(),
+        }
     }
 
     /// Runs the `bpfsync` binary with this environment's root and state.

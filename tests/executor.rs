@@ -1,0 +1,370 @@
+//! The executor against the in-memory kernel: idempotence, minimality,
+//! rollback after a failure at every step, crash recovery from the journal,
+//! verification. (Each behaviour the model stands in for also has a
+//! real-kernel test in `tests/kernel_apply.rs`.)
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use bpfsync::apply::journal::MemJournal;
+use bpfsync::apply::{self, ApplyError, Retry, scope_for};
+use bpfsync::compile::{Desired, ObjectLoader, compile};
+use bpfsync::kernel::memory::MemoryKernel;
+use bpfsync::kernel::{Kernel, KernelError, LoadRequest, Scope};
+use bpfsync::model::{ForeignProgram, Hook, MapRef, State};
+use bpfsync::plan;
+use bpfsync::spec::{self, XdpMode};
+
+const HEAD: &str = "apiVersion: bpfsync/v1\nkind: NodeSpec\n";
+
+fn desired(body: &str) -> Desired {
+    let text = format!("{HEAD}{body}");
+    let path = std::path::Path::new("tests/inline.yaml");
+    let loaded = spec::load(path, &text).unwrap_or_else(|d| panic!("{d}"));
+    compile(&loaded, &mut ObjectLoader::default()).unwrap_or_else(|d| panic!("{d}"))
+}
+
+const SPEC_A: &str = r#"
+programs:
+  - name: counter
+    builtin: counter
+    type: xdp
+    maps:
+      - name: counter_config
+        entries: [{ key: 0, value: 1 }, { key: 1, value: 1 }]
+  - name: classify
+    builtin: classifier
+    type: tc
+    maps:
+      - name: class_ports
+        entries:
+          - { key: { protocol: 6, port: 80 }, value: { mark: 1 } }
+          - { key: { protocol: 6, port: 443 }, value: { mark: 2 } }
+  - name: syscall_enter
+    builtin: syscall_enter
+    type: tracepoint
+interfaces:
+  - name: veth0
+    xdp: { program: counter, mode: skb }
+    tc: { ingress: [classify] }
+tracepoints:
+  - { event: raw_syscalls/sys_enter, program: syscall_enter }
+"#;
+
+/// Differs from A in every way a plan can: replaced bytecode, entries
+/// added/changed/removed, a mode change, a new hook, a removed hook and
+/// program, a takeover.
+const SPEC_B: &str = r#"
+programs:
+  - name: counter
+    object: ../tests/fixtures/counter_v2.bpf.o
+    function: xdp_counter
+    type: xdp
+    maps:
+      - name: counter_config
+        entries: [{ key: 0, value: 7 }]
+  - name: classify
+    builtin: classifier
+    type: tc
+    maps:
+      - name: class_ports
+        entries:
+          - { key: { protocol: 6, port: 80 }, value: { mark: 9 } }
+          - { key: { protocol: 17, port: 53 }, value: { mark: 3 } }
+interfaces:
+  - name: veth0
+    xdp: { program: counter, mode: driver }
+    tc: { ingress: [classify], egress: [classify] }
+  - name: veth1
+    xdp: { program: counter, mode: skb, takeover: true }
+"#;
+
+fn kernel() -> MemoryKernel {
+    let mut k = MemoryKernel::with_interfaces(&["veth0", "veth1"]);
+    k.events = vec!["raw_syscalls/sys_enter".into()];
+    k.foreign.push(ForeignProgram {
+        hook: Hook::Xdp { interface: "veth1".into() },
+        program_id: 7,
+        program_name: "xdp_pass".into(),
+        detail: "skb mode, netlink".into(),
+        mode: Some(XdpMode::Skb),
+        link_id: None,
+    });
+    k
+}
+
+fn converge(k: &mut dyn Kernel, d: &Desired) -> apply::ApplyReport {
+    let observed = k.observe(&scope_for(&d.state)).unwrap();
+    let p = plan::plan(&d.state, &observed);
+    apply::apply(k, &p, d, &observed, &mut MemJournal::default(), Retry::none()).unwrap()
+}
+
+/// A snapshot without link ids (a rolled-back detach re-creates its link).
+fn normal(k: &mut MemoryKernel) -> State {
+    let mut s = k.snapshot();
+    for a in s.attachments.values_mut() {
+        a.link_id = None;
+    }
+    s
+}
+
+#[test]
+fn applying_the_same_spec_twice_writes_nothing_the_second_time() {
+    let mut k = kernel();
+    let a = desired(SPEC_A);
+    let first = converge(&mut k, &a);
+    assert!(first.kernel_writes > 0);
+    let before = k.snapshot();
+    let writes = k.writes();
+    let observed = k.observe(&scope_for(&a.state)).unwrap();
+    assert!(plan::plan(&a.state, &observed).is_empty());
+    let second = converge(&mut k, &a);
+    assert_eq!(second.kernel_writes, 0);
+    assert_eq!(k.writes(), writes);
+    assert_eq!(k.snapshot(), before, "program and link ids are unchanged");
+}
+
+#[test]
+fn every_failing_step_rolls_the_node_back_to_where_it_started() {
+    let mut base = kernel();
+    converge(&mut base, &desired(SPEC_A));
+    let start = normal(&mut base);
+    let b = desired(SPEC_B);
+    let mut failed_at = 0;
+    loop {
+        let mut k = base.clone();
+        k.fail_call = Some(k.calls() + failed_at);
+        let observed = k.observe(&scope_for(&b.state)).unwrap();
+        let p = plan::plan(&b.state, &observed);
+        match apply::apply(&mut k, &p, &b, &observed, &mut MemJournal::default(), Retry::none()) {
+            Err(ApplyError::RolledBack { .. }) => {
+                assert_eq!(normal(&mut k), start, "failure at call {failed_at} did not roll back cleanly");
+            }
+            Err(e) => panic!("failure at call {failed_at}: unexpected {e}"),
+            Ok(_) => break,
+        }
+        failed_at += 1;
+    }
+    assert!(failed_at >= 10, "the sweep should cover every step, covered {failed_at}");
+}
+
+#[test]
+fn a_retryable_failure_is_retried() {
+    let mut k = kernel();
+    let a = desired(SPEC_A);
+    k.fail_call = Some(3);
+    let observed = k.observe(&scope_for(&a.state)).unwrap();
+    let p = plan::plan(&a.state, &observed);
+    let retry = Retry { attempts: 3, first_delay: std::time::Duration::from_millis(1), ..Default::default() };
+    apply::apply(&mut k, &p, &a, &observed, &mut MemJournal::default(), retry).expect("the retry succeeds");
+}
+
+#[test]
+fn a_failed_rollback_is_reported_beside_the_original_error() {
+    let mut k = kernel();
+    let a = desired(SPEC_A);
+    // Loading works, the first attach fails, and so does undoing loads.
+    k.fail_op = Some("attach".into());
+    let observed = k.observe(&scope_for(&a.state)).unwrap();
+    let p = plan::plan(&a.state, &observed);
+    let err = {
+        let mut j = MemJournal::default();
+        // Wrap: discards fail too.
+        let mut w = FailDiscard(&mut k);
+        apply::apply(&mut w, &p, &a, &observed, &mut j, Retry::none()).unwrap_err()
+    };
+    match &err {
+        ApplyError::RollbackFailed { cause, rollback, .. } => {
+            assert!(cause.to_string().contains("attach"), "{cause}");
+            assert!(rollback.iter().any(|r| r.contains("discard")), "{rollback:?}");
+        }
+        other => panic!("expected RollbackFailed, got {other}"),
+    }
+    let text = err.to_string();
+    assert!(text.contains("injected failure in `attach`") && text.contains("discard"), "{text}");
+}
+
+/// A kernel whose `discard_program` always fails.
+struct FailDiscard<'a>(&'a mut MemoryKernel);
+
+impl Kernel for FailDiscard<'_> {
+    fn observe(&mut self, s: &Scope) -> Result<State, KernelError> {
+        self.0.observe(s)
+    }
+    fn load_program(&mut self, r: &LoadRequest) -> Result<(), KernelError> {
+        self.0.load_program(r)
+    }
+    fn unload_program(&mut self, n: &str, d: &str) -> Result<(), KernelError> {
+        self.0.unload_program(n, d)
+    }
+    fn restore_program(&mut self, n: &str, d: &str) -> Result<(), KernelError> {
+        self.0.restore_program(n, d)
+    }
+    fn discard_program(&mut self, _: &str, _: &str) -> Result<(), KernelError> {
+        Err(KernelError::Injected { op: "discard_program".into() })
+    }
+    fn write_entries(&mut self, m: &MapRef, e: &[(Vec<u8>, Vec<u8>)]) -> Result<(), KernelError> {
+        self.0.write_entries(m, e)
+    }
+    fn delete_entries(&mut self, m: &MapRef, k: &[Vec<u8>]) -> Result<(), KernelError> {
+        self.0.delete_entries(m, k)
+    }
+    fn attach(&mut self, h: &Hook, p: &str, d: &str, m: Option<XdpMode>) -> Result<(), KernelError> {
+        self.0.attach(h, p, d, m)
+    }
+    fn update_link(&mut self, h: &Hook, p: &str, d: &str) -> Result<(), KernelError> {
+        self.0.update_link(h, p, d)
+    }
+    fn detach(&mut self, h: &Hook) -> Result<(), KernelError> {
+        self.0.detach(h)
+    }
+    fn evict(&mut self, f: &ForeignProgram) -> Result<(), KernelError> {
+        self.0.evict(f)
+    }
+    fn unevict(&mut self, f: &ForeignProgram) -> Result<(), KernelError> {
+        self.0.unevict(f)
+    }
+    fn commit(&mut self) -> Result<(), KernelError> {
+        self.0.commit()
+    }
+    fn writes(&self) -> u64 {
+        self.0.writes()
+    }
+}
+
+/// A kernel that "dies" (panics, like a `kill -9`) at a given call, and
+/// one that silently ignores a write (for verification).
+struct Crashing {
+    inner: MemoryKernel,
+    crash_at: u64,
+    drop_writes: bool,
+}
+
+impl Crashing {
+    fn tick(&mut self) {
+        if self.inner.calls() >= self.crash_at {
+            panic!("simulated crash");
+        }
+    }
+}
+
+impl Kernel for Crashing {
+    fn observe(&mut self, s: &Scope) -> Result<State, KernelError> {
+        self.inner.observe(s)
+    }
+    fn load_program(&mut self, r: &LoadRequest) -> Result<(), KernelError> {
+        self.tick();
+        self.inner.load_program(r)
+    }
+    fn unload_program(&mut self, n: &str, d: &str) -> Result<(), KernelError> {
+        self.tick();
+        self.inner.unload_program(n, d)
+    }
+    fn restore_program(&mut self, n: &str, d: &str) -> Result<(), KernelError> {
+        self.inner.restore_program(n, d)
+    }
+    fn discard_program(&mut self, n: &str, d: &str) -> Result<(), KernelError> {
+        self.inner.discard_program(n, d)
+    }
+    fn write_entries(&mut self, m: &MapRef, e: &[(Vec<u8>, Vec<u8>)]) -> Result<(), KernelError> {
+        self.tick();
+        if self.drop_writes && e.len() == 1 {
+            return Ok(()); // claims success, writes nothing
+        }
+        self.inner.write_entries(m, e)
+    }
+    fn delete_entries(&mut self, m: &MapRef, k: &[Vec<u8>]) -> Result<(), KernelError> {
+        self.tick();
+        self.inner.delete_entries(m, k)
+    }
+    fn attach(&mut self, h: &Hook, p: &str, d: &str, m: Option<XdpMode>) -> Result<(), KernelError> {
+        self.tick();
+        self.inner.attach(h, p, d, m)
+    }
+    fn update_link(&mut self, h: &Hook, p: &str, d: &str) -> Result<(), KernelError> {
+        self.tick();
+        self.inner.update_link(h, p, d)
+    }
+    fn detach(&mut self, h: &Hook) -> Result<(), KernelError> {
+        self.tick();
+        self.inner.detach(h)
+    }
+    fn evict(&mut self, f: &ForeignProgram) -> Result<(), KernelError> {
+        self.tick();
+        self.inner.evict(f)
+    }
+    fn unevict(&mut self, f: &ForeignProgram) -> Result<(), KernelError> {
+        self.inner.unevict(f)
+    }
+    fn commit(&mut self) -> Result<(), KernelError> {
+        self.inner.commit()
+    }
+    fn writes(&self) -> u64 {
+        self.inner.writes()
+    }
+}
+
+#[test]
+fn a_crash_at_any_step_is_rolled_back_from_the_journal_and_then_converges() {
+    let mut base = kernel();
+    converge(&mut base, &desired(SPEC_A));
+    let start = normal(&mut base);
+    let b = desired(SPEC_B);
+    for crash_after in 1..30 {
+        let mut c = Crashing { inner: base.clone(), crash_at: base.calls() + crash_after, drop_writes: false };
+        let observed = c.observe(&scope_for(&b.state)).unwrap();
+        let p = plan::plan(&b.state, &observed);
+        let mut journal = MemJournal::default();
+        let outcome =
+            catch_unwind(AssertUnwindSafe(|| apply::apply(&mut c, &p, &b, &observed, &mut journal, Retry::none())));
+        if let Ok(result) = outcome {
+            result.expect("without a crash the apply succeeds");
+            assert!(crash_after > 5, "the crash sweep ended too early");
+            return;
+        }
+        // The next run finds the journal and rolls back…
+        let mut k = c.inner;
+        let undone = apply::recover(&mut k, &mut journal, Retry::none()).unwrap();
+        assert!(undone > 0);
+        assert_eq!(normal(&mut k), start, "crash after {crash_after} calls was not rolled back");
+        // …then converges.
+        converge(&mut k, &b);
+        let observed = k.observe(&scope_for(&b.state)).unwrap();
+        assert!(plan::plan(&b.state, &observed).is_empty());
+    }
+    panic!("the apply never completed within the sweep");
+}
+
+#[test]
+fn a_kernel_that_does_not_take_a_write_fails_verification_and_rolls_back() {
+    let mut base = kernel();
+    let a = desired(SPEC_A);
+    converge(&mut base, &a);
+    let start = normal(&mut base);
+    let changed = desired(&SPEC_A.replace("{ key: 1, value: 1 }", "{ key: 1, value: 2 }"));
+    let mut c = Crashing { inner: base, crash_at: u64::MAX, drop_writes: true };
+    let observed = c.observe(&scope_for(&changed.state)).unwrap();
+    let p = plan::plan(&changed.state, &observed);
+    assert_eq!(p.changes.len(), 1);
+    let err = apply::apply(&mut c, &p, &changed, &observed, &mut MemJournal::default(), Retry::none()).unwrap_err();
+    assert!(matches!(err, ApplyError::Verify { count: 1, .. }), "{err}");
+    assert_eq!(normal(&mut c.inner), start);
+}
+
+#[test]
+fn one_changed_entry_of_ten_thousand_is_one_step_and_one_write() {
+    let entries: String = (0..10_000).map(|i| format!("          - {{ key: {i}, value: {i} }}\n")).collect();
+    let spec = |entries: &str| {
+        format!(
+            "programs:\n  - name: big\n    object: ../tests/fixtures/bigmap.bpf.o\n    type: xdp\n    maps:\n      - name: table\n        entries:\n{entries}"
+        )
+    };
+    let a = desired(&spec(&entries));
+    let mut k = MemoryKernel::new();
+    converge(&mut k, &a);
+    let b = desired(&spec(&entries.replace("{ key: 5000, value: 5000 }", "{ key: 5000, value: 1 }")));
+    let observed = k.observe(&scope_for(&b.state)).unwrap();
+    let p = plan::plan(&b.state, &observed);
+    assert_eq!(p.changes.len(), 1);
+    let report = converge(&mut k, &b);
+    assert_eq!((report.steps, report.kernel_writes), (1, 1));
+}
