@@ -53,9 +53,9 @@ fn rebuilding_gives_the_committed_objects_where_clang_exists() {
         eprintln!("clang here is `{version}`, objects were built by `{compiler}`: byte comparison not possible");
         return;
     }
-    let dir = std::env::temp_dir().join(format!("bpfsync-rebuild-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    let status = Command::new("sh").arg("bpf/build.sh").arg(&dir).status().unwrap();
+    let tmp = bpfsync::sandbox::TempDir::create("bpfsync-rebuild").unwrap();
+    let dir = tmp.path();
+    let status = Command::new("sh").arg("bpf/build.sh").arg(dir).status().unwrap();
     assert!(status.success(), "bpf/build.sh failed");
     let mut compared = 0;
     for d in ["bpf", "tests/fixtures"] {
@@ -72,6 +72,5 @@ fn rebuilding_gives_the_committed_objects_where_clang_exists() {
             }
         }
     }
-    let _ = fs::remove_dir_all(&dir);
     assert!(compared >= 5, "expected to compare every object, compared {compared}");
 }

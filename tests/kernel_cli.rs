@@ -1,0 +1,150 @@
+//! Real-kernel tests of the CLI around apply: drift in `status`, mounts,
+//! the exit codes CI relies on, and the demo.
+
+mod common;
+
+use std::process::Command;
+
+use common::{Env, Sandbox, stderr, stdout, write_spec};
+use serde_json::Value;
+
+const HEAD: &str = "apiVersion: bpfsync/v1\nkind: NodeSpec\n";
+
+fn spec(iface: &str) -> String {
+    format!(
+        "{HEAD}programs:\n  - name: classify\n    builtin: classifier\n    type: tc\n    maps:\n      - name: class_ports\n        entries:\n          - {{ key: {{ protocol: 6, port: 80 }}, value: {{ mark: 1 }} }}\n          - {{ key: {{ protocol: 6, port: 443 }}, value: {{ mark: 2 }} }}\ninterfaces:\n  - name: {iface}\n    tc: {{ egress: [classify] }}\n"
+    )
+}
+
+#[test]
+fn plan_exit_codes_follow_detailed_exitcode() {
+    let env = Env::new();
+    let sb = Sandbox::create().unwrap();
+    let path = write_spec(env.state.path(), "spec.yaml", &spec(&sb.host_if));
+    assert_eq!(env.run(&["plan", &path, "--detailed-exitcode"]).status.code(), Some(2));
+    assert_eq!(env.run(&["plan", &path]).status.code(), Some(0));
+    env.run_ok(&["apply", &path, "--auto-approve"]);
+    assert_eq!(env.run(&["plan", &path, "--detailed-exitcode"]).status.code(), Some(0));
+    let bad = write_spec(env.state.path(), "bad.yaml", "apiVersion: bpfsync/v1\nkind: NodeSpec\nprograms: 3\n");
+    assert_eq!(env.run(&["plan", &bad, "--detailed-exitcode"]).status.code(), Some(1));
+}
+
+#[test]
+fn apply_refuses_without_a_terminal_or_auto_approve() {
+    let env = Env::new();
+    let sb = Sandbox::create().unwrap();
+    let path = write_spec(env.state.path(), "spec.yaml", &spec(&sb.host_if));
+    let out = env.run(&["apply", &path]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("--auto-approve"), "{}", stderr(&out));
+    assert!(!env.bpffs.root().join("programs/classify").exists(), "nothing was applied");
+}
+
+#[test]
+fn status_reports_drift_made_behind_its_back_and_apply_repairs_it() {
+    let env = Env::new();
+    let sb = Sandbox::create().unwrap();
+    let path = write_spec(env.state.path(), "spec.yaml", &spec(&sb.host_if));
+    env.run_ok(&["apply", &path, "--auto-approve"]);
+    let pin = env.bpffs.root().join("maps/classify/class_ports");
+    // Change one entry and delete another with bpftool.
+    let bt = |args: &[&str]| {
+        let out = Command::new("bpftool").args(args).output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    let pin = pin.to_str().unwrap();
+    bt(&["map", "update", "pinned", pin, "key", "6", "0", "80", "0", "value", "9", "0", "0", "0", "0", "0", "0", "0"]);
+    bt(&["map", "delete", "pinned", pin, "key", "6", "0", "0xbb", "1"]);
+    let st: Value = serde_json::from_str(&env.run_ok(&["status", "-o", "json"])).unwrap();
+    assert_eq!(st["drift"]["in_sync"], false);
+    assert_eq!(st["drift"]["summary"], serde_json::json!({"add": 1, "change": 1, "destroy": 0}), "{}", st["drift"]);
+    let text = env.run_ok(&["status"]);
+    assert!(text.contains("DRIFT against the spec applied from"), "{text}");
+    assert!(text.contains("map_entry.classify/class_ports[{protocol: 6, port: 80}]"), "{text}");
+    let out = env.run_ok(&["apply", &path, "--auto-approve"]);
+    assert!(out.contains("Plan: 1 to add, 1 to change, 0 to destroy."), "{out}");
+    let st: Value = serde_json::from_str(&env.run_ok(&["status", "-o", "json"])).unwrap();
+    assert_eq!(st["drift"]["in_sync"], true);
+}
+
+#[test]
+fn a_root_outside_bpffs_is_refused_with_a_clear_message() {
+    let dir = common::TempDir::create("bpfsync-notbpffs").unwrap();
+    let root = dir.path().join("root");
+    let out = Command::new(env!("CARGO_BIN_EXE_bpfsync"))
+        .args(["--bpffs-root", root.to_str().unwrap(), "--state-dir", dir.path().to_str().unwrap(), "status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("is not on a bpf filesystem") && err.contains("mount -t bpf bpf"), "{err}");
+    assert!(!root.exists(), "nothing was created");
+}
+
+#[test]
+fn snapshot_from_status_plans_offline_like_the_kernel() {
+    let env = Env::new();
+    let sb = Sandbox::create().unwrap();
+    let path = write_spec(env.state.path(), "spec.yaml", &spec(&sb.host_if));
+    env.run_ok(&["apply", &path, "--auto-approve"]);
+    let snap = env.run_ok(&["status", "--snapshot"]);
+    let snap_path = write_spec(env.state.path(), "observed.yaml", &snap);
+    let changed = write_spec(env.state.path(), "changed.yaml", &spec(&sb.host_if).replace("mark: 2", "mark: 5"));
+    let live = env.run(&["plan", &changed, "-o", "json"]);
+    // Offline: no root, no kernel, same answer.
+    let offline = Command::new(env!("CARGO_BIN_EXE_bpfsync"))
+        .args(["--bpffs-root", "/nonexistent", "plan", &changed, "-o", "json", "--observed", &snap_path])
+        .output()
+        .unwrap();
+    assert!(offline.status.success(), "{}", stderr(&offline));
+    assert_eq!(stdout(&live), stdout(&offline));
+    assert!(stdout(&offline).contains("\"change\": 1"));
+}
+
+#[test]
+fn the_demo_runs_end_to_end_and_leaves_nothing_behind() {
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_bpfsync")).args(["--no-color", "demo", "--seconds", "1"]).output().unwrap();
+    let text = stdout(&out);
+    assert!(out.status.success(), "{}\n{text}", stderr(&out));
+    for needle in [
+        "Plan: 11 to add",
+        "applied 11 steps",
+        "DRIFT: none",
+        "xdp counter on bsdemo0",
+        "udp 100 pkts",
+        "No changes.",
+        "everything bpfsync owned is gone",
+    ] {
+        assert!(text.contains(needle), "demo output lacks `{needle}`:\n{text}");
+    }
+    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(!stdout(&netns).contains("bpfsync-demo"));
+    assert!(!std::path::Path::new("/sys/class/net/bsdemo0").exists());
+
+    // Ctrl-C in the middle of the traffic phase also cleans up. (Same test:
+    // the demo's sandbox has fixed names.)
+    let child = Command::new(env!("CARGO_BIN_EXE_bpfsync"))
+        .args(["--no-color", "demo", "--seconds", "60"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let attached = || {
+        bpfsync::kernel::sys::ifindex("bsdemo0")
+            .and_then(|i| bpfsync::kernel::netlink::xdp_state(i).ok())
+            .is_some_and(|x| x.drv_prog.is_some() || x.skb_prog.is_some())
+    };
+    while !attached() {
+        assert!(std::time::Instant::now() < deadline, "the demo never attached its programs");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stdout(&out));
+    assert!(stdout(&out).contains("interrupted: everything was cleaned up"), "{}", stdout(&out));
+    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(!stdout(&netns).contains("bpfsync-demo"));
+    assert!(!std::path::Path::new("/sys/class/net/bsdemo0").exists());
+}
