@@ -83,25 +83,6 @@ pub fn pointer_to_path(pointer: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pointer_becomes_document_path() {
-        assert_eq!(pointer_to_path("/programs/1/maps/0/entries/3/key"), "programs[1].maps[0].entries[3].key");
-        assert_eq!(pointer_to_path(""), "");
-    }
-
-    #[test]
-    fn renders_caret_under_column() {
-        let d = Diagnostic::new(Path::new("s.yaml"), "a: 1\nbb: x\n", Position { line: 2, col: 5 }, "/bb", "bad");
-        let text = d.to_string();
-        assert!(text.starts_with("s.yaml:2:5: bad\n  at `bb`"), "{text}");
-        assert!(text.ends_with(" 2 | bb: x\n   |     ^"), "{text}");
-    }
-}
-
 impl Diagnostics {
     /// `{ "errors": [ { file, line, column, path, message } ] }`.
     pub fn to_json(&self) -> serde_json::Value {
@@ -119,5 +100,24 @@ impl Diagnostics {
             })
             .collect();
         serde_json::json!({ "valid": false, "errors": errors })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pointer_becomes_document_path() {
+        assert_eq!(pointer_to_path("/programs/1/maps/0/entries/3/key"), "programs[1].maps[0].entries[3].key");
+        assert_eq!(pointer_to_path(""), "");
+    }
+
+    #[test]
+    fn renders_caret_under_column() {
+        let d = Diagnostic::new(Path::new("s.yaml"), "a: 1\nbb: x\n", Position { line: 2, col: 5 }, "/bb", "bad");
+        let text = d.to_string();
+        assert!(text.starts_with("s.yaml:2:5: bad\n  at `bb`"), "{text}");
+        assert!(text.ends_with(" 2 | bb: x\n   |     ^"), "{text}");
     }
 }
