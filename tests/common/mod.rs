@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+#[allow(unused_imports)]
 pub use bpfsync::sandbox::{Sandbox, TempBpffs, TempDir};
 
 /// An isolated bpfsync installation: its own bpffs and state directory.
