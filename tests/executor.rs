@@ -226,6 +226,9 @@ impl Kernel for FailDiscard<'_> {
     fn commit(&mut self) -> Result<(), KernelError> {
         self.0.commit()
     }
+    fn lookup_entries(&mut self, m: &MapRef, k: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, KernelError> {
+        self.0.lookup_entries(m, k)
+    }
     fn writes(&self) -> u64 {
         self.0.writes()
     }
@@ -297,6 +300,9 @@ impl Kernel for Crashing {
     }
     fn commit(&mut self) -> Result<(), KernelError> {
         self.inner.commit()
+    }
+    fn lookup_entries(&mut self, m: &MapRef, k: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, KernelError> {
+        self.inner.lookup_entries(m, k)
     }
     fn writes(&self) -> u64 {
         self.inner.writes()

@@ -517,13 +517,11 @@ pub fn apply<K: Kernel + ?Sized>(
     }
 
     // Verify: the kernel must now match the desired state.
-    let after = k.observe(&scope_for(&desired.state)).map_err(ApplyError::Observe)?;
-    let remaining = plan::plan(&desired.state, &after);
-    let remaining: Vec<_> = remaining.changes.iter().filter(|c| c.part_of.is_none()).collect();
+    let remaining = verify(k, plan, desired, observed).map_err(ApplyError::Observe)?;
     if !remaining.is_empty() {
         let undos: Vec<Vec<KernelOp>> = steps.iter().map(|s| s.undo.clone()).collect();
         let rollback = roll_back(k, &undos, retry);
-        let first = format!("{} ({})", remaining[0].address, remaining[0].reason);
+        let first = format!("{} ({})", remaining[0].0, remaining[0].1);
         if rollback.is_empty() {
             let _ = k.commit();
             journal.finish().map_err(ApplyError::Journal)?;
@@ -533,6 +531,68 @@ pub fn apply<K: Kernel + ?Sized>(
     k.commit().map_err(ApplyError::Observe)?;
     journal.finish().map_err(ApplyError::Journal)?;
     Ok(ApplyReport { steps: steps.len(), kernel_writes: k.writes() - writes_before, recovered_steps: 0 })
+}
+
+/// Up to this many changed keys of a map are verified by reading them back
+/// one by one; beyond, the map is read whole.
+const POINT_VERIFY_MAX: usize = 1024;
+
+/// What is still different after an apply: (address, reason) of each
+/// difference. Programs, links and map shapes are always observed again. A
+/// map whose program was not reloaded and whose plan touched few keys is
+/// checked by reading back exactly those keys — a one-key change to a
+/// 100k-entry map costs one lookup to verify, not a full read (the other
+/// keys were observed moments before, to make the plan).
+fn verify<K: Kernel + ?Sized>(
+    k: &mut K,
+    plan: &Plan,
+    desired: &Desired,
+    before: &State,
+) -> Result<Vec<(String, String)>, KernelError> {
+    let mut touched: BTreeMap<MapRef, Vec<Vec<u8>>> = BTreeMap::new();
+    let mut reloaded = std::collections::BTreeSet::new();
+    for c in &plan.changes {
+        match &c.op {
+            Op::WriteEntry { map, key, .. } | Op::DeleteEntry { map, key, .. } => {
+                touched.entry(map.clone()).or_default().push(key.clone())
+            }
+            Op::LoadProgram { program, .. } => {
+                reloaded.insert(program.clone());
+            }
+            _ => {}
+        }
+    }
+    let mut scope = scope_for(&desired.state);
+    let point: std::collections::BTreeSet<MapRef> = scope
+        .maps
+        .iter()
+        .filter(|r| {
+            !reloaded.contains(&r.program)
+                && before.maps.get(*r).is_some_and(|m| m.managed)
+                && touched.get(*r).map_or(0, Vec::len) <= POINT_VERIFY_MAX
+        })
+        .cloned()
+        .collect();
+    scope.maps.retain(|r| !point.contains(r));
+    let after = k.observe(&scope)?;
+    let mut diffs: Vec<(String, String)> = plan::plan_skipping_entries(&desired.state, &after, &point)
+        .changes
+        .into_iter()
+        .filter(|c| c.part_of.is_none())
+        .map(|c| (c.address, c.reason))
+        .collect();
+    for r in &point {
+        let keys = touched.remove(r).unwrap_or_default();
+        let values = k.lookup_entries(r, &keys)?;
+        let want = &desired.state.maps[r].entries;
+        for (key, got) in keys.iter().zip(values) {
+            if want.get(key) != got.as_ref() {
+                diffs
+                    .push((format!("map_entry.{r}[{}]", crate::codec::hex(key)), "the value read back differs".into()));
+            }
+        }
+    }
+    Ok(diffs)
 }
 
 /// Per-kind counts of a state, for reports.

@@ -313,6 +313,11 @@ impl Kernel for MemoryKernel {
         Ok(())
     }
 
+    fn lookup_entries(&mut self, map: &MapRef, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, KernelError> {
+        let m = self.maps.get(map).ok_or_else(|| KernelError::NotFound { what: format!("no map `{map}`") })?;
+        Ok(keys.iter().map(|k| m.entries.get(k).cloned()).collect())
+    }
+
     fn writes(&self) -> u64 {
         self.writes
     }

@@ -144,6 +144,11 @@ pub trait Kernel {
     /// Makes set-aside objects go away for good.
     fn commit(&mut self) -> Result<(), KernelError>;
 
+    /// Reads the current values of some keys of a map (None: absent; for
+    /// array maps, all-zero values are absent). For verifying small changes
+    /// to big maps without reading them whole.
+    fn lookup_entries(&mut self, map: &MapRef, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, KernelError>;
+
     /// Mutating kernel calls made so far (for minimality tests).
     fn writes(&self) -> u64;
 }

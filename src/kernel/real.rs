@@ -898,6 +898,21 @@ impl Kernel for RealKernel {
         Ok(())
     }
 
+    fn lookup_entries(&mut self, map: &MapRef, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, KernelError> {
+        let path = self.map_pin(&map.program, &map.map);
+        let fd = self.open_pin(&path, &format!("map `{map}`"))?;
+        let info = sys::map_info(fd.as_fd()).map_err(|e| KernelError::sys(format!("read info of map `{map}`"), e))?;
+        let is_array = info.type_ == BPF_MAP_TYPE_ARRAY;
+        let mut value = vec![0u8; info.value_size as usize];
+        keys.iter()
+            .map(|k| {
+                let found = sys::map_lookup(fd.as_fd(), k, &mut value)
+                    .map_err(|e| KernelError::sys(format!("look up an entry of map `{map}`"), e))?;
+                Ok((found && !(is_array && value.iter().all(|b| *b == 0))).then(|| value.clone()))
+            })
+            .collect()
+    }
+
     fn writes(&self) -> u64 {
         self.writes
     }

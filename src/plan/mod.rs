@@ -226,6 +226,12 @@ struct Phases {
 
 /// Diffs desired against observed. Pure.
 pub fn plan(desired: &State, observed: &State) -> Plan {
+    plan_skipping_entries(desired, observed, &BTreeSet::new())
+}
+
+/// [`plan`], leaving out the entries of the maps in `skip` (the executor
+/// verifies those key by key).
+pub fn plan_skipping_entries(desired: &State, observed: &State, skip: &BTreeSet<MapRef>) -> Plan {
     let mut ph = Phases::default();
     let mut conflicts = Vec::new();
 
@@ -341,7 +347,7 @@ pub fn plan(desired: &State, observed: &State) -> Plan {
 
     // Map entries of managed maps.
     let empty = MapState::default();
-    for (r, dm) in desired.maps.iter().filter(|(_, m)| m.managed) {
+    for (r, dm) in desired.maps.iter().filter(|(r, m)| m.managed && !skip.contains(r)) {
         let fresh = !observed.programs.contains_key(&r.program)
             || fresh_maps.get(r.program.as_str()).is_some_and(|m| m.contains(&r.map));
         let om = if fresh { &empty } else { observed.maps.get(r).unwrap_or(&empty) };
