@@ -148,3 +148,23 @@ fn the_demo_runs_end_to_end_and_leaves_nothing_behind() {
     assert!(!stdout(&netns).contains("bpfsync-demo"));
     assert!(!std::path::Path::new("/sys/class/net/bsdemo0").exists());
 }
+
+#[test]
+fn validate_reports_errors_as_json_for_tools() {
+    let out = Command::new(env!("CARGO_BIN_EXE_bpfsync"))
+        .args(["validate", "tests/bad-specs/dangling-reference.yaml", "-o", "json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["valid"], false);
+    assert_eq!(v["errors"][0]["path"], "interfaces[0].xdp.program");
+    assert_eq!(v["errors"][0]["line"], 9);
+    let ok = Command::new(env!("CARGO_BIN_EXE_bpfsync"))
+        .args(["validate", "examples/demo.yaml", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    let v: Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert_eq!((v["valid"].as_bool(), v["programs"].as_u64()), (Some(true), Some(4)));
+}

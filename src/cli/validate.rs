@@ -3,18 +3,36 @@
 
 use std::path::PathBuf;
 
-use super::{Exit, Output, load_spec};
+use anyhow::Context as _;
+
+use super::{Exit, InvalidSpec, Output};
+use crate::compile::{ObjectLoader, compile};
+use crate::spec;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The spec file.
     pub spec: PathBuf,
+    /// `json` prints `{ "valid": …, "errors": [{file, line, column, path, message}] }` on stdout.
     #[arg(short, long, value_enum, default_value = "text")]
     pub output: Output,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Exit> {
-    let (loaded, desired) = load_spec(&args.spec)?;
+    let source =
+        std::fs::read_to_string(&args.spec).with_context(|| format!("cannot read spec `{}`", args.spec.display()))?;
+    let result =
+        spec::load(&args.spec, &source).and_then(|l| compile(&l, &mut ObjectLoader::default()).map(|d| (l, d)));
+    let (loaded, desired) = match result {
+        Ok(x) => x,
+        Err(diags) => {
+            match args.output {
+                Output::Text => eprintln!("{diags}"),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&diags.to_json())?),
+            }
+            return Err(InvalidSpec.into());
+        }
+    };
     let s = &desired.state;
     let entries: usize = s.maps.values().filter(|m| m.managed).map(|m| m.entries.len()).sum();
     match args.output {
@@ -35,6 +53,9 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
                 "programs": s.programs.len(),
                 "attachments": s.attachments.len(),
                 "map_entries": entries,
+                "routes": loaded.spec.routes.len(),
+                "policies": loaded.spec.policies.len(),
+                "fallback": loaded.spec.fallback.len(),
             })
         ),
     }
