@@ -3,24 +3,23 @@
 //! verification. (Each behaviour the model stands in for also has a
 //! real-kernel test in `tests/kernel_apply.rs`.)
 
+mod common;
+
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use bpfsync::apply::journal::MemJournal;
 use bpfsync::apply::{self, ApplyError, Retry, scope_for};
-use bpfsync::compile::{Desired, ObjectLoader, compile};
+use bpfsync::compile::Desired;
 use bpfsync::kernel::memory::MemoryKernel;
 use bpfsync::kernel::{Kernel, KernelError, LoadRequest, Scope};
 use bpfsync::model::{ForeignProgram, Hook, MapRef, State};
 use bpfsync::plan;
-use bpfsync::spec::{self, XdpMode};
+use bpfsync::spec::XdpMode;
 
 const HEAD: &str = "apiVersion: bpfsync/v1\nkind: NodeSpec\n";
 
 fn desired(body: &str) -> Desired {
-    let text = format!("{HEAD}{body}");
-    let path = std::path::Path::new("tests/inline.yaml");
-    let loaded = spec::load(path, &text).unwrap_or_else(|d| panic!("{d}"));
-    compile(&loaded, &mut ObjectLoader::default()).unwrap_or_else(|d| panic!("{d}"))
+    common::compile_text("tests/inline.yaml", &format!("{HEAD}{body}"))
 }
 
 const SPEC_A: &str = r#"

@@ -8,13 +8,12 @@ use std::time::{Duration, Instant};
 
 use bpfsync::apply::journal::MemJournal;
 use bpfsync::apply::{self, Retry, scope_for};
-use bpfsync::compile::{Desired, ObjectLoader, compile};
+use bpfsync::compile::Desired;
 use bpfsync::datapath::proto_counters;
 use bpfsync::kernel::netlink::xdp_state;
 use bpfsync::kernel::{Kernel, Scope, sys};
 use bpfsync::model::MapRef;
 use bpfsync::plan;
-use bpfsync::spec;
 use common::{Env, Sandbox, repo, stderr, stdout, write_spec};
 use serde_json::Value;
 
@@ -113,9 +112,7 @@ fn link_gone(id: u64) -> bool {
 }
 
 fn desired(path: &str) -> Desired {
-    let text = std::fs::read_to_string(path).unwrap();
-    let loaded = spec::load(std::path::Path::new(path), &text).unwrap_or_else(|d| panic!("{d}"));
-    compile(&loaded, &mut ObjectLoader::default()).unwrap_or_else(|d| panic!("{d}"))
+    common::compile_text(path, &std::fs::read_to_string(path).unwrap())
 }
 
 #[test]

@@ -430,41 +430,13 @@ pub fn plan_skipping_entries(desired: &State, observed: &State, skip: &BTreeSet<
                 });
             }
             Some(o) if o.defunct => {
-                ph.attaches.push(Change {
-                    address,
-                    kind: Kind::Attachment,
-                    action: Action::Replace,
-                    reason: "its link is defunct: the interface was re-created".into(),
-                    before: Some(attachment_value(o)),
-                    after: Some(attachment_value(d)),
-                    part_of: None,
-                    op: Op::Reattach {
-                        hook: hook.clone(),
-                        program: d.program.clone(),
-                        from_mode: o.mode,
-                        to_mode: d.mode,
-                        old_program: o.program.clone(),
-                    },
-                });
+                let reason = "its link is defunct: the interface was re-created".to_string();
+                ph.attaches.push(reattach_change(hook, o, d, reason));
             }
             Some(o) if o.mode != d.mode => {
                 let show = |m: Option<XdpMode>| m.map_or("none", |m| m.as_str());
-                ph.attaches.push(Change {
-                    address,
-                    kind: Kind::Attachment,
-                    action: Action::Replace,
-                    reason: format!("its mode changes from `{}` to `{}`", show(o.mode), show(d.mode)),
-                    before: Some(attachment_value(o)),
-                    after: Some(attachment_value(d)),
-                    part_of: None,
-                    op: Op::Reattach {
-                        hook: hook.clone(),
-                        program: d.program.clone(),
-                        from_mode: o.mode,
-                        to_mode: d.mode,
-                        old_program: o.program.clone(),
-                    },
-                });
+                let reason = format!("its mode changes from `{}` to `{}`", show(o.mode), show(d.mode));
+                ph.attaches.push(reattach_change(hook, o, d, reason));
             }
             Some(o) if o.program != d.program || renewed.contains(d.program.as_str()) => {
                 let reason = if o.program != d.program {
@@ -508,6 +480,27 @@ fn same_hook(foreign: &Hook, ours: &Hook) -> bool {
             a == b && da == db
         }
         _ => false,
+    }
+}
+
+/// Detach, then attach again: for modes the kernel cannot switch in place
+/// and for defunct links.
+fn reattach_change(hook: &Hook, o: &crate::model::Attachment, d: &crate::model::Attachment, reason: String) -> Change {
+    Change {
+        address: format!("attachment.{hook}"),
+        kind: Kind::Attachment,
+        action: Action::Replace,
+        reason,
+        before: Some(attachment_value(o)),
+        after: Some(attachment_value(d)),
+        part_of: None,
+        op: Op::Reattach {
+            hook: hook.clone(),
+            program: d.program.clone(),
+            from_mode: o.mode,
+            to_mode: d.mode,
+            old_program: o.program.clone(),
+        },
     }
 }
 

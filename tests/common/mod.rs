@@ -84,3 +84,10 @@ pub fn write_spec(dir: &Path, name: &str, text: &str) -> String {
 pub fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
+
+/// Validates and compiles spec text as if it were the file `path` (relative
+/// object paths resolve against its directory).
+pub fn compile_text(path: &str, text: &str) -> bpfsync::compile::Desired {
+    let loaded = bpfsync::spec::load(Path::new(path), text).unwrap_or_else(|d| panic!("{d}"));
+    bpfsync::compile::compile(&loaded, &mut bpfsync::compile::ObjectLoader::default()).unwrap_or_else(|d| panic!("{d}"))
+}
