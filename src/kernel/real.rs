@@ -397,13 +397,14 @@ impl RealKernel {
         if batchable && ks > 0 {
             match sys::map_lookup_all_batch(fd.as_fd(), ks, vs, shape.max_entries as usize) {
                 Ok((keys, values)) => {
-                    for (k, v) in keys.chunks(ks).zip(values.chunks(vs)) {
-                        if is_array && v.iter().all(|b| *b == 0) {
-                            continue;
-                        }
-                        out.insert(k.to_vec(), v.to_vec());
-                    }
-                    return Ok(out);
+                    // Collecting (sorts, then bulk-builds) beats inserting
+                    // one by one for big maps.
+                    return Ok(keys
+                        .chunks(ks)
+                        .zip(values.chunks(vs))
+                        .filter(|(_, v)| !(is_array && v.iter().all(|b| *b == 0)))
+                        .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                        .collect());
                 }
                 Err(e) if sys::batch_unsupported(&e) => {}
                 Err(e) => return Err(e),
