@@ -405,3 +405,40 @@ fn kill_9_in_the_middle_of_an_apply_is_rolled_back_and_the_next_apply_converges(
         assert_eq!(std::fs::read_dir(p.unwrap().path()).unwrap().count(), 1, "one version per program");
     }
 }
+
+#[test]
+fn a_foreign_tcx_program_is_reported_and_taken_over_only_when_asked() {
+    use aya::programs::links::{FdLink, LinkOrder};
+    use aya::programs::tc::{SchedClassifier, TcAttachOptions, TcAttachType};
+    let env = Env::new();
+    let sb = Sandbox::create().unwrap();
+    // Someone else's TCX link: the classifier loaded and attached by hand,
+    // pinned outside bpfsync's root.
+    let mut ebpf = aya::Ebpf::load(&std::fs::read(repo().join("bpf/classifier.bpf.o")).unwrap()).unwrap();
+    let prog: &mut SchedClassifier = ebpf.program_mut("tc_classify").unwrap().try_into().unwrap();
+    prog.load().unwrap();
+    let id = prog
+        .attach_with_options(&sb.host_if, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+        .unwrap();
+    let link: FdLink = prog.take_link(id).unwrap().try_into().unwrap();
+    link.pin(env.bpffs.mount.join("foreign_tcx")).unwrap();
+    let foreign = tcx_ids(&sb.host_if).0[0];
+
+    let spec = write_spec(env.state.path(), "spec.yaml", &full_spec(&sb.host_if, "skb", BUILTIN_COUNTER));
+    let out = env.run_ok(&["apply", &spec, "--auto-approve"]);
+    assert!(out.contains(&format!("tc/{}/ingress[0]: program `tc_classify` (id {foreign}", sb.host_if)), "{out}");
+    let st = status(&env);
+    let ours = program_id(&st, "classify") as u32;
+    // Ours is added beside it; the foreign one stays.
+    assert_eq!(tcx_ids(&sb.host_if).0, vec![foreign, ours]);
+    let text = env.run_ok(&["status"]);
+    assert!(text.contains("FOREIGN PROGRAMS ON DECLARED HOOKS") && text.contains(&format!("id {foreign}")), "{text}");
+
+    let takeover = full_spec(&sb.host_if, "skb", BUILTIN_COUNTER)
+        .replace("egress: [classify] }", "egress: [classify], takeover: true }");
+    let spec2 = write_spec(env.state.path(), "takeover.yaml", &takeover);
+    let out = env.run_ok(&["apply", &spec2, "--auto-approve"]);
+    assert!(out.contains("evict") || out.contains("takeover"), "{out}");
+    assert_eq!(tcx_ids(&sb.host_if).0, vec![ours], "the foreign link was detached");
+    drop(ebpf);
+}

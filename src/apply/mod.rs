@@ -278,6 +278,11 @@ pub fn steps(plan: &Plan, desired: &Desired, observed: &State) -> Vec<Step> {
                     undo: vec![KernelOp::Detach { hook: hook.clone() }],
                 });
             }
+            Op::Evict { hook, foreign } => out.push(Step {
+                what: format!("evict foreign program `{}` from `{hook}`", foreign.program_name),
+                forward: vec![KernelOp::Evict { foreign: foreign.clone() }],
+                undo: vec![KernelOp::Unevict { foreign: foreign.clone() }],
+            }),
             Op::UpdateLink { hook, from, to } => out.push(Step {
                 what: format!("update the link on `{hook}` to `{to}`"),
                 forward: vec![KernelOp::UpdateLink {

@@ -90,7 +90,10 @@ pub fn report(ctx: &Context) -> anyhow::Result<(Value, State, Option<Plan>)> {
         "programs": programs,
         "attachments": attachments,
         "maps": maps,
-        "foreign": observed.foreign,
+        "foreign": observed.foreign.iter().map(|f| json!({
+            "hook": f.hook.to_string(), "program_id": f.program_id, "program_name": f.program_name,
+            "detail": f.detail, "link_id": f.link_id,
+        })).collect::<Vec<_>>(),
         "stray_programs": observed.stray_programs,
         "last_applied": applied.as_ref().map(|(m, _)| json!({"spec": m.spec_path, "sha256": m.spec_sha256, "at_unix": m.applied_at_unix})),
         "drift": drift_json,
@@ -184,10 +187,10 @@ pub fn render_text(v: &Value, drift: Option<&Plan>) -> String {
         for x in fs {
             let _ = writeln!(
                 o,
-                "  {:?}  `{}` id {} ({})",
-                x["hook"],
-                s(&x["program-name"]),
-                s(&x["program-id"]),
+                "  {:<36} `{}` id {} ({})",
+                s(&x["hook"]),
+                s(&x["program_name"]),
+                s(&x["program_id"]),
                 s(&x["detail"])
             );
         }

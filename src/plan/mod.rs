@@ -89,6 +89,8 @@ pub enum Op {
     UpdateLink { hook: Hook, from: String, to: String },
     /// XDP mode change: attach in the new mode, then drop the old link.
     Reattach { hook: Hook, program: String, from_mode: Option<XdpMode>, to_mode: Option<XdpMode>, old_program: String },
+    /// Remove a foreign program from a hook where ours already runs.
+    Evict { hook: Hook, foreign: ForeignProgram },
     /// Remove a link.
     Detach { hook: Hook, program: String, mode: Option<XdpMode>, defunct: bool },
 }
@@ -403,6 +405,24 @@ pub fn plan_skipping_entries(desired: &State, observed: &State, skip: &BTreeSet<
         }
         // XDP has one slot per mode: a foreign program there blocks ours.
         let blocked = matches!(hook, Hook::Xdp { .. }) && !foreign.is_empty() && !d.takeover;
+        // Ours is already there: a takeover only removes the foreign ones.
+        if observed_att.is_some() {
+            for f in &evict {
+                ph.attaches.push(Change {
+                    address: format!("attachment.{hook}#foreign-{}", f.program_id),
+                    kind: Kind::Attachment,
+                    action: Action::Delete,
+                    reason: format!(
+                        "`takeover: true` removes foreign program `{}` (id {})",
+                        f.program_name, f.program_id
+                    ),
+                    before: Some(json!({ "program": format!("{} (foreign, id {})", f.program_name, f.program_id) })),
+                    after: None,
+                    part_of: None,
+                    op: Op::Evict { hook: hook.clone(), foreign: f.clone() },
+                });
+            }
+        }
         match observed_att {
             None if blocked => {}
             None => {
