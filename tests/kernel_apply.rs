@@ -336,9 +336,7 @@ fn down_removes_everything_bpfsync_owns_and_nothing_else() {
     let out = env.run_ok(&["down", "--auto-approve"]);
     assert!(out.contains("Down complete"), "{out}");
     assert!(!env.bpffs.root().exists(), "bpfsync's root is gone");
-    // bpftool keeps its own iterator pins (`*.debug`) beside the foreign one.
-    let left: Vec<String> = env.pins().into_iter().filter(|p| !p.ends_with(".debug")).collect();
-    assert_eq!(left, vec!["foreign".to_string()], "only the foreign pin is left");
+    assert_eq!(env.pins(), vec!["foreign".to_string()], "only the foreign pin is left");
     for id in links {
         assert!(link_gone(id), "link {id} still exists");
     }

@@ -46,10 +46,13 @@ impl Env {
         bpfsync::kernel::real::RealKernel::open(self.bpffs.root()).unwrap()
     }
 
-    /// Every file under the bpffs mount, relative, sorted.
+    /// Every file under the bpffs mount, relative, sorted; without the
+    /// `maps.debug`/`progs.debug` iterators the kernel's bpf_preload puts in
+    /// every new bpffs.
     pub fn pins(&self) -> Vec<String> {
         let mut out = Vec::new();
         walk(&self.bpffs.mount, &self.bpffs.mount, &mut out);
+        out.retain(|p| p != "maps.debug" && p != "progs.debug");
         out.sort();
         out
     }
