@@ -20,6 +20,7 @@
 //! - [`sandbox`]: network namespaces and veths for the demo and tests.
 //! - [`cli`]: one module per subcommand; `main.rs` only parses arguments.
 
+pub mod agent;
 pub mod apply;
 pub mod builtin;
 pub mod cli;

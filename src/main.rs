@@ -48,6 +48,8 @@ enum Command {
     Schema,
     /// Run bpfsync in a throwaway sandbox of network namespaces.
     Demo(cli::demo::Args),
+    /// Keep the node equal to a spec file: watch, resync, repair, export metrics.
+    Agent(cli::agent::Args),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +69,7 @@ fn main() -> ExitCode {
         Command::Down(a) => cli::down::run(&ctx, a),
         Command::Schema => cli::schema::run(),
         Command::Demo(a) => cli::demo::run(&ctx, a),
+        Command::Agent(a) => cli::agent::run(&ctx, a),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),

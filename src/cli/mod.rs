@@ -1,6 +1,7 @@
 //! The command-line interface: one module per subcommand. `main.rs` parses
 //! arguments and calls [`run`]; errors become exit code 1 here.
 
+pub mod agent;
 pub mod apply;
 pub mod demo;
 pub mod down;

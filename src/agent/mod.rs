@@ -1,0 +1,407 @@
+//! `bpfsync agent`: keeps the node equal to a spec file, continuously.
+//!
+//! Tasks: a file watch (notify) feeding a debounced reconcile; a periodic
+//! resync that observes the kernel and repairs drift; retries with
+//! exponential backoff (100 ms → 1 min) for errors that may pass; and one
+//! HTTP listener for `/metrics`, `/healthz`, `/readyz`, `/status`.
+//!
+//! Stopping the agent leaves the datapath running (everything is pinned).
+//! A new agent adopts what is there: it prunes nothing before the spec has
+//! been loaded and the kernel observed, and an unchanged object is never
+//! reloaded. A spec that fails validation, or a deleted spec file, keeps
+//! the last good state running.
+
+mod http;
+pub mod metrics;
+mod watch;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::apply::journal::FileJournal;
+use crate::apply::{self, ApplyError, Retry, error_chain, scope_for};
+use crate::cli::{self, Context};
+use crate::compile::{Desired, ObjectLoader, compile};
+use crate::kernel::Kernel;
+use crate::kernel::real::RealKernel;
+use crate::plan;
+use crate::spec::{self, LoadedSpec};
+use metrics::{KindLabel, Metrics};
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub spec: PathBuf,
+    pub ctx: Context,
+    pub resync: Duration,
+    pub debounce: Duration,
+    pub listen: SocketAddr,
+}
+
+/// What `/status` and `/readyz` report about the agent itself.
+#[derive(Debug, Default)]
+pub struct AgentState {
+    pub ready: bool,
+    pub spec_digest: Option<String>,
+    pub last_reconcile_unix: Option<f64>,
+    pub last_result: Option<String>,
+    /// The last reconcile's error, if it failed.
+    pub last_error: Option<String>,
+    /// Why the spec file is not being followed right now (unreadable,
+    /// invalid); the last good state keeps running meanwhile.
+    pub spec_error: Option<String>,
+    pub last_duration_ms: Option<f64>,
+    pub listen: Option<SocketAddr>,
+}
+
+/// State shared between the reconcile loop and the HTTP listener.
+pub struct Shared {
+    pub state: Mutex<AgentState>,
+    pub metrics: Metrics,
+    pub config: AgentConfig,
+}
+
+impl Shared {
+    fn status_json(&self) -> Value {
+        let mut v = match cli::status::report(&self.config.ctx) {
+            Ok((v, _, _)) => v,
+            Err(e) => json!({ "error": error_chain(e.as_ref()) }),
+        };
+        let s = self.state.lock().unwrap();
+        v["agent"] = json!({
+            "spec": self.config.spec,
+            "spec_sha256": s.spec_digest,
+            "ready": s.ready,
+            "last_reconcile_unix": s.last_reconcile_unix,
+            "last_result": s.last_result,
+            "last_error": s.last_error,
+            "spec_error": s.spec_error,
+            "last_duration_ms": s.last_duration_ms,
+            "resync_seconds": self.config.resync.as_secs_f64(),
+        });
+        v
+    }
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Why a reconcile runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Start,
+    SpecChanged,
+    Resync,
+    Retry,
+}
+
+/// What one reconcile did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    NoChange,
+    /// No valid spec yet: nothing is touched.
+    NotReady,
+    /// A failure that may pass: retry after the backoff.
+    Retry,
+    /// A failure that will not pass until the spec changes.
+    Failed,
+    Skipped,
+}
+
+struct LastGood {
+    digest: String,
+    loaded: LoadedSpec,
+    desired: Desired,
+}
+
+/// The reconcile state machine, run on a blocking thread.
+struct Reconciler {
+    shared: Arc<Shared>,
+    kernel: Option<RealKernel>,
+    last_good: Option<LastGood>,
+    /// Digest of the last spec text seen (valid or not).
+    seen_digest: Option<String>,
+    /// Digest of the spec last applied successfully: a later non-empty plan
+    /// for the same spec is drift.
+    applied_digest: Option<String>,
+    /// A permanent failure for this spec digest: not retried until it changes.
+    failed_digest: Option<String>,
+    recovered: bool,
+}
+
+impl Reconciler {
+    fn kernel(&mut self) -> Result<&mut RealKernel, String> {
+        if self.kernel.is_none() {
+            let k = RealKernel::open(&self.shared.config.ctx.bpffs_root).map_err(|e| error_chain(&e))?;
+            self.kernel = Some(k);
+        }
+        Ok(self.kernel.as_mut().unwrap())
+    }
+
+    /// Reads the spec file; a new valid version becomes the last good one.
+    /// Returns whether the text changed since the last read.
+    fn refresh_spec(&mut self) -> bool {
+        let path = &self.shared.config.spec;
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                let msg = format!("cannot read spec `{}`: {e}; keeping the last good state", path.display());
+                tracing::warn!("{msg}");
+                self.shared.state.lock().unwrap().spec_error = Some(msg);
+                // Re-read whatever comes back, even the same text.
+                self.seen_digest = None;
+                return false;
+            }
+        };
+        let digest = crate::object::digest(text.as_bytes());
+        if self.seen_digest.as_deref() == Some(digest.as_str()) {
+            return false;
+        }
+        self.seen_digest = Some(digest.clone());
+        let compiled = spec::load(path, &text).and_then(|l| compile(&l, &mut ObjectLoader::default()).map(|d| (l, d)));
+        match compiled {
+            Ok((loaded, desired)) => {
+                self.shared.metrics.spec_valid.set(1);
+                let mut st = self.shared.state.lock().unwrap();
+                st.spec_digest = Some(digest.clone());
+                st.spec_error = None;
+                drop(st);
+                self.last_good = Some(LastGood { digest, loaded, desired });
+            }
+            Err(diags) => {
+                self.shared.metrics.spec_valid.set(0);
+                self.shared.metrics.spec_validation_errors.inc();
+                self.shared.metrics.count_reconcile("invalid_spec");
+                let msg = format!("the new spec is invalid; keeping the last good state:\n{diags}");
+                tracing::error!("{msg}");
+                self.shared.state.lock().unwrap().spec_error = Some(msg);
+            }
+        }
+        true
+    }
+
+    fn reconcile(&mut self, trigger: Trigger) -> Outcome {
+        let started = Instant::now();
+        let changed = self.refresh_spec();
+        if trigger == Trigger::SpecChanged && !changed {
+            return Outcome::Skipped; // a touch, or a neighbour's event
+        }
+        let Some(good) = &self.last_good else {
+            return Outcome::NotReady;
+        };
+        let digest = good.digest.clone();
+        if trigger == Trigger::Resync && self.failed_digest.as_deref() == Some(digest.as_str()) {
+            return Outcome::Skipped;
+        }
+        let outcome = self.reconcile_with(&digest);
+        let elapsed = started.elapsed();
+        self.shared.metrics.reconcile_duration.observe(elapsed.as_secs_f64());
+        let result = match &outcome {
+            Ok(0) => "no_change",
+            Ok(_) => "applied",
+            Err((_, true)) => "error",
+            Err((_, false)) => "error",
+        };
+        self.shared.metrics.count_reconcile(result);
+        let mut st = self.shared.state.lock().unwrap();
+        st.last_reconcile_unix = Some(now_unix());
+        st.last_result = Some(result.to_string());
+        st.last_duration_ms = Some(elapsed.as_secs_f64() * 1e3);
+        match outcome {
+            Ok(n) => {
+                st.ready = true;
+                st.last_error = None;
+                self.shared.metrics.ready.set(1);
+                self.shared.metrics.last_success.set(now_unix());
+                self.failed_digest = None;
+                if n == 0 { Outcome::NoChange } else { Outcome::Applied }
+            }
+            Err((msg, retryable)) => {
+                tracing::error!(error = %msg, retryable, "reconcile failed");
+                st.last_error = Some(msg);
+                if retryable {
+                    Outcome::Retry
+                } else {
+                    self.failed_digest = Some(digest);
+                    Outcome::Failed
+                }
+            }
+        }
+    }
+
+    /// Observe, plan, apply. Ok(number of changes) or Err((message, retryable)).
+    fn reconcile_with(&mut self, digest: &str) -> Result<usize, (String, bool)> {
+        let ctx = self.shared.config.ctx.clone();
+        let mut journal = FileJournal::new(&ctx.state_dir);
+        let first = !self.recovered;
+        let kernel = self.kernel().map_err(|e| (e, true))?;
+        if first {
+            let n = apply::recover(kernel, &mut journal, Retry::default()).map_err(|e| (error_chain(&e), true))?;
+            if n > 0 {
+                tracing::warn!(steps = n, "rolled back an interrupted apply");
+            }
+        }
+        self.recovered = true;
+        let good = self.last_good.as_ref().unwrap();
+        let kernel = self.kernel.as_mut().unwrap();
+        let observed = kernel.observe(&scope_for(&good.desired.state)).map_err(|e| {
+            let retry = e.is_retryable();
+            (error_chain(&e), retry)
+        })?;
+        let p = plan::plan(&good.desired.state, &observed);
+        let m = &self.shared.metrics;
+        m.conflicts.set(p.conflicts.len() as i64);
+        for c in &p.conflicts {
+            tracing::warn!(hook = %c.hook, "conflict: {}", c.message);
+        }
+        let st = &good.desired.state;
+        m.managed_objects.get_or_create(&KindLabel { kind: "program".into() }).set(st.programs.len() as i64);
+        m.managed_objects.get_or_create(&KindLabel { kind: "attachment".into() }).set(st.attachments.len() as i64);
+        let entries: usize = st.maps.values().filter(|x| x.managed).map(|x| x.entries.len()).sum();
+        m.managed_objects.get_or_create(&KindLabel { kind: "map_entry".into() }).set(entries as i64);
+        if p.is_empty() {
+            if self.applied_digest.as_deref() != Some(digest) {
+                let _ = cli::save_last_applied(&ctx, &good.loaded, &good.desired);
+                self.applied_digest = Some(digest.to_string());
+            }
+            return Ok(0);
+        }
+        let drift = self.applied_digest.as_deref() == Some(digest);
+        let shown: Vec<_> = p.changes.iter().filter(|c| c.part_of.is_none()).collect();
+        for c in &shown {
+            if drift {
+                let kind = format!("{}-{}", kind_name(c.kind), action_name(c.action));
+                tracing::warn!(object = %c.address, kind = %kind, "repairing drift: {}", c.reason);
+                m.drift_repairs.get_or_create(&KindLabel { kind }).inc();
+            }
+        }
+        let s = p.summary();
+        tracing::info!(add = s.add, change = s.change, destroy = s.destroy, drift, "applying plan");
+        let kernel = self.kernel.as_mut().unwrap();
+        match apply::apply(kernel, &p, &good.desired, &observed, &mut journal, Retry::default()) {
+            Ok(report) => {
+                tracing::info!(steps = report.steps, kernel_writes = report.kernel_writes, "applied");
+                let _ = cli::save_last_applied(&ctx, &good.loaded, &good.desired);
+                self.applied_digest = Some(digest.to_string());
+                Ok(shown.len())
+            }
+            Err(e) => {
+                let retryable = match &e {
+                    ApplyError::RolledBack { cause, .. } => cause.is_retryable(),
+                    ApplyError::Verify { .. } | ApplyError::Observe(_) | ApplyError::Journal(_) => true,
+                    _ => false,
+                };
+                Err((error_chain(&e), retryable))
+            }
+        }
+    }
+}
+
+fn kind_name(k: plan::Kind) -> &'static str {
+    match k {
+        plan::Kind::Program => "program",
+        plan::Kind::Attachment => "attachment",
+        plan::Kind::MapEntry => "map-entry",
+    }
+}
+
+fn action_name(a: plan::Action) -> &'static str {
+    match a {
+        plan::Action::Create => "create",
+        plan::Action::Update => "update",
+        plan::Action::Replace => "replace",
+        plan::Action::Delete => "delete",
+    }
+}
+
+/// Runs the agent until `shutdown` completes. `on_listen` learns the bound
+/// address (useful with port 0).
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()>,
+    on_listen: impl FnOnce(SocketAddr),
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    on_listen(addr);
+    tracing::info!(%addr, spec = %config.spec.display(), "agent listening");
+    let shared = Arc::new(Shared {
+        state: Mutex::new(AgentState { listen: Some(addr), ..Default::default() }),
+        metrics: Metrics::new(config.ctx.bpffs_root.clone()),
+        config: config.clone(),
+    });
+    let http = tokio::spawn(http::serve(listener, shared.clone()));
+
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let _watcher = watch::watch(&config.spec, tx).map_err(|e| anyhow::anyhow!("cannot watch the spec: {e}"))?;
+    let reconciler = Arc::new(Mutex::new(Reconciler {
+        shared: shared.clone(),
+        kernel: None,
+        last_good: None,
+        seen_digest: None,
+        applied_digest: None,
+        failed_digest: None,
+        recovered: false,
+    }));
+    let run_once = |trigger: Trigger| {
+        let r = reconciler.clone();
+        async move {
+            tokio::task::spawn_blocking(move || r.lock().unwrap().reconcile(trigger)).await.unwrap_or(Outcome::Retry)
+        }
+    };
+
+    tokio::pin!(shutdown);
+    let mut resync = tokio::time::interval(config.resync);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    resync.tick().await; // the first tick is now: the start reconcile below covers it
+    let mut backoff = Duration::from_millis(100);
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut outcome = run_once(Trigger::Start).await;
+    loop {
+        match outcome {
+            Outcome::Retry | Outcome::NotReady if retry_at.is_none() => {
+                retry_at = Some(tokio::time::Instant::now() + backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+            Outcome::Applied | Outcome::NoChange => {
+                backoff = Duration::from_millis(100);
+                retry_at = None;
+            }
+            _ => {}
+        }
+        let trigger = tokio::select! {
+            _ = &mut shutdown => break,
+            Some(()) = rx.recv() => {
+                // Debounce: wait until the directory has been quiet a while.
+                loop {
+                    tokio::select! {
+                        Some(()) = rx.recv() => continue,
+                        _ = tokio::time::sleep(config.debounce) => break,
+                    }
+                }
+                backoff = Duration::from_millis(100);
+                retry_at = None;
+                Trigger::SpecChanged
+            }
+            _ = resync.tick() => Trigger::Resync,
+            _ = async { tokio::time::sleep_until(retry_at.unwrap()).await }, if retry_at.is_some() => {
+                retry_at = None;
+                Trigger::Retry
+            }
+        };
+        outcome = run_once(trigger).await;
+        if trigger == Trigger::SpecChanged && outcome == Outcome::NotReady {
+            retry_at = None;
+        }
+    }
+    tracing::info!("agent stopping; the datapath keeps running");
+    http.abort();
+    Ok(())
+}

@@ -1,0 +1,54 @@
+//! `bpfsync agent --spec FILE`: the long-running reconciler.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{Context, Exit, require_root};
+use crate::agent::{self, AgentConfig};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The spec file to keep the node equal to.
+    #[arg(long)]
+    pub spec: PathBuf,
+    /// How often to observe the kernel and repair drift.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub resync: Duration,
+    /// Quiet time after a spec change before reconciling.
+    #[arg(long, value_parser = parse_duration, default_value = "200ms")]
+    pub debounce: Duration,
+    /// Where to serve `/metrics`, `/healthz`, `/readyz` and `/status`.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub listen: SocketAddr,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    crate::spec::DurationSpec::Text(s.to_string())
+        .to_duration()
+        .ok_or_else(|| format!("`{s}` is not a duration: use e.g. `30s`, `500ms`, `2m`"))
+}
+
+pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
+    require_root()?;
+    let config = AgentConfig {
+        spec: args.spec.clone(),
+        ctx: ctx.clone(),
+        resync: args.resync,
+        debounce: args.debounce,
+        listen: args.listen,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async {
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        agent::run(config, shutdown, |addr| eprintln!("bpfsync agent: listening on http://{addr}")).await
+    })?;
+    Ok(0)
+}

@@ -1,0 +1,341 @@
+//! The agent on the real kernel: spec edits (in place, rename-over,
+//! ConfigMap symlink swap), invalid and deleted specs, drift repair,
+//! restarts without reloads or loss, and its HTTP endpoints.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bpfsync::kernel::netlink::xdp_state;
+use bpfsync::kernel::{Kernel, Scope, sys};
+use bpfsync::model::MapRef;
+use common::{Env, Sandbox, TempDir};
+use serde_json::Value;
+
+const HEAD: &str = "apiVersion: bpfsync/v1\nkind: NodeSpec\n";
+
+fn spec(iface: &str, mark: u32) -> String {
+    format!(
+        "{HEAD}programs:\n  - name: counter\n    builtin: counter\n    type: xdp\n    maps:\n      - name: counter_config\n        entries: [{{ key: 0, value: 1 }}]\n  - name: classify\n    builtin: classifier\n    type: tc\n    maps:\n      - name: class_ports\n        entries:\n          - {{ key: {{ protocol: 6, port: 80 }}, value: {{ mark: {mark} }} }}\n          - {{ key: {{ protocol: 6, port: 443 }}, value: {{ mark: 2 }} }}\ninterfaces:\n  - name: {iface}\n    xdp: {{ program: counter, mode: skb }}\n    tc: {{ ingress: [classify] }}\n"
+    )
+}
+
+struct Agent {
+    child: Child,
+    port: u16,
+}
+
+impl Agent {
+    fn start(env: &Env, spec: &Path, resync: &str) -> Agent {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(env!("CARGO_BIN_EXE_bpfsync"))
+            .args([
+                "--bpffs-root",
+                env.bpffs.root().to_str().unwrap(),
+                "--state-dir",
+                env.state.path().to_str().unwrap(),
+            ])
+            .args(["agent", "--spec", spec.to_str().unwrap(), "--resync", resync, "--debounce", "50ms"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("BPFSYNC_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let a = Agent { child, port };
+        wait("the agent to be ready", Duration::from_secs(20), || a.get("/readyz").0 == 200);
+        a
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else { return (0, String::new()) };
+        let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        (code, body)
+    }
+
+    fn status(&self) -> Value {
+        serde_json::from_str(&self.get("/status").1).unwrap_or(Value::Null)
+    }
+
+    fn metric(&self, line_prefix: &str) -> Option<f64> {
+        self.get("/metrics")
+            .1
+            .lines()
+            .find(|l| l.starts_with(line_prefix))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    fn stop(mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "the agent exits cleanly on SIGTERM: {status}");
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// The mark of `class_ports[{6, 80}]` in the kernel.
+fn mark80(env: &Env) -> Option<u32> {
+    let r = MapRef { program: "classify".into(), map: "class_ports".into() };
+    let mut k = env.kernel();
+    let s = k.observe(&Scope { maps: [r.clone()].into(), ..Default::default() }).ok()?;
+    let v = s.maps.get(&r)?.entries.get(&vec![6, 0, 80, 0])?.clone();
+    Some(u32::from_le_bytes(v[..4].try_into().unwrap()))
+}
+
+#[test]
+fn edits_in_place_and_renamed_over_are_applied() {
+    let env = Env::new();
+    let sb = Sandbox::create().unwrap();
+    let dir = TempDir::create("bpfsync-agent-spec").unwrap();
+    let path = dir.path().join("spec.yaml");
+    std::fs::write(&path, spec(&sb.host_if, 1)).unwrap();
+    let agent = Agent::start(&env, &path, "30s");
+    assert_eq!(mark80(&env), Some(1));
+
+    std::fs::write(&path, spec(&sb.host_if, 5)).unwrap(); // in place
+    wait("the in-place edit", Duration::from_secs(10), || mark80(&env) == Some(5));
+
+    let tmp = dir.path().join(".spec.yaml.swp");
+    std::fs::write(&tmp, spec(&sb.host_if, 9)).unwrap();
+    std::fs::rename(&tmp, &path).unwrap(); // an editor's atomic save
+    wait("the rename-over", Duration::from_secs(10), || mark80(&env) == Some(9));
+    let st = agent.status();
+    assert_eq!(st["agent"]["last_result"], "applied");
+    assert_eq!(st["drift"]["in_sync"], true);
+    agent.stop();
+}
+
+#[test]
+fn a_configmap_symlink_swap_is_applied() {
+    let env = Env::new();
+    let sb = Sandbox::create().unwrap();
+    let cm = TempDir::create("bpfsync-configmap").unwrap();
+    let write_version = |name: &str, mark: u32| {
+        let d = cm.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("spec.yaml"), spec(&sb.host_if, mark)).unwrap();
+    };
+    // The layout kubelet gives a ConfigMap volume.
+    write_version("..2026_11_21_10_00_00.1", 1);
+    std::os::unix::fs::symlink("..2026_11_21_10_00_00.1", cm.path().join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/spec.yaml", cm.path().join("spec.yaml")).unwrap();
+    let agent = Agent::start(&env, &cm.path().join("spec.yaml"), "30s");
+    assert_eq!(mark80(&env), Some(1));
+
+    // kubelet's update: a new directory, a new `..data_tmp` link renamed over `..data`.
+    write_version("..2026_11_21_10_05_00.2", 7);
+    std::os::unix::fs::symlink("..2026_11_21_10_05_00.2", cm.path().join("..data_tmp")).unwrap();
+    std::fs::rename(cm.path().join("..data_tmp"), cm.path().join("..data")).unwrap();
+    std::fs::remove_dir_all(cm.path().join("..2026_11_21_10_00_00.1")).unwrap();
+    wait("the ConfigMap update", Duration::from_secs(10), || mark80(&env) == Some(7));
+    agent.stop();
+}
+
+#[test]
+fn an_invalid_or_deleted_spec_keeps_the_last_good_state_and_says_why() {
+    let env = Env::new();
+    let sb = Sandbox::create().unwrap();
+    let dir = TempDir::create("bpfsync-agent-spec").unwrap();
+    let path = dir.path().join("spec.yaml");
+    std::fs::write(&path, spec(&sb.host_if, 1)).unwrap();
+    let agent = Agent::start(&env, &path, "1s");
+
+    std::fs::write(&path, spec(&sb.host_if, 1).replace("builtin: classifier", "builtin: classifer")).unwrap();
+    wait("the validation error to be reported", Duration::from_secs(10), || {
+        agent.metric("bpfsync_spec_validation_errors_total") == Some(1.0)
+    });
+    assert_eq!(agent.metric("bpfsync_spec_valid "), Some(0.0));
+    let err = agent.status()["agent"]["spec_error"].as_str().unwrap_or_default().to_string();
+    assert!(err.contains("keeping the last good state") && err.contains("programs[1].builtin"), "{err}");
+    assert_eq!(mark80(&env), Some(1), "the running state is kept");
+    assert_eq!(agent.get("/readyz").0, 200, "still serving the last good state");
+
+    std::fs::remove_file(&path).unwrap();
+    std::thread::sleep(Duration::from_millis(1500)); // past a resync
+    assert_eq!(mark80(&env), Some(1), "a deleted spec never means remove everything");
+    let err = agent.status()["agent"]["spec_error"].as_str().unwrap_or_default().to_string();
+    assert!(err.contains("cannot read spec"), "{err}");
+
+    std::fs::write(&path, spec(&sb.host_if, 3)).unwrap();
+    wait("the fixed spec", Duration::from_secs(10), || mark80(&env) == Some(3));
+    assert_eq!(agent.metric("bpfsync_spec_valid "), Some(1.0));
+    assert_eq!(agent.status()["agent"]["spec_error"], Value::Null);
+    agent.stop();
+}
+
+#[test]
+fn every_kind_of_drift_is_repaired_within_one_resync() {
+    use aya::programs::links::{FdLink, LinkOrder};
+    use aya::programs::tc::{SchedClassifier, TcAttachOptions, TcAttachType};
+    let env = Env::new();
+    let sb = Sandbox::create().unwrap();
+    let dir = TempDir::create("bpfsync-agent-spec").unwrap();
+    let path = dir.path().join("spec.yaml");
+    std::fs::write(&path, spec(&sb.host_if, 1)).unwrap();
+    let agent = Agent::start(&env, &path, "1s");
+    let root = env.bpffs.root();
+    let bt = |args: &[&str]| {
+        let out = Command::new("bpftool").args(args).output().unwrap();
+        assert!(out.status.success(), "bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let repairs = |kind: &str| agent.metric(&format!("bpfsync_drift_repairs_total{{kind=\"{kind}\"}}")).unwrap_or(0.0);
+    let ports = root.join("maps/classify/class_ports");
+    let ports = ports.to_str().unwrap();
+
+    // A map entry changed, another deleted, with bpftool.
+    bt(&[
+        "map", "update", "pinned", ports, "key", "6", "0", "80", "0", "value", "9", "0", "0", "0", "0", "0", "0", "0",
+    ]);
+    bt(&["map", "delete", "pinned", ports, "key", "6", "0", "0xbb", "1"]);
+    wait("map entries repaired", Duration::from_secs(5), || {
+        mark80(&env) == Some(1) && repairs("map-entry-create") >= 1.0
+    });
+    assert!(repairs("map-entry-update") >= 1.0);
+
+    // The XDP link detached by hand (its program is no longer attached).
+    let ifindex = sys::ifindex(&sb.host_if).unwrap();
+    let xdp_pin = root.join(format!("links/xdp:{}:skb", sb.host_if));
+    bt(&["link", "detach", "pinned", xdp_pin.to_str().unwrap()]);
+    assert_eq!(xdp_state(ifindex).unwrap().skb_prog, None);
+    wait("the XDP program re-attached", Duration::from_secs(5), || xdp_state(ifindex).unwrap().skb_prog.is_some());
+    assert!(repairs("attachment-replace") >= 1.0);
+
+    // A link unpinned (and so released).
+    let tc_pin = root.join(format!("links/tcx:{}:ingress:0", sb.host_if));
+    std::fs::remove_file(&tc_pin).unwrap();
+    wait("the TCX link re-created", Duration::from_secs(5), || tc_pin.exists());
+    assert!(repairs("attachment-create") >= 1.0);
+
+    // A foreign program on an owned hook: reported, not touched.
+    let mut ebpf = aya::Ebpf::load(&std::fs::read(common::repo().join("bpf/classifier.bpf.o")).unwrap()).unwrap();
+    let prog: &mut SchedClassifier = ebpf.program_mut("tc_classify").unwrap().try_into().unwrap();
+    prog.load().unwrap();
+    let id = prog
+        .attach_with_options(&sb.host_if, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+        .unwrap();
+    let link: FdLink = prog.take_link(id).unwrap().try_into().unwrap();
+    link.pin(env.bpffs.mount.join("foreign")).unwrap();
+    wait("the conflict reported", Duration::from_secs(5), || agent.metric("bpfsync_conflicts ") == Some(1.0));
+    assert!(env.bpffs.mount.join("foreign").exists());
+    let st = agent.status();
+    assert_eq!(st["drift"]["in_sync"], true, "{}", st["drift"]);
+    assert_eq!(st["foreign"].as_array().unwrap().len(), 1);
+    agent.stop();
+}
+
+#[test]
+fn a_restarted_agent_adopts_the_datapath_without_reloading_or_losing_traffic() {
+    let env = Env::new();
+    let sb = Sandbox::create().unwrap();
+    let dir = TempDir::create("bpfsync-agent-spec").unwrap();
+    let path: PathBuf = dir.path().join("spec.yaml");
+    std::fs::write(&path, spec(&sb.host_if, 1)).unwrap();
+    let agent = Agent::start(&env, &path, "30s");
+    let before = agent.status();
+    let stats = MapRef { program: "counter".into(), map: "packet_stats".into() };
+    let udp = |env: &Env| {
+        let mut k = env.kernel();
+        let s = k.observe(&Scope { maps: [stats.clone()].into(), ..Default::default() }).unwrap();
+        bpfsync::datapath::proto_counters(&s.maps[&stats].entries).get("udp").map_or(0, |c| c.packets)
+    };
+    let start = udp(&env);
+    let sender = std::thread::spawn({
+        let (netns, host_ip, peer_ip) = (sb.netns.clone(), sb.host_ip, sb.peer_ip);
+        move || {
+            let probe = Sandbox { netns, host_if: String::new(), peer_if: String::new(), host_ip, peer_ip };
+            let sent = probe.send_udp(9, 2000, Duration::from_micros(500));
+            std::mem::forget(probe);
+            sent
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    agent.stop();
+    let ifindex = sys::ifindex(&sb.host_if).unwrap();
+    assert!(xdp_state(ifindex).unwrap().skb_prog.is_some(), "stopping the agent leaves the datapath running");
+    let agent = Agent::start(&env, &path, "30s");
+    let sent = sender.join().unwrap().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(udp(&env) - start, sent, "no packet went uncounted across the restart");
+    let after = agent.status();
+    assert_eq!(before["programs"], after["programs"], "no program was reloaded");
+    assert_eq!(before["attachments"], after["attachments"], "no link was re-created");
+    assert_eq!(after["agent"]["last_result"], "no_change");
+    assert_eq!(agent.metric("bpfsync_reconciles_total{result=\"applied\"}"), None);
+    agent.stop();
+}
+
+#[test]
+fn endpoints_serve_openmetrics_health_readiness_and_status() {
+    let env = Env::new();
+    let sb = Sandbox::create().unwrap();
+    let dir = TempDir::create("bpfsync-agent-spec").unwrap();
+    let path = dir.path().join("spec.yaml");
+    std::fs::write(&path, spec(&sb.host_if, 1)).unwrap();
+    let agent = Agent::start(&env, &path, "30s");
+    sb.send_udp(9, 20, Duration::ZERO).unwrap();
+    let (code, text) = agent.get("/metrics");
+    assert_eq!(code, 200);
+    assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
+    for name in [
+        "bpfsync_reconciles_total{result=\"applied\"} 1",
+        "bpfsync_reconcile_duration_seconds_count",
+        "bpfsync_managed_objects{kind=\"map_entry\"} 3",
+        "bpfsync_last_successful_apply_timestamp_seconds",
+        "bpfsync_spec_validation_errors_total 0",
+        "bpfsync_datapath_packets_total{program=\"counter\",protocol=\"udp\"}",
+        "bpfsync_datapath_bytes_total{program=\"counter\",protocol=\"udp\"}",
+    ] {
+        assert!(text.contains(name), "/metrics lacks `{name}`:\n{text}");
+    }
+    // A strict OpenMetrics parser (Python prometheus_client) takes it…
+    let metrics_file = dir.path().join("metrics.txt");
+    std::fs::write(&metrics_file, &text).unwrap();
+    let out = Command::new("python3")
+        .args(["-c", "import sys\nfrom prometheus_client.openmetrics.parser import text_string_to_metric_families as p\nprint(len(list(p(open(sys.argv[1]).read()))))", metrics_file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "OpenMetrics parse failed: {}", String::from_utf8_lossy(&out.stderr));
+    // …and promtool parses it (exit 3 = lint notes on `_total` HELP names of
+    // the classic format, 1 = a parse error).
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_ne!(out.status.code(), Some(1), "promtool: {}", String::from_utf8_lossy(&out.stderr));
+
+    assert_eq!(agent.get("/healthz"), (200, "ok\n".into()));
+    assert_eq!(agent.get("/readyz").0, 200);
+    assert_eq!(agent.get("/nope").0, 404);
+    let st = agent.status();
+    assert_eq!(st["agent"]["ready"], true);
+    assert!(st["agent"]["spec_sha256"].as_str().is_some_and(|s| s.len() == 64));
+    assert!(st["programs"].as_array().is_some_and(|p| p.len() == 2));
+    agent.stop();
+}
