@@ -54,7 +54,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BPFSYNC_LOG").unwrap_or_else(|_| "warn".into());
+    // The agent logs every apply and repair; one-shot commands only warnings.
+    let default_level = if matches!(cli.command, Command::Agent(_)) { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BPFSYNC_LOG").unwrap_or_else(|_| default_level.into());
     match cli.log_format {
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init(),
         LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init(),

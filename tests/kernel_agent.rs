@@ -282,7 +282,7 @@ fn a_restarted_agent_adopts_the_datapath_without_reloading_or_losing_traffic() {
     assert_eq!(before["programs"], after["programs"], "no program was reloaded");
     assert_eq!(before["attachments"], after["attachments"], "no link was re-created");
     assert_eq!(after["agent"]["last_result"], "no_change");
-    assert_eq!(agent.metric("bpfsync_reconciles_total{result=\"applied\"}"), None);
+    assert_eq!(agent.metric("bpfsync_reconciles_total{result=\"applied\"}"), Some(0.0));
     agent.stop();
 }
 

@@ -93,6 +93,14 @@ impl Metrics {
         let ready = Gauge::default();
         registry.register("ready", "1 once a reconcile has succeeded", ready.clone());
         registry.register_collector(Box::new(DatapathCollector { bpffs_root }));
+        // Known label values start at zero, so `rate()` and absence alerts
+        // work from the first scrape.
+        for result in ["applied", "no_change", "error", "invalid_spec"] {
+            let _ = reconciles.get_or_create(&ResultLabel { result: result.into() });
+        }
+        for kind in ["program", "attachment", "map_entry"] {
+            let _ = managed_objects.get_or_create(&KindLabel { kind: kind.into() });
+        }
         Metrics {
             registry,
             reconciles,
@@ -119,6 +127,10 @@ impl Metrics {
         self.reconciles.get_or_create(&ResultLabel { result: result.into() }).inc();
     }
 }
+
+/// Families the [`DatapathCollector`] adds at scrape time (without the
+/// `bpfsync_` prefix and type suffixes).
+pub const DATAPATH_FAMILIES: [&str; 3] = ["datapath_packets", "datapath_bytes", "syscall_latency_seconds"];
 
 /// Reads the built-in programs' counters from the kernel at scrape time.
 #[derive(Debug)]
