@@ -31,7 +31,7 @@ use crate::compile::{Desired, ObjectLoader, compile};
 use crate::kernel::Kernel;
 use crate::kernel::real::RealKernel;
 use crate::plan;
-use crate::spec::{self, LoadedSpec};
+use crate::spec;
 use metrics::{KindLabel, Metrics};
 
 #[derive(Debug, Clone)]
@@ -117,8 +117,9 @@ pub enum Outcome {
 
 struct LastGood {
     digest: String,
-    loaded: LoadedSpec,
     desired: Desired,
+    /// The last-applied record for this spec, staged in the state directory.
+    staged: PathBuf,
 }
 
 /// The reconcile state machine, run on a blocking thread.
@@ -165,17 +166,39 @@ impl Reconciler {
             return false;
         }
         self.seen_digest = Some(digest.clone());
-        let compiled = spec::load(path, &text).and_then(|l| compile(&l, &mut ObjectLoader::default()).map(|d| (l, d)));
+        let compiled = match validate_in_child(path, &text) {
+            Ok(None) => spec::load_with(path, &text, spec::SchemaCheck::AlreadyDone)
+                .and_then(|l| compile(&l, &mut ObjectLoader::default()).map(|d| (l, d)))
+                .map_err(|d| d.to_string()),
+            Ok(Some(diagnostics)) => Err(diagnostics),
+            Err(e) => Err(format!("cannot validate the spec: {e}")),
+        };
+        drop(text);
         match compiled {
             Ok((loaded, desired)) => {
+                let staged =
+                    match cli::stage_last_applied(&self.shared.config.ctx, &loaded, &desired, "last-applied.next") {
+                        Ok(p) => p,
+                        Err(e) => {
+                            let msg = format!("cannot write to the state directory: {e}");
+                            self.shared.state.lock().unwrap().spec_error = Some(msg);
+                            self.seen_digest = None;
+                            return false;
+                        }
+                    };
+                // The parsed document is big (positions of every node); keep
+                // only the compiled state, and give the memory back.
+                drop(loaded);
+                trim_heap();
                 self.shared.metrics.spec_valid.set(1);
                 let mut st = self.shared.state.lock().unwrap();
                 st.spec_digest = Some(digest.clone());
                 st.spec_error = None;
                 drop(st);
-                self.last_good = Some(LastGood { digest, loaded, desired });
+                self.last_good = Some(LastGood { digest, desired, staged });
             }
             Err(diags) => {
+                trim_heap();
                 self.shared.metrics.spec_valid.set(0);
                 self.shared.metrics.spec_validation_errors.inc();
                 self.shared.metrics.count_reconcile("invalid_spec");
@@ -201,6 +224,7 @@ impl Reconciler {
             return Outcome::Skipped;
         }
         let outcome = self.reconcile_with(&digest);
+        trim_heap(); // the observed state of big maps is transient
         let elapsed = started.elapsed();
         self.shared.metrics.reconcile_duration.observe(elapsed.as_secs_f64());
         let result = match &outcome {
@@ -268,7 +292,7 @@ impl Reconciler {
         m.managed_objects.get_or_create(&KindLabel { kind: "map_entry".into() }).set(entries as i64);
         if p.is_empty() {
             if self.applied_digest.as_deref() != Some(digest) {
-                let _ = cli::save_last_applied(&ctx, &good.loaded, &good.desired);
+                let _ = cli::commit_last_applied(&ctx, &good.staged);
                 self.applied_digest = Some(digest.to_string());
             }
             return Ok(0);
@@ -288,7 +312,9 @@ impl Reconciler {
         match apply::apply(kernel, &p, &good.desired, &observed, &mut journal, Retry::default()) {
             Ok(report) => {
                 tracing::info!(steps = report.steps, kernel_writes = report.kernel_writes, "applied");
-                let _ = cli::save_last_applied(&ctx, &good.loaded, &good.desired);
+                if self.applied_digest.as_deref() != Some(digest) {
+                    let _ = cli::commit_last_applied(&ctx, &good.staged);
+                }
                 self.applied_digest = Some(digest.to_string());
                 Ok(shown.len())
             }
@@ -301,6 +327,40 @@ impl Reconciler {
                 Err((error_chain(&e), retryable))
             }
         }
+    }
+}
+
+/// Validates spec text in a short-lived `bpfsync validate` child: the JSON
+/// Schema engine keeps ~40 MB it never frees, which a long-running agent
+/// should not carry. Ok(None) when valid, Ok(Some(diagnostics)) when not.
+fn validate_in_child(path: &std::path::Path, text: &str) -> std::io::Result<Option<String>> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["--no-color", "validate", "--stdin"])
+        .arg(path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child.stdin.take().expect("piped stdin").write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if out.status.success() {
+        return Ok(None);
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    // The last line is the CLI's own "error: …" summary.
+    let diagnostics = err.trim_end().rsplit_once('\n').map_or(err.as_ref(), |(d, _)| d).to_string();
+    Ok(Some(diagnostics))
+}
+
+/// Returns freed heap memory to the system: parsing a big spec or reading a
+/// big map leaves the allocator holding pages the idle agent never reuses.
+fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

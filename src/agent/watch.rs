@@ -24,7 +24,10 @@ pub fn watch(spec: &Path, tx: mpsc::Sender<()>) -> notify::Result<RecommendedWat
             || real_dir.as_deref().is_some_and(|d| p.starts_with(d))
     };
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Reads (ours included: the reconciler reads the spec) are not
+        // changes; reacting to them would loop.
         if let Ok(event) = event
+            && !matches!(event.kind, notify::EventKind::Access(_))
             && event.paths.iter().any(|p| relevant(p))
         {
             // Full channel: a reconcile is already pending.

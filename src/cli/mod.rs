@@ -128,8 +128,20 @@ fn applied_dir(ctx: &Context) -> PathBuf {
 }
 
 pub fn save_last_applied(ctx: &Context, loaded: &LoadedSpec, desired: &Desired) -> anyhow::Result<()> {
-    let dir = applied_dir(ctx);
-    let tmp = ctx.state_dir.join("last-applied.tmp");
+    let staged = stage_last_applied(ctx, loaded, desired, "last-applied.tmp")?;
+    commit_last_applied(ctx, &staged)
+}
+
+/// Makes the last-applied record as `name` in the state directory, to be
+/// committed once the apply succeeds (the agent stages when a spec loads,
+/// so it need not keep the parsed spec in memory).
+pub fn stage_last_applied(
+    ctx: &Context,
+    loaded: &LoadedSpec,
+    desired: &Desired,
+    name: &str,
+) -> anyhow::Result<PathBuf> {
+    let tmp = ctx.state_dir.join(name);
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(tmp.join("objects"))?;
     let mut spec = loaded.spec.clone();
@@ -157,8 +169,14 @@ pub fn save_last_applied(ctx: &Context, loaded: &LoadedSpec, desired: &Desired) 
             .unwrap_or(0),
     };
     fs::write(tmp.join("meta.json"), serde_json::to_string_pretty(&meta)?)?;
+    Ok(tmp)
+}
+
+/// Makes a staged record the last-applied one.
+pub fn commit_last_applied(ctx: &Context, staged: &Path) -> anyhow::Result<()> {
+    let dir = applied_dir(ctx);
     let _ = fs::remove_dir_all(&dir);
-    fs::rename(&tmp, &dir)?;
+    fs::rename(staged, &dir)?;
     Ok(())
 }
 

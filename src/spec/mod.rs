@@ -11,7 +11,6 @@ pub mod yaml;
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 pub use diag::{Diagnostic, Diagnostics, pointer_to_path};
 pub use types::*;
@@ -44,17 +43,30 @@ impl LoadedSpec {
     }
 }
 
-fn schema_validator() -> &'static jsonschema::Validator {
-    static VALIDATOR: OnceLock<jsonschema::Validator> = OnceLock::new();
-    VALIDATOR.get_or_init(|| {
-        let schema: serde_json::Value = serde_json::from_str(SCHEMA).expect("embedded schema is valid JSON");
-        jsonschema::draft202012::new(&schema).expect("embedded schema compiles")
-    })
+/// A validator for the embedded schema. Built per use and dropped: the
+/// compiled validator holds ~40 MB (jsonschema 0.33 keeps a copy of the
+/// document per subschema), too much for an idle agent to carry.
+fn schema_validator() -> jsonschema::Validator {
+    let schema: serde_json::Value = serde_json::from_str(SCHEMA).expect("embedded schema is valid JSON");
+    jsonschema::draft202012::new(&schema).expect("embedded schema compiles")
 }
 
 /// Parses and validates `source` (the contents of `file`).
 pub fn load(file: &Path, source: &str) -> Result<LoadedSpec, Diagnostics> {
-    let doc = match yaml::parse(source) {
+    load_with(file, source, SchemaCheck::Run)
+}
+
+/// Whether [`load_with`] runs the JSON Schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchemaCheck {
+    Run,
+    /// The text was already validated against the schema (by a child
+    /// process, see the agent); the serde types and semantic checks still run.
+    AlreadyDone,
+}
+
+pub fn load_with(file: &Path, source: &str, schema: SchemaCheck) -> Result<LoadedSpec, Diagnostics> {
+    let mut doc = match yaml::parse(source) {
         Ok(doc) => doc,
         Err(e) => {
             let d = Diagnostic::new(file, source, e.position, "", format!("invalid YAML: {}", e.message));
@@ -63,8 +75,11 @@ pub fn load(file: &Path, source: &str) -> Result<LoadedSpec, Diagnostics> {
     };
     let mut diags: Vec<Diagnostic> =
         doc.problems.iter().map(|(ptr, pos, msg)| Diagnostic::new(file, source, *pos, ptr, msg.clone())).collect();
-    diags.extend(schema_diagnostics(file, source, &doc));
-    let spec: NodeSpec = match serde_json::from_value(doc.value.clone()) {
+    if schema == SchemaCheck::Run {
+        diags.extend(schema_diagnostics(file, source, &doc));
+    }
+    // Positions live in `doc`'s indexes; the value itself is not needed again.
+    let spec: NodeSpec = match serde_json::from_value(std::mem::take(&mut doc.value)) {
         Ok(spec) => spec,
         Err(_) if !diags.is_empty() => return Err(sorted(diags)),
         Err(e) => {
@@ -89,7 +104,8 @@ fn sorted(mut diags: Vec<Diagnostic>) -> Diagnostics {
 fn schema_diagnostics(file: &Path, source: &str, doc: &MarkedDocument) -> Vec<Diagnostic> {
     use jsonschema::error::ValidationErrorKind as Kind;
     let mut out = Vec::new();
-    for err in schema_validator().iter_errors(&doc.value) {
+    let validator = schema_validator();
+    for err in validator.iter_errors(&doc.value) {
         let pointer = err.instance_path.as_str().to_string();
         match &err.kind {
             Kind::AdditionalProperties { unexpected } => {
