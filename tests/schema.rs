@@ -89,3 +89,74 @@ fn schema_command_prints_the_schema() {
     assert!(out.status.success());
     assert_eq!(String::from_utf8(out.stdout).unwrap(), SCHEMA);
 }
+
+/// The in-process validator runs the schema as draft 2019-09 (see
+/// `spec::schema_validator`); that is only sound while the schema uses
+/// keywords that mean the same in 2019-09 and 2020-12.
+#[test]
+fn the_schema_only_uses_keywords_shared_by_2019_09_and_2020_12() {
+    const SHARED: &[&str] = &[
+        "$schema",
+        "$id",
+        "$ref",
+        "$defs",
+        "title",
+        "description",
+        "default",
+        "type",
+        "const",
+        "enum",
+        "properties",
+        "additionalProperties",
+        "required",
+        "items",
+        "minItems",
+        "pattern",
+        "minLength",
+        "maxLength",
+        "minimum",
+        "maximum",
+    ];
+    fn walk(v: &serde_json::Value, in_properties: bool, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, child) in m {
+                    // Under `properties`/`$defs` the keys are names, not keywords.
+                    if !in_properties && !SHARED.contains(&k.as_str()) {
+                        out.push(k.clone());
+                    }
+                    walk(child, !in_properties && (k == "properties" || k == "$defs"), out);
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, false, out)),
+            _ => {}
+        }
+    }
+    let schema: serde_json::Value = serde_json::from_str(SCHEMA).unwrap();
+    let mut unknown = Vec::new();
+    walk(&schema, false, &mut unknown);
+    assert!(unknown.is_empty(), "keywords outside the shared set: {unknown:?}");
+}
+
+#[test]
+fn the_2019_09_and_2020_12_engines_agree_on_every_spec_in_the_repository() {
+    let schema: serde_json::Value = serde_json::from_str(SCHEMA).unwrap();
+    let strict = jsonschema::draft202012::new(&schema).unwrap();
+    let fast = spec::schema_validator();
+    let mut files = spec_files();
+    files.extend(
+        fs::read_dir("tests/bad-specs")
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml")),
+    );
+    let mut compared = 0;
+    for f in files {
+        let Ok(doc) = spec::yaml::parse(&fs::read_to_string(&f).unwrap()) else { continue };
+        let a: Vec<String> = strict.iter_errors(&doc.value).map(|e| format!("{} {}", e.instance_path, e)).collect();
+        let b: Vec<String> = fast.iter_errors(&doc.value).map(|e| format!("{} {}", e.instance_path, e)).collect();
+        assert_eq!(a, b, "{}", f.display());
+        compared += 1;
+    }
+    assert!(compared > 30);
+}

@@ -166,13 +166,9 @@ impl Reconciler {
             return false;
         }
         self.seen_digest = Some(digest.clone());
-        let compiled = match validate_in_child(path, &text) {
-            Ok(None) => spec::load_with(path, &text, spec::SchemaCheck::AlreadyDone)
-                .and_then(|l| compile(&l, &mut ObjectLoader::default()).map(|d| (l, d)))
-                .map_err(|d| d.to_string()),
-            Ok(Some(diagnostics)) => Err(diagnostics),
-            Err(e) => Err(format!("cannot validate the spec: {e}")),
-        };
+        let compiled = spec::load(path, &text)
+            .and_then(|l| compile(&l, &mut ObjectLoader::default()).map(|d| (l, d)))
+            .map_err(|d| d.to_string());
         drop(text);
         match compiled {
             Ok((loaded, desired)) => {
@@ -328,30 +324,6 @@ impl Reconciler {
             }
         }
     }
-}
-
-/// Validates spec text in a short-lived `bpfsync validate` child: the JSON
-/// Schema engine keeps ~40 MB it never frees, which a long-running agent
-/// should not carry. Ok(None) when valid, Ok(Some(diagnostics)) when not.
-fn validate_in_child(path: &std::path::Path, text: &str) -> std::io::Result<Option<String>> {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["--no-color", "validate", "--stdin"])
-        .arg(path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child.stdin.take().expect("piped stdin").write_all(text.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if out.status.success() {
-        return Ok(None);
-    }
-    let err = String::from_utf8_lossy(&out.stderr);
-    // The last line is the CLI's own "error: …" summary.
-    let diagnostics = err.trim_end().rsplit_once('\n').map_or(err.as_ref(), |(d, _)| d).to_string();
-    Ok(Some(diagnostics))
 }
 
 /// Returns freed heap memory to the system: parsing a big spec or reading a

@@ -16,18 +16,11 @@ pub struct Args {
     /// `json` prints `{ "valid": …, "errors": [{file, line, column, path, message}] }` on stdout.
     #[arg(short, long, value_enum, default_value = "text")]
     pub output: Output,
-    /// Read the spec's text from stdin; SPEC still names it in messages and
-    /// anchors its relative paths (the agent validates this way).
-    #[arg(long, hide = true)]
-    pub stdin: bool,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Exit> {
-    let source = if args.stdin {
-        std::io::read_to_string(std::io::stdin()).context("cannot read the spec from stdin")?
-    } else {
-        std::fs::read_to_string(&args.spec).with_context(|| format!("cannot read spec `{}`", args.spec.display()))?
-    };
+    let source =
+        std::fs::read_to_string(&args.spec).with_context(|| format!("cannot read spec `{}`", args.spec.display()))?;
     let result =
         spec::load(&args.spec, &source).and_then(|l| compile(&l, &mut ObjectLoader::default()).map(|d| (l, d)));
     let (loaded, desired) = match result {
