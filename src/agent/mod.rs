@@ -166,26 +166,29 @@ impl Reconciler {
             return false;
         }
         self.seen_digest = Some(digest.clone());
-        let compiled = spec::load(path, &text)
-            .and_then(|l| compile(&l, &mut ObjectLoader::default()).map(|d| (l, d)))
-            .map_err(|d| d.to_string());
-        drop(text);
+        // Parse and compile on a thread of their own: parsing a big spec
+        // takes ~40x the memory of its compiled state, and what the compiled
+        // state is allocated among would stay fragmented. The result is
+        // copied out here and the thread's arena handed back.
+        let ctx = self.shared.config.ctx.clone();
+        let spec_path = path.clone();
+        let compiled = std::thread::spawn(move || -> Result<(Desired, PathBuf), String> {
+            let loaded = spec::load(&spec_path, &text).map_err(|d| d.to_string())?;
+            let desired = compile(&loaded, &mut ObjectLoader::default()).map_err(|d| d.to_string())?;
+            let staged = cli::stage_last_applied(&ctx, &loaded, &desired, "last-applied.next")
+                .map_err(|e| format!("cannot write to the state directory: {e}"))?;
+            Ok((desired, staged))
+        })
+        .join()
+        .unwrap_or_else(|_| Err("the spec compiler panicked".into()));
+        let compiled = compiled.map(|(parsed, staged)| {
+            let desired = parsed.clone();
+            drop(parsed);
+            (desired, staged)
+        });
+        trim_heap();
         match compiled {
-            Ok((loaded, desired)) => {
-                let staged =
-                    match cli::stage_last_applied(&self.shared.config.ctx, &loaded, &desired, "last-applied.next") {
-                        Ok(p) => p,
-                        Err(e) => {
-                            let msg = format!("cannot write to the state directory: {e}");
-                            self.shared.state.lock().unwrap().spec_error = Some(msg);
-                            self.seen_digest = None;
-                            return false;
-                        }
-                    };
-                // The parsed document is big (positions of every node); keep
-                // only the compiled state, and give the memory back.
-                drop(loaded);
-                trim_heap();
+            Ok((desired, staged)) => {
                 self.shared.metrics.spec_valid.set(1);
                 let mut st = self.shared.state.lock().unwrap();
                 st.spec_digest = Some(digest.clone());
@@ -194,7 +197,6 @@ impl Reconciler {
                 self.last_good = Some(LastGood { digest, desired, staged });
             }
             Err(diags) => {
-                trim_heap();
                 self.shared.metrics.spec_valid.set(0);
                 self.shared.metrics.spec_validation_errors.inc();
                 self.shared.metrics.count_reconcile("invalid_spec");
@@ -219,8 +221,11 @@ impl Reconciler {
         if trigger == Trigger::Resync && self.failed_digest.as_deref() == Some(digest.as_str()) {
             return Outcome::Skipped;
         }
-        let outcome = self.reconcile_with(&digest);
-        trim_heap(); // the observed state of big maps is transient
+        // On a short-lived thread, so the transient observed state, plan and
+        // journal of big maps leave no fragments among long-lived memory.
+        let outcome = std::thread::scope(|s| s.spawn(|| self.reconcile_with(&digest)).join())
+            .unwrap_or_else(|_| Err(("the reconciler panicked".to_string(), false)));
+        trim_heap();
         let elapsed = started.elapsed();
         self.shared.metrics.reconcile_duration.observe(elapsed.as_secs_f64());
         let result = match &outcome {
@@ -373,6 +378,10 @@ pub async fn run(
 
     let (tx, mut rx) = mpsc::channel::<()>(1);
     let _watcher = watch::watch(&config.spec, tx).map_err(|e| anyhow::anyhow!("cannot watch the spec: {e}"))?;
+    // The schema engine keeps a process-wide meta-validator once used:
+    // build it now, on this thread, so it does not pin a parsing thread's
+    // memory later.
+    drop(spec::schema_validator());
     let reconciler = Arc::new(Mutex::new(Reconciler {
         shared: shared.clone(),
         kernel: None,
