@@ -339,3 +339,82 @@ fn endpoints_serve_openmetrics_health_readiness_and_status() {
     assert!(st["programs"].as_array().is_some_and(|p| p.len() == 2));
     agent.stop();
 }
+
+#[test]
+fn a_failure_that_cannot_pass_is_not_retried_until_the_spec_changes() {
+    let env = Env::new();
+    let dir = TempDir::create("bpfsync-agent-spec").unwrap();
+    let path = dir.path().join("spec.yaml");
+    // Native XDP on a dummy interface: the kernel refuses, and will keep refusing.
+    struct Dummy(String);
+    impl Drop for Dummy {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+        }
+    }
+    let dummy = Dummy(format!("bd{}", std::process::id() % 100_000));
+    assert!(Command::new("ip").args(["link", "add", &dummy.0, "type", "dummy"]).status().unwrap().success());
+    let ifname = dummy.0.clone();
+    let bad = format!(
+        "{HEAD}programs:\n  - {{ name: counter, builtin: counter, type: xdp }}\ninterfaces:\n  - {{ name: {ifname}, xdp: {{ program: counter, mode: driver }} }}\n"
+    );
+    std::fs::write(&path, &bad).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new(env!("CARGO_BIN_EXE_bpfsync"))
+        .args(["--bpffs-root", env.bpffs.root().to_str().unwrap(), "--state-dir", env.state.path().to_str().unwrap()])
+        .args(["agent", "--spec", path.to_str().unwrap(), "--resync", "300ms", "--debounce", "50ms"])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let agent = Agent { child, port };
+    wait("the failure", Duration::from_secs(10), || {
+        agent.metric("bpfsync_reconciles_total{result=\"error\"}") == Some(1.0)
+    });
+    std::thread::sleep(Duration::from_millis(1500)); // several resyncs
+    assert_eq!(agent.metric("bpfsync_reconciles_total{result=\"error\"}"), Some(1.0), "not retried");
+    assert_eq!(agent.get("/readyz").0, 503);
+    let err = agent.status()["agent"]["last_error"].as_str().unwrap_or_default().to_string();
+    assert!(err.contains("attach") && err.contains(&ifname), "{err}");
+    assert!(xdp_state(sys::ifindex(&ifname).unwrap()).unwrap().drv_prog.is_none());
+
+    std::fs::write(&path, bad.replace("mode: driver", "mode: skb")).unwrap();
+    wait("the fixed spec", Duration::from_secs(10), || agent.get("/readyz").0 == 200);
+    assert!(xdp_state(sys::ifindex(&ifname).unwrap()).unwrap().skb_prog.is_some());
+    agent.stop();
+}
+
+#[test]
+fn an_agent_started_on_an_invalid_spec_prunes_nothing() {
+    let env = Env::new();
+    let sb = Sandbox::create().unwrap();
+    let dir = TempDir::create("bpfsync-agent-spec").unwrap();
+    let path = dir.path().join("spec.yaml");
+    std::fs::write(&path, spec(&sb.host_if, 4)).unwrap();
+    env.run_ok(&["apply", path.to_str().unwrap(), "--auto-approve"]);
+    std::fs::write(&path, "apiVersion: bpfsync/v1\nkind: NodeSpec\nprograms: [oops\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new(env!("CARGO_BIN_EXE_bpfsync"))
+        .args(["--bpffs-root", env.bpffs.root().to_str().unwrap(), "--state-dir", env.state.path().to_str().unwrap()])
+        .args([
+            "agent",
+            "--spec",
+            path.to_str().unwrap(),
+            "--resync",
+            "300ms",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let agent = Agent { child, port };
+    wait("the agent to answer", Duration::from_secs(10), || agent.get("/healthz").0 == 200);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(agent.get("/readyz").0, 503, "not ready without a valid spec");
+    assert_eq!(mark80(&env), Some(4), "what was running is still running");
+    assert!(xdp_state(sys::ifindex(&sb.host_if).unwrap()).unwrap().skb_prog.is_some());
+    agent.stop();
+}
