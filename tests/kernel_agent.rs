@@ -345,16 +345,17 @@ fn a_failure_that_cannot_pass_is_not_retried_until_the_spec_changes() {
     let env = Env::new();
     let dir = TempDir::create("bpfsync-agent-spec").unwrap();
     let path = dir.path().join("spec.yaml");
-    // Native XDP on a dummy interface: the kernel refuses, and will keep refusing.
-    struct Dummy(String);
-    impl Drop for Dummy {
+    // Native XDP on a bridge (no driver support): the kernel refuses, and
+    // will keep refusing.
+    struct Bridge(String);
+    impl Drop for Bridge {
         fn drop(&mut self) {
             let _ = Command::new("ip").args(["link", "del", &self.0]).output();
         }
     }
-    let dummy = Dummy(format!("bd{}", std::process::id() % 100_000));
-    assert!(Command::new("ip").args(["link", "add", &dummy.0, "type", "dummy"]).status().unwrap().success());
-    let ifname = dummy.0.clone();
+    let bridge = Bridge(format!("bb{}", std::process::id() % 100_000));
+    assert!(Command::new("ip").args(["link", "add", &bridge.0, "type", "bridge"]).status().unwrap().success());
+    let ifname = bridge.0.clone();
     let bad = format!(
         "{HEAD}programs:\n  - {{ name: counter, builtin: counter, type: xdp }}\ninterfaces:\n  - {{ name: {ifname}, xdp: {{ program: counter, mode: driver }} }}\n"
     );
