@@ -87,6 +87,14 @@ impl Drop for Agent {
     }
 }
 
+/// A spec file in a fresh directory (kept alive by the returned guard).
+fn spec_file(iface: &str, mark: u32) -> (TempDir, PathBuf) {
+    let dir = TempDir::create("bpfsync-agent-spec").unwrap();
+    let path = dir.path().join("spec.yaml");
+    std::fs::write(&path, spec(iface, mark)).unwrap();
+    (dir, path)
+}
+
 fn wait(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
@@ -108,9 +116,7 @@ fn mark80(env: &Env) -> Option<u32> {
 fn edits_in_place_and_renamed_over_are_applied() {
     let env = Env::new();
     let sb = Sandbox::create().unwrap();
-    let dir = TempDir::create("bpfsync-agent-spec").unwrap();
-    let path = dir.path().join("spec.yaml");
-    std::fs::write(&path, spec(&sb.host_if, 1)).unwrap();
+    let (dir, path) = spec_file(&sb.host_if, 1);
     let agent = Agent::start(&env, &path, "30s");
     assert_eq!(mark80(&env), Some(1));
 
@@ -157,9 +163,7 @@ fn a_configmap_symlink_swap_is_applied() {
 fn an_invalid_or_deleted_spec_keeps_the_last_good_state_and_says_why() {
     let env = Env::new();
     let sb = Sandbox::create().unwrap();
-    let dir = TempDir::create("bpfsync-agent-spec").unwrap();
-    let path = dir.path().join("spec.yaml");
-    std::fs::write(&path, spec(&sb.host_if, 1)).unwrap();
+    let (_dir, path) = spec_file(&sb.host_if, 1);
     let agent = Agent::start(&env, &path, "1s");
 
     std::fs::write(&path, spec(&sb.host_if, 1).replace("builtin: classifier", "builtin: classifer")).unwrap();
@@ -187,13 +191,9 @@ fn an_invalid_or_deleted_spec_keeps_the_last_good_state_and_says_why() {
 
 #[test]
 fn every_kind_of_drift_is_repaired_within_one_resync() {
-    use aya::programs::links::{FdLink, LinkOrder};
-    use aya::programs::tc::{SchedClassifier, TcAttachOptions, TcAttachType};
     let env = Env::new();
     let sb = Sandbox::create().unwrap();
-    let dir = TempDir::create("bpfsync-agent-spec").unwrap();
-    let path = dir.path().join("spec.yaml");
-    std::fs::write(&path, spec(&sb.host_if, 1)).unwrap();
+    let (_dir, path) = spec_file(&sb.host_if, 1);
     let agent = Agent::start(&env, &path, "1s");
     let root = env.bpffs.root();
     let bt = |args: &[&str]| {
@@ -229,14 +229,7 @@ fn every_kind_of_drift_is_repaired_within_one_resync() {
     assert!(repairs("attachment-create") >= 1.0);
 
     // A foreign program on an owned hook: reported, not touched.
-    let mut ebpf = aya::Ebpf::load(&std::fs::read(common::repo().join("bpf/classifier.bpf.o")).unwrap()).unwrap();
-    let prog: &mut SchedClassifier = ebpf.program_mut("tc_classify").unwrap().try_into().unwrap();
-    prog.load().unwrap();
-    let id = prog
-        .attach_with_options(&sb.host_if, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
-        .unwrap();
-    let link: FdLink = prog.take_link(id).unwrap().try_into().unwrap();
-    link.pin(env.bpffs.mount.join("foreign")).unwrap();
+    common::attach_foreign_tcx(&sb.host_if, &env.bpffs.mount.join("foreign"));
     wait("the conflict reported", Duration::from_secs(5), || agent.metric("bpfsync_conflicts ") == Some(1.0));
     assert!(env.bpffs.mount.join("foreign").exists());
     let st = agent.status();
@@ -249,9 +242,7 @@ fn every_kind_of_drift_is_repaired_within_one_resync() {
 fn a_restarted_agent_adopts_the_datapath_without_reloading_or_losing_traffic() {
     let env = Env::new();
     let sb = Sandbox::create().unwrap();
-    let dir = TempDir::create("bpfsync-agent-spec").unwrap();
-    let path: PathBuf = dir.path().join("spec.yaml");
-    std::fs::write(&path, spec(&sb.host_if, 1)).unwrap();
+    let (_dir, path) = spec_file(&sb.host_if, 1);
     let agent = Agent::start(&env, &path, "30s");
     let before = agent.status();
     let stats = MapRef { program: "counter".into(), map: "packet_stats".into() };
@@ -290,9 +281,7 @@ fn a_restarted_agent_adopts_the_datapath_without_reloading_or_losing_traffic() {
 fn endpoints_serve_openmetrics_health_readiness_and_status() {
     let env = Env::new();
     let sb = Sandbox::create().unwrap();
-    let dir = TempDir::create("bpfsync-agent-spec").unwrap();
-    let path = dir.path().join("spec.yaml");
-    std::fs::write(&path, spec(&sb.host_if, 1)).unwrap();
+    let (dir, path) = spec_file(&sb.host_if, 1);
     let agent = Agent::start(&env, &path, "30s");
     sb.send_udp(9, 20, Duration::ZERO).unwrap();
     let (code, text) = agent.get("/metrics");
@@ -390,9 +379,7 @@ fn a_failure_that_cannot_pass_is_not_retried_until_the_spec_changes() {
 fn an_agent_started_on_an_invalid_spec_prunes_nothing() {
     let env = Env::new();
     let sb = Sandbox::create().unwrap();
-    let dir = TempDir::create("bpfsync-agent-spec").unwrap();
-    let path = dir.path().join("spec.yaml");
-    std::fs::write(&path, spec(&sb.host_if, 4)).unwrap();
+    let (_dir, path) = spec_file(&sb.host_if, 4);
     env.run_ok(&["apply", path.to_str().unwrap(), "--auto-approve"]);
     std::fs::write(&path, "apiVersion: bpfsync/v1\nkind: NodeSpec\nprograms: [oops\n").unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

@@ -406,20 +406,10 @@ fn kill_9_in_the_middle_of_an_apply_is_rolled_back_and_the_next_apply_converges(
 
 #[test]
 fn a_foreign_tcx_program_is_reported_and_taken_over_only_when_asked() {
-    use aya::programs::links::{FdLink, LinkOrder};
-    use aya::programs::tc::{SchedClassifier, TcAttachOptions, TcAttachType};
     let env = Env::new();
     let sb = Sandbox::create().unwrap();
-    // Someone else's TCX link: the classifier loaded and attached by hand,
-    // pinned outside bpfsync's root.
-    let mut ebpf = aya::Ebpf::load(&std::fs::read(repo().join("bpf/classifier.bpf.o")).unwrap()).unwrap();
-    let prog: &mut SchedClassifier = ebpf.program_mut("tc_classify").unwrap().try_into().unwrap();
-    prog.load().unwrap();
-    let id = prog
-        .attach_with_options(&sb.host_if, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
-        .unwrap();
-    let link: FdLink = prog.take_link(id).unwrap().try_into().unwrap();
-    link.pin(env.bpffs.mount.join("foreign_tcx")).unwrap();
+    // Someone else's TCX link, pinned outside bpfsync's root.
+    common::attach_foreign_tcx(&sb.host_if, &env.bpffs.mount.join("foreign_tcx"));
     let foreign = tcx_ids(&sb.host_if).0[0];
 
     let spec = write_spec(env.state.path(), "spec.yaml", &full_spec(&sb.host_if, "skb", BUILTIN_COUNTER));
@@ -438,5 +428,4 @@ fn a_foreign_tcx_program_is_reported_and_taken_over_only_when_asked() {
     let out = env.run_ok(&["apply", &spec2, "--auto-approve"]);
     assert!(out.contains("evict") || out.contains("takeover"), "{out}");
     assert_eq!(tcx_ids(&sb.host_if).0, vec![ours], "the foreign link was detached");
-    drop(ebpf);
 }

@@ -94,3 +94,18 @@ pub fn compile_text(path: &str, text: &str) -> bpfsync::compile::Desired {
     let loaded = bpfsync::spec::load(Path::new(path), text).unwrap_or_else(|d| panic!("{d}"));
     bpfsync::compile::compile(&loaded, &mut bpfsync::compile::ObjectLoader::default()).unwrap_or_else(|d| panic!("{d}"))
 }
+
+/// Loads the built-in classifier and attaches it to `iface`'s TCX ingress
+/// as someone else would (a link pinned at `pin`, outside bpfsync's root).
+pub fn attach_foreign_tcx(iface: &str, pin: &Path) {
+    use aya::programs::links::{FdLink, LinkOrder};
+    use aya::programs::tc::{SchedClassifier, TcAttachOptions, TcAttachType};
+    let mut ebpf = aya::Ebpf::load(&std::fs::read(repo().join("bpf/classifier.bpf.o")).unwrap()).unwrap();
+    let prog: &mut SchedClassifier = ebpf.program_mut("tc_classify").unwrap().try_into().unwrap();
+    prog.load().unwrap();
+    let id = prog
+        .attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+        .unwrap();
+    let link: FdLink = prog.take_link(id).unwrap().try_into().unwrap();
+    link.pin(pin).unwrap();
+}
