@@ -214,6 +214,7 @@ pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, 
                 ));
             }
             let mut first_at: HashMap<Vec<u8>, usize> = HashMap::new();
+            let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(m.entries.len());
             for (k, e) in m.entries.iter().enumerate() {
                 let eptr = format!("{mptr}/entries/{k}");
                 let key = codec::encode(&e.key, &def.key)
@@ -245,8 +246,9 @@ pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, 
                 if def.is_array() && value.iter().all(|b| *b == 0) {
                     continue;
                 }
-                state.entries.insert(key, value);
+                pairs.push((key, value));
             }
+            state.entries = pairs.into_iter().collect();
         }
     }
 

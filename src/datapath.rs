@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::entries::Entries;
+
 /// `struct proto_stats`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -60,9 +62,9 @@ impl ProtoStats {
 
 /// Decodes a `packet_stats`-shaped map (u32 slot → proto_stats) by
 /// protocol name; absent slots are zero.
-pub fn proto_counters(entries: &BTreeMap<Vec<u8>, Vec<u8>>) -> BTreeMap<&'static str, ProtoStats> {
+pub fn proto_counters(entries: &Entries) -> BTreeMap<&'static str, ProtoStats> {
     let mut out = BTreeMap::new();
-    for (k, v) in entries {
+    for (k, v) in entries.iter() {
         let slot = k.first().copied().unwrap_or(0) as usize;
         if let (Some(name), Some(s)) = (PROTO_NAMES.get(slot), ProtoStats::from_bytes(v)) {
             out.insert(*name, s);
@@ -72,7 +74,7 @@ pub fn proto_counters(entries: &BTreeMap<Vec<u8>, Vec<u8>>) -> BTreeMap<&'static
 }
 
 /// Decodes `latency_hist` (u32 bucket → u64 count) into (bucket, count).
-pub fn latency_histogram(entries: &BTreeMap<Vec<u8>, Vec<u8>>) -> Vec<(u32, u64)> {
+pub fn latency_histogram(entries: &Entries) -> Vec<(u32, u64)> {
     entries
         .iter()
         .filter_map(|(k, v)| {
@@ -89,10 +91,10 @@ mod tests {
 
     #[test]
     fn decodes_counters() {
-        let mut m = BTreeMap::new();
+        let mut m = Entries::new();
         let mut v = 3u64.to_le_bytes().to_vec();
         v.extend(300u64.to_le_bytes());
-        m.insert(2u32.to_le_bytes().to_vec(), v);
+        m.insert(2u32.to_le_bytes(), v);
         let c = proto_counters(&m);
         assert_eq!(c["tcp"], ProtoStats { packets: 3, bytes: 300 });
     }

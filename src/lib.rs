@@ -27,6 +27,7 @@ pub mod cli;
 pub mod codec;
 pub mod compile;
 pub mod datapath;
+pub mod entries;
 pub mod kernel;
 pub mod model;
 pub mod net;

@@ -15,6 +15,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{Form, Layout};
+use crate::entries::Entries;
 use crate::spec::{ProgramType, XdpMode};
 
 /// Where a program is attached.
@@ -165,7 +166,7 @@ pub struct MapState {
     pub shape: Option<MapShape>,
     /// Whether the spec declares this map's contents.
     pub managed: bool,
-    pub entries: BTreeMap<Vec<u8>, Vec<u8>>,
+    pub entries: Entries,
     pub codec: MapCodec,
     /// Kernel map id (observed only).
     pub id: Option<u32>,

@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::codec;
+use crate::entries::Entries;
 use crate::model::{Attachment, ForeignProgram, Hook, MapRef, MapShape, MapState, Program, State};
 use crate::spec::{ProgramType, XdpMode};
 
@@ -166,16 +167,22 @@ impl Snapshot {
         }
         for m in &self.maps {
             let r = MapRef { program: m.program.clone(), map: m.map.clone() };
-            let mut entries = BTreeMap::new();
+            let mut pairs = Vec::new();
             for (k, v) in &m.entries {
-                entries.insert(unhex(&m.map, k)?, unhex(&m.map, v)?);
+                pairs.push((unhex(&m.map, k)?, unhex(&m.map, v)?));
             }
             if let Some(g) = &m.generate {
                 for i in 0..g.count {
                     let v = g.except.get(&i).copied().unwrap_or(i);
-                    entries.insert(i.to_le_bytes().to_vec(), v.to_le_bytes().to_vec());
+                    pairs.push((i.to_le_bytes().to_vec(), v.to_le_bytes().to_vec()));
                 }
             }
+            if let Some((k0, v0)) = pairs.first()
+                && pairs.iter().any(|(k, v)| k.len() != k0.len() || v.len() != v0.len())
+            {
+                return Err(SnapshotError::Hex { map: m.map.clone(), value: "entries of different sizes".into() });
+            }
+            let entries: Entries = pairs.into_iter().collect();
             // A shape left out means "as desired".
             let shape = m.shape.or_else(|| desired.maps.get(&r).and_then(|d| d.shape));
             s.maps.insert(r, MapState { shape, managed: true, entries, ..Default::default() });

@@ -108,7 +108,7 @@ fn mark80(env: &Env) -> Option<u32> {
     let r = MapRef { program: "classify".into(), map: "class_ports".into() };
     let mut k = env.kernel();
     let s = k.observe(&Scope { maps: [r.clone()].into(), ..Default::default() }).ok()?;
-    let v = s.maps.get(&r)?.entries.get(&vec![6, 0, 80, 0])?.clone();
+    let v = s.maps.get(&r)?.entries.get(&[6, 0, 80, 0])?.to_vec();
     Some(u32::from_le_bytes(v[..4].try_into().unwrap()))
 }
 

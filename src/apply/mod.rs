@@ -591,7 +591,7 @@ fn verify<K: Kernel + ?Sized>(
         let values = k.lookup_entries(r, &keys)?;
         let want = &desired.state.maps[r].entries;
         for (key, got) in keys.iter().zip(values) {
-            if want.get(key) != got.as_ref() {
+            if want.get(key) != got.as_deref() {
                 diffs
                     .push((format!("map_entry.{r}[{}]", crate::codec::hex(key)), "the value read back differs".into()));
             }

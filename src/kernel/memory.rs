@@ -239,7 +239,7 @@ impl Kernel for MemoryKernel {
             if is_array && v.iter().all(|b| *b == 0) {
                 m.entries.remove(k);
             } else {
-                m.entries.insert(k.clone(), v.clone());
+                m.entries.insert(k, v);
             }
         }
         Ok(())
@@ -315,7 +315,7 @@ impl Kernel for MemoryKernel {
 
     fn lookup_entries(&mut self, map: &MapRef, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, KernelError> {
         let m = self.maps.get(map).ok_or_else(|| KernelError::NotFound { what: format!("no map `{map}`") })?;
-        Ok(keys.iter().map(|k| m.entries.get(k).cloned()).collect())
+        Ok(keys.iter().map(|k| m.entries.get(k).map(<[u8]>::to_vec)).collect())
     }
 
     fn writes(&self) -> u64 {

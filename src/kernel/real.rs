@@ -30,6 +30,7 @@ use aya::programs::{Program as AyaProgram, ProgramError};
 use super::netlink::{self, XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE};
 use super::sys;
 use super::{Features, Kernel, KernelError, LoadRequest, Scope};
+use crate::entries::Entries;
 use crate::model::{Attachment, Direction, ForeignProgram, Hook, MapRef, MapShape, MapState, Program, State};
 use crate::object::{self, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE, BPF_MAP_TYPE_LRU_HASH};
 use crate::spec::{ProgramType, XdpMode};
@@ -372,11 +373,7 @@ impl RealKernel {
         Ok(())
     }
 
-    fn read_map(
-        &self,
-        fd: &OwnedFd,
-        shape: &MapShape,
-    ) -> Result<std::collections::BTreeMap<Vec<u8>, Vec<u8>>, sys::SysError> {
+    fn read_map(&self, fd: &OwnedFd, shape: &MapShape) -> Result<Entries, sys::SysError> {
         let ks = shape.key_size as usize;
         let percpu = matches!(shape.map_type, 5 | 6 | 10); // percpu hash/array/lru
         let vs = if percpu {
@@ -384,7 +381,6 @@ impl RealKernel {
         } else {
             shape.value_size as usize
         };
-        let mut out = std::collections::BTreeMap::new();
         let is_array = matches!(shape.map_type, BPF_MAP_TYPE_ARRAY | 6);
         let batchable =
             matches!(shape.map_type, BPF_MAP_TYPE_HASH | BPF_MAP_TYPE_ARRAY | BPF_MAP_TYPE_LRU_HASH | 5 | 6);
@@ -392,34 +388,30 @@ impl RealKernel {
             shape.map_type,
             BPF_MAP_TYPE_HASH | BPF_MAP_TYPE_ARRAY | BPF_MAP_TYPE_LRU_HASH | BPF_MAP_TYPE_LPM_TRIE | 5 | 6 | 10
         ) {
-            return Ok(out); // ring buffers, perf arrays, …: no key/value contents
+            return Ok(Entries::new()); // ring buffers, perf arrays, …: no key/value contents
         }
         if batchable && ks > 0 {
             match sys::map_lookup_all_batch(fd.as_fd(), ks, vs, shape.max_entries as usize) {
                 Ok((keys, values)) => {
-                    // Collecting (sorts, then bulk-builds) beats inserting
-                    // one by one for big maps.
-                    return Ok(keys
-                        .chunks(ks)
-                        .zip(values.chunks(vs))
-                        .filter(|(_, v)| !(is_array && v.iter().all(|b| *b == 0)))
-                        .map(|(k, v)| (k.to_vec(), v.to_vec()))
-                        .collect());
+                    let present = |v: &[u8]| !(is_array && v.iter().all(|b| *b == 0));
+                    return Ok(Entries::from_columns(ks, vs, &keys, &values, present));
                 }
                 Err(e) if sys::batch_unsupported(&e) => {}
                 Err(e) => return Err(e),
             }
         }
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
         let mut key: Option<Vec<u8>> = None;
         let mut next = vec![0u8; ks];
         let mut value = vec![0u8; vs];
         while sys::map_next_key(fd.as_fd(), key.as_deref(), &mut next)? {
             if sys::map_lookup(fd.as_fd(), &next, &mut value)? && !(is_array && value.iter().all(|b| *b == 0)) {
-                out.insert(next.clone(), value.clone());
+                keys.extend_from_slice(&next);
+                values.extend_from_slice(&value);
             }
             key = Some(next.clone());
         }
-        Ok(out)
+        Ok(Entries::from_columns(ks, vs, &keys, &values, |_| true))
     }
 
     /// Finds the bpf link that holds `prog_id` on `ifindex` (any owner).

@@ -565,7 +565,7 @@ fn diff_entries(r: &MapRef, dm: &MapState, om: &MapState, ph: &mut Phases) {
                     before: None,
                     after: Some(entry_value(k, v)),
                     part_of: None,
-                    op: Op::WriteEntry { map: r.clone(), key: k.clone(), value: v.clone(), old: None },
+                    op: Op::WriteEntry { map: r.clone(), key: k.to_vec(), value: v.to_vec(), old: None },
                 });
             }
             std::cmp::Ordering::Greater => {
@@ -578,7 +578,7 @@ fn diff_entries(r: &MapRef, dm: &MapState, om: &MapState, ph: &mut Phases) {
                     before: Some(entry_value(k, v)),
                     after: None,
                     part_of: None,
-                    op: Op::DeleteEntry { map: r.clone(), key: k.clone(), old: v.clone(), zero: is_array },
+                    op: Op::DeleteEntry { map: r.clone(), key: k.to_vec(), old: v.to_vec(), zero: is_array },
                 });
             }
             std::cmp::Ordering::Equal => {
@@ -593,7 +593,12 @@ fn diff_entries(r: &MapRef, dm: &MapState, om: &MapState, ph: &mut Phases) {
                         before: Some(entry_value(k, ov)),
                         after: Some(entry_value(k, dv)),
                         part_of: None,
-                        op: Op::WriteEntry { map: r.clone(), key: k.clone(), value: dv.clone(), old: Some(ov.clone()) },
+                        op: Op::WriteEntry {
+                            map: r.clone(),
+                            key: k.to_vec(),
+                            value: dv.to_vec(),
+                            old: Some(ov.to_vec()),
+                        },
                     });
                 }
             }
