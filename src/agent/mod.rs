@@ -166,26 +166,18 @@ impl Reconciler {
             return false;
         }
         self.seen_digest = Some(digest.clone());
-        // Parse and compile on a thread of their own: parsing a big spec
-        // takes ~40x the memory of its compiled state, and what the compiled
-        // state is allocated among would stay fragmented. The result is
-        // copied out here and the thread's arena handed back.
-        let ctx = self.shared.config.ctx.clone();
-        let spec_path = path.clone();
-        let compiled = std::thread::spawn(move || -> Result<(Desired, PathBuf), String> {
-            let loaded = spec::load(&spec_path, &text).map_err(|d| d.to_string())?;
+        // Parsing a big spec takes ~40x the memory of its compiled state:
+        // keep only the compiled state (the last-applied record is staged on
+        // disk) and give the rest back.
+        let ctx = &self.shared.config.ctx;
+        let compiled = (|| -> Result<(Desired, PathBuf), String> {
+            let loaded = spec::load(path, &text).map_err(|d| d.to_string())?;
             let desired = compile(&loaded, &mut ObjectLoader::default()).map_err(|d| d.to_string())?;
-            let staged = cli::stage_last_applied(&ctx, &loaded, &desired, "last-applied.next")
+            let staged = cli::stage_last_applied(ctx, &loaded, &desired, "last-applied.next")
                 .map_err(|e| format!("cannot write to the state directory: {e}"))?;
             Ok((desired, staged))
-        })
-        .join()
-        .unwrap_or_else(|_| Err("the spec compiler panicked".into()));
-        let compiled = compiled.map(|(parsed, staged)| {
-            let desired = parsed.clone();
-            drop(parsed);
-            (desired, staged)
-        });
+        })();
+        drop(text);
         trim_heap();
         match compiled {
             Ok((desired, staged)) => {
@@ -221,11 +213,8 @@ impl Reconciler {
         if trigger == Trigger::Resync && self.failed_digest.as_deref() == Some(digest.as_str()) {
             return Outcome::Skipped;
         }
-        // On a short-lived thread, so the transient observed state, plan and
-        // journal of big maps leave no fragments among long-lived memory.
-        let outcome = std::thread::scope(|s| s.spawn(|| self.reconcile_with(&digest)).join())
-            .unwrap_or_else(|_| Err(("the reconciler panicked".to_string(), false)));
-        trim_heap();
+        let outcome = self.reconcile_with(&digest);
+        trim_heap(); // the observed state, plan and journal of big maps are transient
         let elapsed = started.elapsed();
         self.shared.metrics.reconcile_duration.observe(elapsed.as_secs_f64());
         let result = match &outcome {
@@ -378,10 +367,6 @@ pub async fn run(
 
     let (tx, mut rx) = mpsc::channel::<()>(1);
     let _watcher = watch::watch(&config.spec, tx).map_err(|e| anyhow::anyhow!("cannot watch the spec: {e}"))?;
-    // The schema engine keeps a process-wide meta-validator once used:
-    // build it now, on this thread, so it does not pin a parsing thread's
-    // memory later.
-    drop(spec::schema_validator());
     let reconciler = Arc::new(Mutex::new(Reconciler {
         shared: shared.clone(),
         kernel: None,

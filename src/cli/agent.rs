@@ -31,6 +31,16 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     require_root()?;
+    // One malloc arena: the agent's big allocations are transient (a spec
+    // parse, a 100k-entry observation) and glibc gives back the main heap
+    // well, but per-thread arenas keep what threads once used (measured:
+    // 14 MB instead of 31 MB idle with 100k managed entries). Set before
+    // any thread starts.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only tunes the allocator.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     let config = AgentConfig {
         spec: args.spec.clone(),
         ctx: ctx.clone(),
