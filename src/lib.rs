@@ -10,13 +10,17 @@
 //! - [`object`]: what an ELF object holds (functions, maps, BTF layouts).
 //!   Pure over bytes.
 //! - [`codec`]: map keys/values between spec values and bytes.
-//! - [`model`]: the flat state model shared by desired and observed.
+//! - [`model`]: the flat state model shared by desired and observed;
+//!   [`entries`] stores a map's entries as compact sorted records.
+//! - [`snapshot`]: observed states as YAML (golden cases, offline plans).
+//! - [`datapath`]: Rust mirrors of `bpf/bpfsync.h` and counter decoders.
 //! - [`compile`]: spec + objects → desired state (reads object files).
 //! - [`plan`]: the pure diff, and its text and JSON renderings.
 //! - [`kernel`]: the one boundary to the kernel: a trait with the real
 //!   backend (aya, raw bpf syscalls, netlink) and an in-memory model for
 //!   tests.
 //! - [`apply`]: the executor — ordered, journaled, undoable, verified.
+//! - [`agent`]: the long-running reconciler (watch, resync, metrics, HTTP).
 //! - [`sandbox`]: network namespaces and veths for the demo and tests.
 //! - [`cli`]: one module per subcommand; `main.rs` only parses arguments.
 
