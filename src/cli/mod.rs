@@ -1,5 +1,6 @@
 //! The command-line interface: one module per subcommand. `main.rs` parses
-//! arguments and calls [`run`]; errors become exit code 1 here.
+//! arguments and calls the `run` of a subcommand; errors become exit code
+//! 1 there.
 
 pub mod agent;
 pub mod apply;

@@ -2,7 +2,7 @@
 //!
 //! A plan is data: each change has an action, a reason, before/after
 //! values for people, and the operation the executor runs. Rendering lives
-//! in [`text`] and [`json`].
+//! in [`text`] and [`mod@json`].
 
 pub mod json;
 pub mod text;
