@@ -36,6 +36,7 @@ pub mod kernel;
 pub mod model;
 pub mod net;
 pub mod object;
+pub mod packet;
 pub mod plan;
 pub mod sandbox;
 pub mod snapshot;

@@ -11,6 +11,7 @@ pub mod memory;
 pub mod netlink;
 pub mod real;
 pub mod sys;
+pub mod testrun;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
