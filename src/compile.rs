@@ -261,6 +261,7 @@ pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, 
                 takeover: x.takeover,
                 link_id: None,
                 defunct: false,
+                running_mode: None,
             };
             desired.state.attachments.insert(hook, att);
         }
@@ -274,6 +275,7 @@ pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, 
                         takeover: tc.takeover,
                         link_id: None,
                         defunct: false,
+                        running_mode: None,
                     };
                     desired.state.attachments.insert(hook, att);
                 }
@@ -283,8 +285,14 @@ pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, 
     }
     for tp in &s.tracepoints {
         let hook = Hook::Tracepoint { event: tp.event.clone(), program: tp.program.clone() };
-        let att =
-            Attachment { program: tp.program.clone(), mode: None, takeover: false, link_id: None, defunct: false };
+        let att = Attachment {
+            program: tp.program.clone(),
+            mode: None,
+            takeover: false,
+            link_id: None,
+            defunct: false,
+            running_mode: None,
+        };
         desired.state.attachments.insert(hook, att);
     }
 

@@ -124,6 +124,10 @@ pub struct Attachment {
     /// Observed only: the hook's interface is gone, the link is defunct.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub defunct: bool,
+    /// Observed only, XDP: the mode the kernel actually runs the program in
+    /// (`auto` resolves to `driver` or, without driver support, `skb`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_mode: Option<XdpMode>,
 }
 
 /// A map, identified by the program that owns it and its name.

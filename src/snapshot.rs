@@ -162,6 +162,7 @@ impl Snapshot {
                     takeover: false,
                     link_id: a.link_id,
                     defunct: a.defunct,
+                    running_mode: None,
                 },
             );
         }

@@ -168,3 +168,39 @@ fn validate_reports_errors_as_json_for_tools() {
     let v: Value = serde_json::from_slice(&ok.stdout).unwrap();
     assert_eq!((v["valid"].as_bool(), v["programs"].as_u64()), (Some(true), Some(4)));
 }
+
+#[test]
+fn auto_mode_says_when_it_falls_back_to_generic_xdp() {
+    let env = Env::new();
+    // A bridge has no native XDP; veth does.
+    struct Bridge(String);
+    impl Drop for Bridge {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+        }
+    }
+    let br = Bridge(format!("bx{}", std::process::id() % 100_000));
+    assert!(Command::new("ip").args(["link", "add", &br.0, "type", "bridge"]).status().unwrap().success());
+    let sb = Sandbox::create().unwrap();
+    let text = format!(
+        "{HEAD}programs:\n  - {{ name: counter, builtin: counter, type: xdp }}\ninterfaces:\n  - {{ name: {}, xdp: {{ program: counter, mode: auto }} }}\n  - {{ name: {}, xdp: {{ program: counter, mode: auto }} }}\n",
+        br.0, sb.host_if
+    );
+    let path = write_spec(env.state.path(), "spec.yaml", &text);
+    let out = env.run(&["apply", &path, "--auto-approve"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains(&format!("`xdp/{}` runs in generic (skb) mode", br.0)), "{err}");
+    assert!(!err.contains(&format!("`xdp/{}` runs in generic", sb.host_if)), "veth runs natively: {err}");
+    let st: Value = serde_json::from_str(&env.run_ok(&["status", "-o", "json"])).unwrap();
+    let modes: Vec<(String, String)> = st["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["hook"].as_str().unwrap().to_string(), a["running_mode"].as_str().unwrap_or("-").to_string()))
+        .collect();
+    assert!(modes.contains(&(format!("xdp/{}", br.0), "skb".into())), "{modes:?}");
+    assert!(modes.contains(&(format!("xdp/{}", sb.host_if), "driver".into())), "{modes:?}");
+    assert!(env.run_ok(&["status"]).contains("mode auto (running skb)"));
+    env.run_ok(&["down", "--auto-approve"]);
+}

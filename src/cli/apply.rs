@@ -19,6 +19,18 @@ pub struct Args {
     pub output: Output,
 }
 
+/// Says where `mode: auto` resolved to generic XDP: it works everywhere but
+/// costs more than native, which users choosing `auto` may expect.
+fn notes_on_xdp_modes(kernel: &mut crate::kernel::real::RealKernel, desired: &crate::compile::Desired) {
+    let Ok(seen) = kernel.observe(&scope_for(&desired.state)) else { return };
+    for (hook, a) in &seen.attachments {
+        let asked = desired.state.attachments.get(hook).and_then(|d| d.mode);
+        if asked == Some(crate::spec::XdpMode::Auto) && a.running_mode == Some(crate::spec::XdpMode::Skb) {
+            eprintln!("note: `{hook}` runs in generic (skb) mode: the driver has no native XDP");
+        }
+    }
+}
+
 pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     let (loaded, desired) = load_spec(&args.spec)?;
     let mut kernel = open_kernel(ctx)?;
@@ -52,6 +64,7 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     let report = apply::apply(&mut kernel, &plan, &desired, &observed, &mut journal, Retry::default())
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     save_last_applied(ctx, &loaded, &desired)?;
+    notes_on_xdp_modes(&mut kernel, &desired);
     let s = plan.summary();
     if text {
         println!(

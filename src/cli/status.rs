@@ -48,6 +48,7 @@ pub fn report(ctx: &Context) -> anyhow::Result<(Value, State, Option<Plan>)> {
         .iter()
         .map(|(h, a)| {
             json!({ "hook": h.to_string(), "program": a.program, "mode": a.mode.map(|m| m.as_str()),
+                    "running_mode": a.running_mode.map(|m| m.as_str()),
                     "link_id": a.link_id, "defunct": a.defunct })
         })
         .collect();
@@ -151,7 +152,11 @@ pub fn render_text(v: &Value, drift: Option<&Plan>) -> String {
     let _ = writeln!(o, "\nATTACHMENTS");
     for a in v["attachments"].as_array().into_iter().flatten() {
         let defunct = if a["defunct"].as_bool() == Some(true) { "  DEFUNCT" } else { "" };
-        let mode = if a["mode"].is_null() { String::new() } else { format!("  mode {}", s(&a["mode"])) };
+        let mode = match (a["mode"].as_str(), a["running_mode"].as_str()) {
+            (None, _) => String::new(),
+            (Some(m), Some(r)) if m != r => format!("  mode {m} (running {r})"),
+            (Some(m), _) => format!("  mode {m}"),
+        };
         let _ =
             writeln!(o, "  {:<36} {:<16} link {}{mode}{defunct}", s(&a["hook"]), s(&a["program"]), s(&a["link_id"]));
     }

@@ -116,7 +116,14 @@ impl Kernel for MemoryKernel {
             let defunct = hook.interface().is_some_and(|i| !self.interfaces.contains_key(i));
             s.attachments.insert(
                 hook.clone(),
-                Attachment { program: l.program.clone(), mode: l.mode, takeover: false, link_id: Some(l.id), defunct },
+                Attachment {
+                    program: l.program.clone(),
+                    mode: l.mode,
+                    takeover: false,
+                    link_id: Some(l.id),
+                    defunct,
+                    running_mode: None,
+                },
             );
         }
         for i in &scope.interfaces {

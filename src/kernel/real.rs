@@ -554,9 +554,23 @@ impl Kernel for RealKernel {
             if let Some(i) = hook.interface() {
                 our_prog_ids_on_if.entry(i.to_string()).or_default().push(info.prog_id);
             }
-            state
-                .attachments
-                .insert(hook, Attachment { program, mode, takeover: false, link_id: Some(info.id), defunct });
+            // Which XDP slot the kernel put it in (`auto` may mean either).
+            let running_mode = match (&hook, expected_if) {
+                (Hook::Xdp { .. }, Some(idx)) if !defunct => netlink::xdp_state(idx).ok().and_then(|x| {
+                    if x.drv_prog == Some(info.prog_id) {
+                        Some(XdpMode::Driver)
+                    } else if x.skb_prog == Some(info.prog_id) {
+                        Some(XdpMode::Skb)
+                    } else {
+                        None
+                    }
+                }),
+                _ => None,
+            };
+            state.attachments.insert(
+                hook,
+                Attachment { program, mode, takeover: false, link_id: Some(info.id), defunct, running_mode },
+            );
         }
 
         // One current version per program; the rest are strays.
