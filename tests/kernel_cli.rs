@@ -204,3 +204,41 @@ fn auto_mode_says_when_it_falls_back_to_generic_xdp() {
     assert!(env.run_ok(&["status"]).contains("mode auto (running skb)"));
     env.run_ok(&["down", "--auto-approve"]);
 }
+
+/// Runs bpfsync in a pseudo-terminal (util-linux `script`), typing `answer`.
+fn run_on_a_terminal(env: &Env, args: &str, answer: &str) -> (Option<i32>, String) {
+    use std::io::Write;
+    let cmd = format!(
+        "{} --bpffs-root {} --state-dir {} --no-color {args}",
+        env!("CARGO_BIN_EXE_bpfsync"),
+        env.bpffs.root().display(),
+        env.state.path().display()
+    );
+    let mut child = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Type once the prompt is up.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    child.stdin.take().unwrap().write_all(format!("{answer}\n").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn apply_asks_on_a_terminal_and_only_yes_applies() {
+    let env = Env::new();
+    let sb = Sandbox::create().unwrap();
+    let path = write_spec(env.state.path(), "spec.yaml", &spec(&sb.host_if));
+    let (code, out) = run_on_a_terminal(&env, &format!("apply {path}"), "no");
+    assert!(out.contains("Do you want to perform these actions?"), "{out}");
+    assert!(out.contains("Apply cancelled."), "{out}");
+    assert_eq!(code, Some(1));
+    assert!(!env.bpffs.root().join("programs/classify").exists(), "nothing was applied");
+    let (code, out) = run_on_a_terminal(&env, &format!("apply {path}"), "yes");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("Apply complete!"), "{out}");
+    assert!(env.bpffs.root().join("programs/classify").exists());
+}
