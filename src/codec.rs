@@ -220,6 +220,11 @@ fn kind_of(v: &Value) -> &'static str {
     }
 }
 
+/// `0x…` text → bytes (the inverse of [`hex`]).
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    parse_hex(s.strip_prefix("0x")?)
+}
+
 fn parse_hex(s: &str) -> Option<Vec<u8>> {
     let s: String = s.chars().filter(|c| *c != '_').collect();
     if s.is_empty() || !s.len().is_multiple_of(2) {

@@ -212,12 +212,3 @@ pub struct State {
     /// left by an interrupted apply; the planner cleans them up.
     pub stray_programs: Vec<(String, String)>,
 }
-
-impl State {
-    /// Number of objects, as `status` and metrics count them.
-    pub fn object_count(&self) -> usize {
-        self.programs.len()
-            + self.attachments.len()
-            + self.maps.values().filter(|m| m.managed).map(|m| m.entries.len()).sum::<usize>()
-    }
-}

@@ -195,11 +195,3 @@ impl Drop for TempDir {
         let _ = fs::remove_dir_all(&self.0);
     }
 }
-
-/// Receives UDP datagrams on `ip:port` in the root namespace, counting them
-/// until `stop` returns true or `timeout` passes.
-pub fn count_udp(ip: Ipv4Addr, port: u16) -> io::Result<UdpSocket> {
-    let sock = UdpSocket::bind(SocketAddrV4::new(ip, port))?;
-    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
-    Ok(sock)
-}

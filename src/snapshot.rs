@@ -113,12 +113,7 @@ pub enum SnapshotError {
 }
 
 fn unhex(map: &str, s: &str) -> Result<Vec<u8>, SnapshotError> {
-    let bad = || SnapshotError::Hex { map: map.to_string(), value: s.to_string() };
-    let h = s.strip_prefix("0x").ok_or_else(bad)?;
-    if !h.len().is_multiple_of(2) {
-        return Err(bad());
-    }
-    (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).map_err(|_| bad())).collect()
+    codec::unhex(s).ok_or_else(|| SnapshotError::Hex { map: map.to_string(), value: s.to_string() })
 }
 
 impl Snapshot {

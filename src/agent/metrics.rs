@@ -147,17 +147,11 @@ struct ProtoLabels {
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let Ok(mut kernel) = RealKernel::open(&self.bpffs_root) else { return Ok(()) };
-        // Which counter maps exist: a cheap observe without contents.
-        let Ok(index) = kernel.observe(&Scope::default()) else { return Ok(()) };
-        let wanted: Vec<MapRef> = index
-            .maps
-            .keys()
-            .filter(|r| matches!(r.map.as_str(), "packet_stats" | "class_stats" | "latency_hist"))
-            .cloned()
-            .collect();
-        let Ok(state) = kernel.observe(&Scope { maps: wanted.iter().cloned().collect(), ..Default::default() }) else {
+        let names = ["packet_stats", "class_stats", "latency_hist"].map(String::from);
+        let Ok(state) = kernel.observe(&Scope { map_names: names.into(), ..Default::default() }) else {
             return Ok(());
         };
+        let wanted: Vec<MapRef> = state.maps.iter().filter(|(_, m)| m.managed).map(|(r, _)| r.clone()).collect();
         let mut packets = Vec::new();
         let mut hist = Vec::new();
         for r in &wanted {

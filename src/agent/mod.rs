@@ -220,8 +220,7 @@ impl Reconciler {
         let result = match &outcome {
             Ok(0) => "no_change",
             Ok(_) => "applied",
-            Err((_, true)) => "error",
-            Err((_, false)) => "error",
+            Err(_) => "error",
         };
         self.shared.metrics.count_reconcile(result);
         let mut st = self.shared.state.lock().unwrap();

@@ -84,7 +84,7 @@ mod hex_list {
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
         let v: Vec<String> = Vec::deserialize(d)?;
-        v.iter().map(|s| super::unhex(s).ok_or_else(|| serde::de::Error::custom("bad hex"))).collect()
+        v.iter().map(|s| crate::codec::unhex(s).ok_or_else(|| serde::de::Error::custom("bad hex"))).collect()
     }
 }
 
@@ -100,20 +100,12 @@ mod hex_pairs {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<super::Entries, D::Error> {
         let v: Vec<[String; 2]> = Vec::deserialize(d)?;
         v.iter()
-            .map(|[k, val]| match (super::unhex(k), super::unhex(val)) {
+            .map(|[k, val]| match (crate::codec::unhex(k), crate::codec::unhex(val)) {
                 (Some(k), Some(val)) => Ok((k, val)),
                 _ => Err(serde::de::Error::custom("bad hex")),
             })
             .collect()
     }
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    let h = s.strip_prefix("0x")?;
-    if !h.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).ok()).collect()
 }
 
 pub type UndoOp = KernelOp;
@@ -468,6 +460,7 @@ pub fn scope_for(desired: &State) -> Scope {
         interfaces: desired.attachments.keys().filter_map(|h| h.interface().map(str::to_string)).collect(),
         maps: desired.maps.iter().filter(|(_, m)| m.managed).map(|(r, _)| r.clone()).collect(),
         all_maps: false,
+        map_names: Default::default(),
         events: desired
             .attachments
             .keys()
@@ -598,13 +591,4 @@ fn verify<K: Kernel + ?Sized>(
         }
     }
     Ok(diffs)
-}
-
-/// Per-kind counts of a state, for reports.
-pub fn counts(state: &State) -> BTreeMap<&'static str, usize> {
-    let mut m = BTreeMap::new();
-    m.insert("programs", state.programs.len());
-    m.insert("attachments", state.attachments.len());
-    m.insert("map entries", state.maps.values().filter(|m| m.managed).map(|m| m.entries.len()).sum());
-    m
 }

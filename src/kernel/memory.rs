@@ -104,7 +104,7 @@ impl Kernel for MemoryKernel {
             }
         }
         for (r, m) in &self.maps {
-            let read = scope.all_maps || scope.maps.contains(r);
+            let read = scope.all_maps || scope.maps.contains(r) || scope.map_names.contains(&r.map);
             let mut m = m.clone();
             m.managed = read;
             if !read {
@@ -225,9 +225,11 @@ impl Kernel for MemoryKernel {
                 self.maps.retain(|r, _| r.program != name);
             }
         }
-        let back: Vec<MapRef> = self.aside_maps.keys().filter(|r| r.program == name).cloned().collect();
-        for r in back {
-            if self.programs.contains_key(name) {
+        // Maps set aside for this load (their shape changed) come back to
+        // the version that is still loaded.
+        if self.programs.contains_key(name) {
+            let back: Vec<MapRef> = self.aside_maps.keys().filter(|r| r.program == name).cloned().collect();
+            for r in back {
                 let m = self.aside_maps.remove(&r).unwrap();
                 self.maps.insert(r, m);
             }

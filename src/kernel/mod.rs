@@ -28,6 +28,9 @@ pub struct Scope {
     pub maps: BTreeSet<MapRef>,
     /// Read the entries of every owned map (for `status`).
     pub all_maps: bool,
+    /// Read the entries of owned maps with these names, whoever owns them
+    /// (the built-in counters, for metrics).
+    pub map_names: BTreeSet<String>,
     /// Tracepoint events the spec names: checked for existence.
     pub events: BTreeSet<String>,
 }

@@ -473,7 +473,7 @@ impl Kernel for RealKernel {
                 };
                 map_owner_by_id.insert(info.id, owner.clone());
                 let r = MapRef { program: owner.clone(), map: map.clone() };
-                let read = scope.all_maps || scope.maps.contains(&r);
+                let read = scope.all_maps || scope.maps.contains(&r) || scope.map_names.contains(&r.map);
                 let entries = if read {
                     self.read_map(&fd, &shape).map_err(|e| KernelError::sys(format!("read map `{r}`"), e))?
                 } else {
@@ -677,25 +677,21 @@ impl Kernel for RealKernel {
         })?;
         let dir = pin.parent().expect("pin has a parent");
         fs::create_dir_all(dir).map_err(|e| KernelError::io(format!("create `{}`", dir.display()), e))?;
-        fn verifier(e: ProgramError) -> ProgramError {
-            e
-        }
-        let res: Result<(), KernelError> = match (prog, req.program_type) {
-            (AyaProgram::Xdp(p), ProgramType::Xdp) => p
-                .load()
-                .map_err(|e| KernelError::aya(what.clone(), verifier(e)))
-                .and_then(|_| p.pin(&pin).map_err(|e| KernelError::aya(format!("pin `{}`", pin.display()), e))),
-            (AyaProgram::SchedClassifier(p), ProgramType::Tc) => p
-                .load()
-                .map_err(|e| KernelError::aya(what.clone(), e))
-                .and_then(|_| p.pin(&pin).map_err(|e| KernelError::aya(format!("pin `{}`", pin.display()), e))),
-            (AyaProgram::TracePoint(p), ProgramType::Tracepoint) => p
-                .load()
-                .map_err(|e| KernelError::aya(what.clone(), e))
-                .and_then(|_| p.pin(&pin).map_err(|e| KernelError::aya(format!("pin `{}`", pin.display()), e))),
+        // Load (the verifier's log travels in the error), then pin.
+        let loaded: Result<Result<(), aya::pin::PinError>, ProgramError> = match (prog, req.program_type) {
+            (AyaProgram::Xdp(p), ProgramType::Xdp) => p.load().map(|_| p.pin(&pin)),
+            (AyaProgram::SchedClassifier(p), ProgramType::Tc) => p.load().map(|_| p.pin(&pin)),
+            (AyaProgram::TracePoint(p), ProgramType::Tracepoint) => p.load().map(|_| p.pin(&pin)),
             (_, t) => {
-                Err(KernelError::NotFound { what: format!("`{}` is not a {} program", req.function, t.as_str()) })
+                return Err(KernelError::NotFound {
+                    what: format!("`{}` is not a {} program", req.function, t.as_str()),
+                });
             }
+        };
+        let res = match loaded {
+            Err(e) => Err(KernelError::aya(what, e)),
+            Ok(Err(e)) => Err(KernelError::aya(format!("pin `{}`", pin.display()), e)),
+            Ok(Ok(())) => Ok(()),
         };
         self.writes += 1;
         res
