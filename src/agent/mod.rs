@@ -147,8 +147,9 @@ impl Reconciler {
     }
 
     /// Reads the spec file; a new valid version becomes the last good one.
-    /// Returns whether the text changed since the last read.
-    fn refresh_spec(&mut self) -> bool {
+    /// Returns None when the text did not change since the last read, else
+    /// whether the new text is valid (and now the last good spec).
+    fn refresh_spec(&mut self) -> Option<bool> {
         let path = &self.shared.config.spec;
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
@@ -158,12 +159,12 @@ impl Reconciler {
                 self.shared.state.lock().unwrap().spec_error = Some(msg);
                 // Re-read whatever comes back, even the same text.
                 self.seen_digest = None;
-                return false;
+                return None;
             }
         };
         let digest = crate::object::digest(text.as_bytes());
         if self.seen_digest.as_deref() == Some(digest.as_str()) {
-            return false;
+            return None;
         }
         self.seen_digest = Some(digest.clone());
         // Parsing a big spec takes ~40x the memory of its compiled state:
@@ -187,26 +188,30 @@ impl Reconciler {
                 st.spec_error = None;
                 drop(st);
                 self.last_good = Some(LastGood { digest, desired, staged });
+                Some(true)
             }
             Err(diags) => {
                 self.shared.metrics.spec_valid.set(0);
                 self.shared.metrics.spec_validation_errors.inc();
-                self.shared.metrics.count_reconcile("invalid_spec");
                 let msg = format!("the new spec is invalid; keeping the last good state:\n{diags}");
                 tracing::error!("{msg}");
                 self.shared.state.lock().unwrap().spec_error = Some(msg);
+                Some(false)
             }
         }
-        true
     }
 
     fn reconcile(&mut self, trigger: Trigger) -> Outcome {
         let started = Instant::now();
-        let changed = self.refresh_spec();
-        if trigger == Trigger::SpecChanged && !changed {
+        let refreshed = self.refresh_spec();
+        if trigger == Trigger::SpecChanged && refreshed.is_none() {
             return Outcome::Skipped; // a touch, or a neighbour's event
         }
+        let rejected = refreshed == Some(false);
         let Some(good) = &self.last_good else {
+            if rejected {
+                self.shared.metrics.count_reconcile("invalid_spec");
+            }
             return Outcome::NotReady;
         };
         let digest = good.digest.clone();
@@ -217,7 +222,10 @@ impl Reconciler {
         trim_heap(); // the observed state, plan and journal of big maps are transient
         let elapsed = started.elapsed();
         self.shared.metrics.reconcile_duration.observe(elapsed.as_secs_f64());
+        // A rejected spec still runs the last good one (and repairs drift);
+        // the run is counted under what the user changed.
         let result = match &outcome {
+            Ok(_) if rejected => "invalid_spec",
             Ok(0) => "no_change",
             Ok(_) => "applied",
             Err(_) => "error",
