@@ -46,7 +46,8 @@ const BPF_LINK_TYPE_TCX: u32 = 11;
 pub struct RealKernel {
     root: PathBuf,
     writes: u64,
-    map_fds: HashMap<MapRef, (OwnedFd, u32)>,
+    /// Open maps: fd, map type, value size.
+    map_fds: HashMap<MapRef, (OwnedFd, u32, u32)>,
 }
 
 fn fs_magic(path: &Path) -> Option<i64> {
@@ -293,16 +294,16 @@ impl RealKernel {
         }
     }
 
-    fn map_fd(&mut self, map: &MapRef) -> Result<(&OwnedFd, u32), KernelError> {
+    fn map_fd(&mut self, map: &MapRef) -> Result<(&OwnedFd, u32, u32), KernelError> {
         if !self.map_fds.contains_key(map) {
             let path = self.map_pin(&map.program, &map.map);
             let fd = self.open_pin(&path, &format!("map `{map}`"))?;
             let info =
                 sys::map_info(fd.as_fd()).map_err(|e| KernelError::sys(format!("read info of map `{map}`"), e))?;
-            self.map_fds.insert(map.clone(), (fd, info.type_));
+            self.map_fds.insert(map.clone(), (fd, info.type_, info.value_size));
         }
-        let (fd, t) = &self.map_fds[map];
-        Ok((fd, *t))
+        let (fd, t, vs) = &self.map_fds[map];
+        Ok((fd, *t, *vs))
     }
 
     fn attach_new(
@@ -753,7 +754,7 @@ impl Kernel for RealKernel {
         if entries.is_empty() {
             return Ok(());
         }
-        let (fd, map_type) = self.map_fd(map)?;
+        let (fd, map_type, _) = self.map_fd(map)?;
         let fd = fd.try_clone().map_err(|e| KernelError::io("duplicate map fd", e))?;
         let batchable = matches!(map_type, BPF_MAP_TYPE_HASH | BPF_MAP_TYPE_ARRAY | BPF_MAP_TYPE_LRU_HASH);
         if entries.len() > 1 && batchable {
@@ -783,7 +784,7 @@ impl Kernel for RealKernel {
         if keys.is_empty() {
             return Ok(());
         }
-        let (fd, map_type) = self.map_fd(map)?;
+        let (fd, map_type, _) = self.map_fd(map)?;
         let fd = fd.try_clone().map_err(|e| KernelError::io("duplicate map fd", e))?;
         if keys.len() > 1 && matches!(map_type, BPF_MAP_TYPE_HASH | BPF_MAP_TYPE_LRU_HASH) {
             let flat: Vec<u8> = keys.iter().flat_map(|k| k.iter().copied()).collect();
@@ -902,11 +903,9 @@ impl Kernel for RealKernel {
     }
 
     fn lookup_entries(&mut self, map: &MapRef, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, KernelError> {
-        let path = self.map_pin(&map.program, &map.map);
-        let fd = self.open_pin(&path, &format!("map `{map}`"))?;
-        let info = sys::map_info(fd.as_fd()).map_err(|e| KernelError::sys(format!("read info of map `{map}`"), e))?;
-        let is_array = info.type_ == BPF_MAP_TYPE_ARRAY;
-        let mut value = vec![0u8; info.value_size as usize];
+        let (fd, map_type, value_size) = self.map_fd(map)?;
+        let is_array = map_type == BPF_MAP_TYPE_ARRAY;
+        let mut value = vec![0u8; value_size as usize];
         keys.iter()
             .map(|k| {
                 let found = sys::map_lookup(fd.as_fd(), k, &mut value)
