@@ -54,4 +54,106 @@ struct class_prefix_key {
  * [2^i, 2^(i+1)) nanoseconds. */
 #define LATENCY_BUCKETS 64
 
+/* ---- The mesh datapath (`mesh` XDP, `mesh_egress` TCX egress) ---- */
+
+enum mesh_dir {
+	DIR_INGRESS = 0,
+	DIR_EGRESS = 1,
+	DIR_MAX = 2,
+};
+
+/* Actions of `policy_actions` values. */
+enum policy_action {
+	ACTION_ALLOW = 1,
+	ACTION_DENY = 2,
+};
+
+/* Outcome slots of `verdict_stats` (per direction). */
+enum mesh_verdict {
+	VERDICT_PASS = 0, /* allowed (or no policy), up the stack / on the wire */
+	VERDICT_FORWARD = 1, /* routed: MACs rewritten, TTL decremented, redirected */
+	VERDICT_DROP_RULE = 2, /* dropped by an explicit deny rule */
+	VERDICT_DROP_DEFAULT = 3, /* dropped by default deny */
+	VERDICT_REPLY = 4, /* default deny, passed as a reply of a tracked connection */
+	VERDICT_TTL_EXCEEDED = 5, /* route matched but TTL/hop limit expired: to the stack */
+	VERDICT_MAX = 6,
+};
+
+/* Stage one of the policy lookup, `policy_peers` (LPM trie): the peer
+ * address (source on ingress, destination on egress) of a packet on an
+ * interface and direction → the set of rules that apply to that peer.
+ * prefixlen counts from `ifindex`: 64 + address bits. IPv4 addresses use
+ * addr[0..4]. */
+struct policy_peer_key {
+	__u32 prefixlen;
+	__u32 ifindex;
+	__u8 dir; /* enum mesh_dir */
+	__u8 family; /* 4 or 6 */
+	__u8 pad[2];
+	__u8 addr[16];
+};
+
+struct policy_peer_value {
+	__u32 set_id; /* key of the rule set in `policy_actions` */
+};
+
+/* Stage two, `policy_actions` (LPM trie): (rule set, protocol, destination
+ * port prefix) → decision. prefixlen 32 = the whole set (any protocol),
+ * 40 = one protocol, 48 + n = a port prefix of n bits. Every set has a
+ * /32 entry, so a lookup with a set id from stage one always finds one. */
+struct policy_action_key {
+	__u32 prefixlen;
+	__u32 set_id;
+	__u8 protocol; /* IPPROTO_* */
+	__u8 pad;
+	__be16 port; /* network byte order: prefixes are numeric ranges */
+};
+
+struct policy_action_value {
+	__u32 rule_id; /* the spec rule that decides; names in `rule_names` */
+	__u8 action; /* enum policy_action */
+	__u8 pad[3];
+};
+
+/* Value of `rule_names`: the spec name of a rule id, NUL-padded. */
+#define RULE_NAME_LEN 96
+struct rule_name {
+	char name[RULE_NAME_LEN];
+};
+
+/* `mesh_routes` (LPM trie): destination prefix → next hop. prefixlen
+ * counts from `family`: 32 + address bits. */
+struct route_key {
+	__u32 prefixlen;
+	__u8 family;
+	__u8 pad[3];
+	__u8 addr[16];
+};
+
+struct route_value {
+	__u32 ifindex; /* egress interface */
+	__u32 route_id; /* key of `route_stats` */
+	__u8 src_mac[6]; /* the egress interface's MAC */
+	__u8 dst_mac[6]; /* the next hop's MAC */
+};
+
+/* `conntrack` (LRU hash): a connection as first seen. ICMP echo uses the
+ * identifier as source port (request) or destination port (reply). */
+struct ct_key {
+	__u8 family;
+	__u8 protocol;
+	__be16 sport;
+	__be16 dport;
+	__u8 pad[2];
+	__u8 saddr[16];
+	__u8 daddr[16];
+};
+
+struct ct_value {
+	__u64 last_seen_ns;
+	__u32 rule_id; /* the rule that allowed the first packet */
+	__u8 dir; /* enum mesh_dir it was first seen in */
+	__u8 pad[3];
+};
+
 #endif

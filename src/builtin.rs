@@ -17,6 +17,7 @@ pub struct Builtin {
 static COUNTER: &[u8] = include_bytes!("../bpf/counter.bpf.o");
 static CLASSIFIER: &[u8] = include_bytes!("../bpf/classifier.bpf.o");
 static SYSCALL_LATENCY: &[u8] = include_bytes!("../bpf/syscall_latency.bpf.o");
+static MESH: &[u8] = include_bytes!("../bpf/mesh.bpf.o");
 
 pub const BUILTINS: &[Builtin] = &[
     Builtin {
@@ -50,6 +51,22 @@ pub const BUILTINS: &[Builtin] = &[
         program_type: ProgramType::Tracepoint,
         bytes: SYSCALL_LATENCY,
         summary: "`raw_syscalls/sys_exit`: log2 syscall latency histogram (`latency_hist`)",
+    },
+    Builtin {
+        name: "mesh",
+        object: "mesh.bpf.o",
+        function: "mesh_ingress",
+        program_type: ProgramType::Xdp,
+        bytes: MESH,
+        summary: "XDP mesh datapath: ingress policy, conntrack, route lookup and forwarding (from `policies`, `routes`)",
+    },
+    Builtin {
+        name: "mesh_egress",
+        object: "mesh.bpf.o",
+        function: "mesh_egress",
+        program_type: ProgramType::Tc,
+        bytes: MESH,
+        summary: "TCX egress half of the mesh datapath: egress policy, conntrack (maps shared with `mesh`)",
     },
 ];
 

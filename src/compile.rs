@@ -10,9 +10,10 @@ use serde_json::Value;
 
 use crate::builtin;
 use crate::codec::{self, Form};
+use crate::mesh;
 use crate::model::{Attachment, Direction, Hook, MapCodec, MapRef, MapShape, MapState, Program, State};
 use crate::object::{self, MapDef, ObjectInfo};
-use crate::spec::{Diagnostic, Diagnostics, LoadedSpec};
+use crate::spec::{Diagnostic, Diagnostics, LoadedSpec, ProgramSpec, ProgramType, XdpMode};
 
 /// The desired state, plus what the executor needs to create it.
 #[derive(Debug, Clone, Default)]
@@ -71,8 +72,10 @@ pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, 
     let mut diags: Vec<Diagnostic> = Vec::new();
     let mut desired = Desired::default();
     let mut infos: BTreeMap<String, Arc<ObjectInfo>> = BTreeMap::new();
+    let mesh_on = mesh::in_use(s);
+    let programs = with_mesh_programs(&s.programs, mesh_on);
 
-    for (i, p) in s.programs.iter().enumerate() {
+    for (i, p) in programs.iter().enumerate() {
         let ptr = format!("/programs/{i}");
         let (loaded, source, default_function) = match (&p.builtin, &p.object) {
             (Some(b), _) => {
@@ -152,7 +155,7 @@ pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, 
     }
 
     // Maps: owners get every map of their object; declared ones are managed.
-    for (i, p) in s.programs.iter().enumerate() {
+    for (i, p) in programs.iter().enumerate() {
         let Some(info) = infos.get(&p.name) else { continue };
         if let Some(owner) = &p.share_maps {
             if let Some(owner_info) = infos.get(owner)
@@ -252,6 +255,40 @@ pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, 
         }
     }
 
+    if mesh_on {
+        let model = mesh::compile(s);
+        for map in mesh::MANAGED_MAPS {
+            let r = mesh::map_ref(map);
+            if let (Some(state), Some(def)) = (desired.state.maps.get_mut(&r), desired.map_defs.get(&r)) {
+                state.managed = true;
+                state.codec =
+                    MapCodec { key: Some(def.key.clone()), value: Some(def.value.clone()), ..Default::default() };
+            }
+        }
+        for (iface, mode) in &model.interfaces {
+            let spec_iface = s.interfaces.iter().find(|i| &i.name == iface);
+            let takeover = spec_iface.and_then(|i| i.mesh.as_ref()).is_some_and(|m| m.takeover);
+            let egress_position = spec_iface.and_then(|i| i.tc.as_ref()).map_or(0, |tc| tc.egress.len());
+            let attachment = |program: &str, mode: Option<XdpMode>| Attachment {
+                program: program.into(),
+                mode,
+                takeover,
+                link_id: None,
+                defunct: false,
+                running_mode: None,
+            };
+            desired
+                .state
+                .attachments
+                .insert(Hook::Xdp { interface: iface.clone() }, attachment(mesh::PROGRAM, Some(*mode)));
+            desired.state.attachments.insert(
+                Hook::Tc { interface: iface.clone(), direction: Direction::Egress, position: egress_position as u32 },
+                attachment(mesh::EGRESS_PROGRAM, None),
+            );
+        }
+        desired.state.mesh = Some(Arc::new(model));
+    }
+
     for (i, iface) in s.interfaces.iter().enumerate() {
         if let Some(x) = &iface.xdp {
             let hook = Hook::Xdp { interface: iface.name.clone() };
@@ -302,6 +339,28 @@ pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, 
         diags.sort_by_key(|d| d.position);
         Err(Diagnostics(diags))
     }
+}
+
+/// The spec's programs, plus the mesh datapath's when the spec uses it.
+fn with_mesh_programs(declared: &[ProgramSpec], mesh_on: bool) -> Vec<ProgramSpec> {
+    let mut programs = declared.to_vec();
+    if mesh_on {
+        for (name, program_type, share_maps) in [
+            (mesh::PROGRAM, ProgramType::Xdp, None),
+            (mesh::EGRESS_PROGRAM, ProgramType::Tc, Some(mesh::PROGRAM.to_string())),
+        ] {
+            programs.push(ProgramSpec {
+                name: name.into(),
+                builtin: Some(name.into()),
+                object: None,
+                function: None,
+                program_type,
+                share_maps,
+                maps: vec![],
+            });
+        }
+    }
+    programs
 }
 
 /// Decodes an entry of `map` for display with the desired codec.

@@ -33,6 +33,7 @@ pub mod compile;
 pub mod datapath;
 pub mod entries;
 pub mod kernel;
+pub mod mesh;
 pub mod model;
 pub mod net;
 pub mod object;

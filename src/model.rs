@@ -211,4 +211,12 @@ pub struct State {
     /// Observed only: extra pinned versions of a program (name, digest),
     /// left by an interrupted apply; the planner cleans them up.
     pub stray_programs: Vec<(String, String)>,
+    /// Observed only: MACs of the interfaces in `interfaces`.
+    pub interface_macs: BTreeMap<String, [u8; 6]>,
+    /// Observed only: usable neighbour-table entries for the next hops the
+    /// desired state names, (interface, address) → MAC.
+    pub neighbors: BTreeMap<(String, std::net::IpAddr), [u8; 6]>,
+    /// Desired only: the mesh datapath's policies and routes; their map
+    /// entries are resolved against the observed node when planning.
+    pub mesh: Option<std::sync::Arc<crate::mesh::MeshModel>>,
 }

@@ -12,6 +12,9 @@
 //!     map: counter_config
 //!     entries: { "0x00000000": "0x01000000" }
 //! interfaces: { veth0: 2 }
+//! interface-macs: { veth0: "02:00:00:00:00:02" }
+//! neighbors:
+//!   - { interface: veth0, address: 10.0.0.2, mac: "02:00:00:00:01:02" }
 //! ```
 //! `digest: "@desired"` stands for "the digest the spec asks for", so golden
 //! cases do not change when the built-in objects are rebuilt. `generate`
@@ -45,6 +48,19 @@ pub struct Snapshot {
     pub events: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stray_programs: Vec<SnapStray>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub interface_macs: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub neighbors: Vec<SnapNeighbor>,
+}
+
+/// A usable neighbour-table entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SnapNeighbor {
+    pub interface: String,
+    pub address: std::net::IpAddr,
+    pub mac: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -110,6 +126,8 @@ pub enum SnapshotError {
     Yaml(#[from] serde_yaml::Error),
     #[error("`{value}` in map `{map}` is not `0x` hex bytes")]
     Hex { map: String, value: String },
+    #[error("`{value}` (MAC of `{interface}`) is not a MAC address")]
+    Mac { interface: String, value: String },
 }
 
 fn unhex(map: &str, s: &str) -> Result<Vec<u8>, SnapshotError> {
@@ -195,6 +213,16 @@ impl Snapshot {
         s.interfaces = self.interfaces.clone();
         s.events = self.events.clone();
         s.stray_programs = self.stray_programs.iter().map(|x| (x.program.clone(), x.digest.clone())).collect();
+        let mac = |interface: &str, value: &str| {
+            crate::net::parse_mac(value)
+                .ok_or_else(|| SnapshotError::Mac { interface: interface.to_string(), value: value.to_string() })
+        };
+        for (i, m) in &self.interface_macs {
+            s.interface_macs.insert(i.clone(), mac(i, m)?);
+        }
+        for n in &self.neighbors {
+            s.neighbors.insert((n.interface.clone(), n.address), mac(&n.interface, &n.mac)?);
+        }
         Ok(s)
     }
 
@@ -247,6 +275,12 @@ impl Snapshot {
                 .stray_programs
                 .iter()
                 .map(|(p, d)| SnapStray { program: p.clone(), digest: d.clone() })
+                .collect(),
+            interface_macs: state.interface_macs.iter().map(|(i, m)| (i.clone(), crate::mesh::mac_string(m))).collect(),
+            neighbors: state
+                .neighbors
+                .iter()
+                .map(|((i, a), m)| SnapNeighbor { interface: i.clone(), address: *a, mac: crate::mesh::mac_string(m) })
                 .collect(),
         }
     }

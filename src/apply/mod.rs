@@ -140,6 +140,8 @@ pub enum ApplyError {
     Journal(#[source] std::io::Error),
     #[error("an interrupted apply was found and could not be rolled back: {}", errors.join("; "))]
     Recovery { errors: Vec<String> },
+    #[error("the plan cannot be applied, nothing was changed: {}", errors.join("; "))]
+    Refused { errors: Vec<String> },
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -456,8 +458,16 @@ pub fn recover<K: Kernel + ?Sized>(
 
 /// The scope to observe for a desired state.
 pub fn scope_for(desired: &State) -> Scope {
+    let routes = desired.mesh.iter().flat_map(|m| m.routes.iter());
+    let hops = routes.flat_map(|r| std::iter::once(&r.via).chain(&r.fallback));
     Scope {
-        interfaces: desired.attachments.keys().filter_map(|h| h.interface().map(str::to_string)).collect(),
+        interfaces: desired
+            .attachments
+            .keys()
+            .filter_map(|h| h.interface().map(str::to_string))
+            .chain(hops.clone().map(|h| h.interface.clone()))
+            .collect(),
+        neighbors: hops.filter(|h| h.mac.is_none()).map(|h| (h.interface.clone(), h.neighbor)).collect(),
         maps: desired.maps.iter().filter(|(_, m)| m.managed).map(|(r, _)| r.clone()).collect(),
         all_maps: false,
         map_names: Default::default(),
@@ -482,6 +492,9 @@ pub fn apply<K: Kernel + ?Sized>(
     journal: &mut dyn JournalStore,
     retry: Retry,
 ) -> Result<ApplyReport, ApplyError> {
+    if !plan.errors.is_empty() {
+        return Err(ApplyError::Refused { errors: plan.errors.clone() });
+    }
     let writes_before = k.writes();
     let steps = steps(plan, desired, observed);
     if steps.is_empty() {
@@ -579,10 +592,11 @@ fn verify<K: Kernel + ?Sized>(
         .filter(|c| c.part_of.is_none())
         .map(|c| (c.address, c.reason))
         .collect();
+    let (resolved, _) = plan::resolve_desired(&desired.state, before);
     for r in &point {
         let keys = touched.remove(r).unwrap_or_default();
         let values = k.lookup_entries(r, &keys)?;
-        let want = &desired.state.maps[r].entries;
+        let want = &resolved.maps[r].entries;
         for (key, got) in keys.iter().zip(values) {
             if want.get(key) != got.as_deref() {
                 diffs

@@ -47,6 +47,9 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     if text {
         print!("{}", plan::text::render(&plan, TextOptions { color: ctx.color }));
     }
+    if !plan.errors.is_empty() {
+        anyhow::bail!("the plan cannot be applied, nothing was changed: {}", plan.errors.join("; "));
+    }
     if plan.is_empty() {
         save_last_applied(ctx, &loaded, &desired)?;
         if !text {

@@ -48,5 +48,8 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
         Output::Text => print!("{}", plan::text::render(&plan, TextOptions { color: ctx.color })),
         Output::Json => print!("{}", plan::json::render(&plan)),
     }
+    if !plan.errors.is_empty() {
+        return Ok(1);
+    }
     Ok(if args.detailed_exitcode && !plan.is_empty() { 2 } else { 0 })
 }

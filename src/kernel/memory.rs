@@ -35,6 +35,9 @@ pub struct MemoryKernel {
     pub foreign: Vec<ForeignProgram>,
     evicted: Vec<ForeignProgram>,
     pub interfaces: BTreeMap<String, u32>,
+    /// Neighbour table: (interface, address) → MAC. Interfaces have MAC
+    /// `02:00:00:00:00:<ifindex>`.
+    pub neighbors: BTreeMap<(String, std::net::IpAddr), [u8; 6]>,
     pub events: Vec<String>,
     next_id: u32,
     writes: u64,
@@ -129,6 +132,12 @@ impl Kernel for MemoryKernel {
         for i in &scope.interfaces {
             if let Some(idx) = self.interfaces.get(i) {
                 s.interfaces.insert(i.clone(), *idx);
+                s.interface_macs.insert(i.clone(), [2, 0, 0, 0, 0, *idx as u8]);
+            }
+        }
+        for n in &scope.neighbors {
+            if let Some(mac) = self.neighbors.get(n) {
+                s.neighbors.insert(n.clone(), *mac);
             }
         }
         s.foreign = self

@@ -33,6 +33,9 @@ pub struct Scope {
     pub map_names: BTreeSet<String>,
     /// Tracepoint events the spec names: checked for existence.
     pub events: BTreeSet<String>,
+    /// Next hops whose MACs are looked up in the neighbour table
+    /// (interface, address).
+    pub neighbors: BTreeSet<(String, std::net::IpAddr)>,
 }
 
 /// Everything needed to load one program version.

@@ -1,6 +1,7 @@
-//! rtnetlink for XDP where bpf links do not reach: which programs an
-//! interface runs in which mode (also those attached by `ip link set … xdp`),
-//! and detaching or re-attaching such a program.
+//! rtnetlink where bpf links do not reach: which XDP programs an interface
+//! runs in which mode (also those attached by `ip link set … xdp`),
+//! detaching or re-attaching such a program, an interface's MAC, and the
+//! neighbour table (next-hop MACs of mesh routes).
 
 use std::io;
 use std::mem::size_of;
@@ -8,7 +9,17 @@ use std::mem::size_of;
 const RTM_NEWLINK: u16 = 16;
 const RTM_GETLINK: u16 = 18;
 const RTM_SETLINK: u16 = 19;
+const RTM_GETNEIGH: u16 = 30;
+const RTM_NEWNEIGH: u16 = 28;
 const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_DUMP: u16 = 0x300;
+const IFLA_ADDRESS: u16 = 1;
+const NDA_DST: u16 = 1;
+const NDA_LLADDR: u16 = 2;
+/// Neighbour states whose link-layer address is not usable
+/// (`NUD_INCOMPLETE`, `NUD_FAILED`, `NUD_NONE`).
+const NUD_UNUSABLE: u16 = 0x01 | 0x20;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
 const IFLA_XDP: u16 = 43;
@@ -141,16 +152,103 @@ fn check_error(reply: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// The XDP programs attached to interface `ifindex`, whoever attached them.
-pub fn xdp_state(ifindex: u32) -> io::Result<XdpState> {
-    let reply = roundtrip(&request(RTM_GETLINK, NLM_F_REQUEST, ifindex, &[]))?;
+/// The attributes of interface `ifindex` (RTM_GETLINK).
+fn link_attrs(ifindex: u32) -> io::Result<Vec<u8>> {
+    let mut reply = roundtrip(&request(RTM_GETLINK, NLM_F_REQUEST, ifindex, &[]))?;
     check_error(&reply)?;
     if reply.len() < 32 || u16_at(&reply, 4) != RTM_NEWLINK {
         return Err(io::Error::other("unexpected rtnetlink reply"));
     }
     let len = (u32_at(&reply, 0) as usize).min(reply.len());
+    reply.truncate(len);
+    Ok(reply.split_off(32))
+}
+
+/// The MAC address of interface `ifindex` (None for interfaces without an
+/// Ethernet address).
+pub fn link_mac(ifindex: u32) -> io::Result<Option<[u8; 6]>> {
+    let a = link_attrs(ifindex)?;
+    Ok(attrs(&a).find(|(k, _)| *k == IFLA_ADDRESS).and_then(|(_, p)| p.try_into().ok()))
+}
+
+/// One usable entry of the kernel's neighbour table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Neighbor {
+    pub ifindex: u32,
+    pub addr: std::net::IpAddr,
+    pub mac: [u8; 6],
+}
+
+/// The neighbour table (IPv4 ARP and IPv6 NDP) of this network namespace,
+/// without entries that are still resolving or have failed.
+pub fn neighbors() -> io::Result<Vec<Neighbor>> {
+    let s = socket()?;
+    let mut msg = Vec::new();
+    let hdr = NlMsgHdr {
+        len: (size_of::<NlMsgHdr>() + 12) as u32,
+        kind: RTM_GETNEIGH,
+        flags: NLM_F_REQUEST | NLM_F_DUMP,
+        seq: 1,
+        pid: 0,
+    };
+    // SAFETY: repr(C) plain struct viewed as bytes.
+    msg.extend_from_slice(unsafe { std::slice::from_raw_parts(&hdr as *const _ as *const u8, size_of::<NlMsgHdr>()) });
+    msg.extend_from_slice(&[0u8; 12]); // struct ndmsg, family AF_UNSPEC: all families
+    // SAFETY: `msg` is a valid buffer of the given length.
+    if unsafe { libc::send(s.0, msg.as_ptr() as *const libc::c_void, msg.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        // SAFETY: `buf` is writable for its whole length.
+        let n = unsafe { libc::recv(s.0, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let b = &buf[..n as usize];
+        let mut off = 0;
+        while off + 16 <= b.len() {
+            let len = u32_at(b, off) as usize;
+            let kind = u16_at(b, off + 4);
+            if len < 16 || off + len > b.len() {
+                break;
+            }
+            let m = &b[off..off + len];
+            match kind {
+                NLMSG_DONE => return Ok(out),
+                NLMSG_ERROR => check_error(m)?,
+                RTM_NEWNEIGH if m.len() >= 28 => {
+                    let ifindex = u32_at(m, 20);
+                    let state = u16_at(m, 24);
+                    let (mut addr, mut mac) = (None, None);
+                    for (k, p) in attrs(&m[28..]) {
+                        match (k, p.len()) {
+                            (NDA_DST, 4) => addr = Some(std::net::IpAddr::from(<[u8; 4]>::try_from(p).unwrap())),
+                            (NDA_DST, 16) => addr = Some(std::net::IpAddr::from(<[u8; 16]>::try_from(p).unwrap())),
+                            (NDA_LLADDR, 6) => mac = <[u8; 6]>::try_from(p).ok(),
+                            _ => {}
+                        }
+                    }
+                    if let (Some(addr), Some(mac)) = (addr, mac)
+                        && state & NUD_UNUSABLE == 0
+                        && state != 0
+                    {
+                        out.push(Neighbor { ifindex, addr, mac });
+                    }
+                }
+                _ => {}
+            }
+            off += (len + 3) & !3;
+        }
+    }
+}
+
+/// The XDP programs attached to interface `ifindex`, whoever attached them.
+pub fn xdp_state(ifindex: u32) -> io::Result<XdpState> {
+    let a = link_attrs(ifindex)?;
     let mut state = XdpState::default();
-    for (kind, payload) in attrs(&reply[32..len]) {
+    for (kind, payload) in attrs(&a) {
         if kind != IFLA_XDP {
             continue;
         }

@@ -587,11 +587,26 @@ impl Kernel for RealKernel {
             state.programs.insert(name, current.program);
         }
 
+        if !scope.neighbors.is_empty() {
+            let table = netlink::neighbors().map_err(|e| KernelError::io("read the neighbour table", e))?;
+            for (iface, addr) in &scope.neighbors {
+                let Some(idx) = sys::ifindex(iface) else { continue };
+                if let Some(n) = table.iter().find(|n| n.ifindex == idx && n.addr == *addr) {
+                    state.neighbors.insert((iface.clone(), *addr), n.mac);
+                }
+            }
+        }
+
         // Interfaces and foreign programs on them.
         let tcx = kernel_version().1 >= (6, 6);
         for iface in &scope.interfaces {
             let Some(idx) = sys::ifindex(iface) else { continue };
             state.interfaces.insert(iface.clone(), idx);
+            if let Some(mac) =
+                netlink::link_mac(idx).map_err(|e| KernelError::io(format!("query the MAC of `{iface}`"), e))?
+            {
+                state.interface_macs.insert(iface.clone(), mac);
+            }
             let ours = our_prog_ids_on_if.get(iface).cloned().unwrap_or_default();
             let xdp =
                 netlink::xdp_state(idx).map_err(|e| KernelError::io(format!("query XDP state of `{iface}`"), e))?;

@@ -3,21 +3,25 @@
 //! Format (versioned by `format_version`; additions bump the minor, any
 //! change to existing fields the major):
 //! ```json
-//! { "format_version": "1.0",
+//! { "format_version": "1.1",
 //!   "changes": [ { "address": "…", "kind": "program|attachment|map-entry",
 //!                  "action": "create|update|replace|delete", "reason": "…",
 //!                  "before": {…}|null, "after": {…}|null,
 //!                  "part_of": "…" (only on the old half of a replace),
 //!                  "operation": { "op": "…", … raw keys and values in hex } } ],
 //!   "summary": { "add": 0, "change": 0, "destroy": 0 },
-//!   "conflicts": [ { "hook": "…", "kind": "…", "message": "…", "program_id": 1 } ] }
+//!   "conflicts": [ { "hook": "…", "kind": "…", "message": "…", "program_id": 1 } ],
+//!   "policy_changes": [ { "rule": "api ingress[0]", "added": ["from 10.0.2.0/24 tcp/8080 on veth0"],
+//!                         "removed": [] } ],
+//!   "errors": [ "…" ] }
 //! ```
+//! 1.1 added `policy_changes` and `errors`.
 
 use serde_json::{Value, json};
 
 use super::Plan;
 
-pub const FORMAT_VERSION: &str = "1.0";
+pub const FORMAT_VERSION: &str = "1.1";
 
 pub fn to_value(plan: &Plan) -> Value {
     let changes: Vec<Value> = plan
@@ -34,6 +38,8 @@ pub fn to_value(plan: &Plan) -> Value {
         "changes": changes,
         "summary": plan.summary(),
         "conflicts": plan.conflicts,
+        "policy_changes": plan.policy_changes,
+        "errors": plan.errors,
     })
 }
 

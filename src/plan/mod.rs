@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 use crate::codec;
 use crate::compile::{decode_key, decode_value};
+use crate::mesh;
 use crate::model::{ForeignProgram, Hook, MapRef, MapState, State};
 use crate::spec::XdpMode;
 
@@ -138,6 +139,9 @@ pub enum ConflictKind {
     ForeignProgram,
     MissingInterface,
     MissingTracepoint,
+    /// A route or policy that cannot be resolved on this node (missing
+    /// interface, unknown neighbour MAC); it is left as the kernel has it.
+    Unresolved,
 }
 
 /// Something the plan cannot do, and why; the rest of the plan proceeds.
@@ -163,6 +167,11 @@ pub struct Plan {
     /// detaches, unloads.
     pub changes: Vec<Change>,
     pub conflicts: Vec<Conflict>,
+    /// Policy changes in spec terms (the same entries are in `changes`).
+    pub policy_changes: Vec<mesh::PolicyChange>,
+    /// Why this plan must not be applied at all (e.g. a map would
+    /// overflow); the executor refuses a plan with errors.
+    pub errors: Vec<String>,
 }
 
 impl Plan {
@@ -236,6 +245,18 @@ pub fn plan(desired: &State, observed: &State) -> Plan {
 pub fn plan_skipping_entries(desired: &State, observed: &State, skip: &BTreeSet<MapRef>) -> Plan {
     let mut ph = Phases::default();
     let mut conflicts = Vec::new();
+    let mut errors = Vec::new();
+    let (desired, unresolved) = resolve_desired(desired, observed);
+    let desired = desired.as_ref();
+    for u in unresolved {
+        conflicts.push(Conflict { hook: u.what, kind: ConflictKind::Unresolved, message: u.message, program_id: None });
+    }
+    let names = desired.mesh.as_ref().map(|_| {
+        fn rules(s: &State) -> Option<&crate::entries::Entries> {
+            s.maps.get(&mesh::map_ref(mesh::NAMES_MAP)).map(|m| &m.entries)
+        }
+        mesh::Names::new(observed, rules(desired).unwrap_or(&Default::default()), rules(observed))
+    });
 
     // Programs. `renewed` programs get a new kernel program: links follow.
     let mut renewed: BTreeSet<&str> = BTreeSet::new();
@@ -353,8 +374,30 @@ pub fn plan_skipping_entries(desired: &State, observed: &State, skip: &BTreeSet<
         let fresh = !observed.programs.contains_key(&r.program)
             || fresh_maps.get(r.program.as_str()).is_some_and(|m| m.contains(&r.map));
         let om = if fresh { &empty } else { observed.maps.get(r).unwrap_or(&empty) };
-        diff_entries(r, dm, om, &mut ph);
+        let view = names.as_ref().filter(|_| r.program == mesh::PROGRAM);
+        let peak = diff_entries(r, dm, om, view, &mut ph);
+        if let Some(shape) = dm.shape
+            && shape.map_type != crate::object::BPF_MAP_TYPE_ARRAY
+            && peak > shape.max_entries as usize
+        {
+            errors.push(format!(
+                "map `{r}` would hold {peak} entries while the plan is applied ({} now, {} wanted; entries are added before old ones are removed), but it holds at most {}",
+                om.entries.len(),
+                dm.entries.len(),
+                shape.max_entries
+            ));
+        }
     }
+    let policy_changes = match &names {
+        Some(names) => {
+            let atoms = |s: &State| {
+                let get = |m: &str| s.maps.get(&mesh::map_ref(m)).map(|m| m.entries.clone()).unwrap_or_default();
+                mesh::policy_atoms(&get(mesh::PEERS_MAP), &get(mesh::ACTIONS_MAP), names)
+            };
+            mesh::policy_changes(&atoms(observed), &atoms(desired))
+        }
+        None => Vec::new(),
+    };
 
     // Attachments.
     for (hook, d) in &desired.attachments {
@@ -487,10 +530,35 @@ pub fn plan_skipping_entries(desired: &State, observed: &State, skip: &BTreeSet<
     let mut changes = ph.loads;
     changes.extend(ph.writes);
     changes.extend(ph.attaches);
+    // Writes run map by map in name order, deletes in reverse: a map whose
+    // values point at another map's keys is named after it
+    // (`policy_peers` → `policy_actions`), so what it points at exists
+    // whenever it is visible.
+    ph.entry_deletes.sort_by(|a, b| match (&a.op, &b.op) {
+        (Op::DeleteEntry { map: ma, .. }, Op::DeleteEntry { map: mb, .. }) => mb.cmp(ma),
+        _ => std::cmp::Ordering::Equal,
+    });
     changes.extend(ph.entry_deletes);
     changes.extend(ph.detaches);
     changes.extend(ph.unloads);
-    Plan { changes, conflicts }
+    Plan { changes, conflicts, policy_changes, errors }
+}
+
+/// The desired state with the mesh maps' entries resolved against the
+/// observed node (interface indexes, MACs, neighbours).
+pub fn resolve_desired<'a>(
+    desired: &'a State,
+    observed: &State,
+) -> (std::borrow::Cow<'a, State>, Vec<mesh::Unresolved>) {
+    let Some(model) = &desired.mesh else { return (std::borrow::Cow::Borrowed(desired), Vec::new()) };
+    let (entries, unresolved) = mesh::resolve(model, observed);
+    let mut d = desired.clone();
+    for (map, e) in entries {
+        if let Some(m) = d.maps.get_mut(&mesh::map_ref(map)) {
+            m.entries = e;
+        }
+    }
+    (std::borrow::Cow::Owned(d), unresolved)
 }
 
 fn same_hook(foreign: &Hook, ours: &Hook) -> bool {
@@ -537,16 +605,27 @@ fn detach_change(hook: &Hook, o: &crate::model::Attachment, reason: &str) -> Cha
     }
 }
 
-fn entry_address(r: &MapRef, key: &Value) -> String {
-    format!("map_entry.{r}[{}]", codec::display(key))
+fn entry_address(r: &MapRef, key: &str) -> String {
+    format!("map_entry.{r}[{key}]")
 }
 
 /// Merge-join of two sorted entry sets: O(n), one change per differing key.
-fn diff_entries(r: &MapRef, dm: &MapState, om: &MapState, ph: &mut Phases) {
+/// Returns how many keys the map holds at its fullest while the plan runs
+/// (writes go before deletes: the union of both sides).
+fn diff_entries(r: &MapRef, dm: &MapState, om: &MapState, names: Option<&mesh::Names>, ph: &mut Phases) -> usize {
     let is_array = dm.shape.is_some_and(|s| s.map_type == crate::object::BPF_MAP_TYPE_ARRAY);
     let mut d = dm.entries.iter().peekable();
     let mut o = om.entries.iter().peekable();
-    let entry_value = |k: &[u8], v: &[u8]| json!({ "key": decode_key(dm, k), "value": decode_value(dm, v) });
+    let mut union = 0usize;
+    let described = |k: &[u8], v: &[u8]| names.and_then(|n| mesh::describe(&r.map, k, v, n));
+    let address = |k: &[u8], v: &[u8]| match described(k, v) {
+        Some((key, _)) => entry_address(r, &key),
+        None => entry_address(r, &codec::display(&decode_key(dm, k))),
+    };
+    let entry_value = |k: &[u8], v: &[u8]| match described(k, v) {
+        Some((key, value)) => json!({ "key": key, "value": value }),
+        None => json!({ "key": decode_key(dm, k), "value": decode_value(dm, v) }),
+    };
     loop {
         let ord = match (d.peek(), o.peek()) {
             (None, None) => break,
@@ -554,11 +633,12 @@ fn diff_entries(r: &MapRef, dm: &MapState, om: &MapState, ph: &mut Phases) {
             (None, Some(_)) => std::cmp::Ordering::Greater,
             (Some((dk, _)), Some((ok, _))) => dk.cmp(ok),
         };
+        union += 1;
         match ord {
             std::cmp::Ordering::Less => {
                 let (k, v) = d.next().unwrap();
                 ph.writes.push(Change {
-                    address: entry_address(r, &decode_key(dm, k)),
+                    address: address(k, v),
                     kind: Kind::MapEntry,
                     action: Action::Create,
                     reason: "the key is missing".into(),
@@ -571,7 +651,7 @@ fn diff_entries(r: &MapRef, dm: &MapState, om: &MapState, ph: &mut Phases) {
             std::cmp::Ordering::Greater => {
                 let (k, v) = o.next().unwrap();
                 ph.entry_deletes.push(Change {
-                    address: entry_address(r, &decode_key(dm, k)),
+                    address: address(k, v),
                     kind: Kind::MapEntry,
                     action: Action::Delete,
                     reason: "the key is not in the spec".into(),
@@ -586,7 +666,7 @@ fn diff_entries(r: &MapRef, dm: &MapState, om: &MapState, ph: &mut Phases) {
                 let (_, ov) = o.next().unwrap();
                 if dv != ov {
                     ph.writes.push(Change {
-                        address: entry_address(r, &decode_key(dm, k)),
+                        address: address(k, dv),
                         kind: Kind::MapEntry,
                         action: Action::Update,
                         reason: "the value differs".into(),
@@ -604,4 +684,5 @@ fn diff_entries(r: &MapRef, dm: &MapState, om: &MapState, ph: &mut Phases) {
             }
         }
     }
+    union
 }

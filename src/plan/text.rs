@@ -60,7 +60,12 @@ pub fn render(plan: &Plan, opts: TextOptions) -> String {
 
         let mut per_map: BTreeMap<String, usize> = BTreeMap::new();
         let mut hidden: BTreeMap<String, usize> = BTreeMap::new();
+        let mut policy_entries = 0usize;
         for c in &shown {
+            if c.kind == Kind::MapEntry && is_policy_map(&map_of(&c.address)) {
+                policy_entries += 1;
+                continue;
+            }
             if c.kind == Kind::MapEntry {
                 let map = map_of(&c.address);
                 let n = per_map.entry(map.clone()).or_default();
@@ -75,6 +80,16 @@ pub fn render(plan: &Plan, opts: TextOptions) -> String {
         }
         for (map, n) in hidden {
             let _ = writeln!(out, "\n  # … and {n} more changes to entries of map `{map}` (all of them: `-o json`)");
+        }
+        if policy_entries > 0 {
+            render_policy_changes(&mut out, &p, plan, policy_entries);
+        }
+    }
+
+    if !plan.errors.is_empty() {
+        let _ = writeln!(out, "\n{}", p.bold("Errors (the plan cannot be applied):"));
+        for e in &plan.errors {
+            let _ = writeln!(out, "  {} {e}", p.wrap("31", "!"));
         }
     }
 
@@ -91,6 +106,41 @@ pub fn render(plan: &Plan, opts: TextOptions) -> String {
             writeln!(out, "\n{} {} to add, {} to change, {} to destroy.", p.bold("Plan:"), s.add, s.change, s.destroy);
     }
     out
+}
+
+fn is_policy_map(map: &str) -> bool {
+    crate::mesh::POLICY_MAPS.iter().any(|m| map == format!("{}/{m}", crate::mesh::PROGRAM))
+}
+
+/// Policy entries are shown as what they change in spec terms; the raw
+/// entries are in `-o json`.
+fn render_policy_changes(out: &mut String, p: &Paint, plan: &Plan, entries: usize) {
+    for c in &plan.policy_changes {
+        let action = match (c.added.is_empty(), c.removed.is_empty()) {
+            (false, true) => Action::Create,
+            (true, false) => Action::Delete,
+            _ => Action::Update,
+        };
+        let _ = writeln!(
+            out,
+            "\n  {} {}",
+            p.action(action, &format!("{:>3}", action.symbol())),
+            p.bold(&format!("policy {}", c.rule))
+        );
+        for a in &c.removed {
+            let _ = writeln!(out, "      {} {a}", p.action(Action::Delete, "-"));
+        }
+        for a in &c.added {
+            let _ = writeln!(out, "      {} {a}", p.action(Action::Create, "+"));
+        }
+    }
+    let what =
+        if plan.policy_changes.is_empty() { " (the rules decide as before; entries are reorganised)" } else { "" };
+    let _ = writeln!(
+        out,
+        "\n  # {entries} policy map entr{} change{what} (raw entries: `-o json`)",
+        if entries == 1 { "y" } else { "ies" }
+    );
 }
 
 /// `map_entry.prog/map[key]` → `prog/map`.

@@ -261,6 +261,7 @@ fn semantic_checks(l: &LoadedSpec) -> Vec<Diagnostic> {
             }
         }
     }
+    check_mesh(l, s, &mut d);
     let mut tps = HashSet::new();
     for (i, tp) in s.tracepoints.iter().enumerate() {
         check_program_ref(&mut d, format!("/tracepoints/{i}/program"), &tp.program, ProgramType::Tracepoint);
@@ -402,5 +403,36 @@ fn check_rule(l: &LoadedSpec, d: &mut Vec<Diagnostic>, base: &str, section: &str
     }
     if rule.protocol.is_some() && !rule.ports.is_empty() {
         d.push(l.diag(&format!("{base}/protocol"), "give either `protocol` or `ports`, not both"));
+    }
+}
+
+/// The mesh datapath owns the XDP hook of every interface it runs on, and
+/// its program names.
+fn check_mesh(l: &LoadedSpec, s: &NodeSpec, d: &mut Vec<Diagnostic>) {
+    if !crate::mesh::in_use(s) {
+        return;
+    }
+    for (i, p) in s.programs.iter().enumerate() {
+        if p.name == crate::mesh::PROGRAM || p.name == crate::mesh::EGRESS_PROGRAM {
+            d.push(l.diag(
+                &format!("/programs/{i}/name"),
+                format!(
+                    "`{}` is the name of the built-in mesh datapath, which this spec uses: pick another name",
+                    p.name
+                ),
+            ));
+        }
+    }
+    let mesh_ifaces = crate::mesh::interfaces(s);
+    for (i, iface) in s.interfaces.iter().enumerate() {
+        if let (Some(x), Some((_, why))) = (&iface.xdp, mesh_ifaces.get(&iface.name)) {
+            d.push(l.diag(
+                &format!("/interfaces/{i}/xdp"),
+                format!(
+                    "`{}` runs the mesh datapath ({why}), which needs its XDP hook, but `xdp` attaches `{}` here",
+                    iface.name, x.program
+                ),
+            ));
+        }
     }
 }

@@ -126,6 +126,21 @@ pub struct InterfaceSpec {
     pub xdp: Option<XdpHookSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tc: Option<TcHookSpec>,
+    /// Run the mesh datapath here (XDP `mesh` on ingress, TCX
+    /// `mesh_egress` on egress). Implied, in `auto` mode, for interfaces
+    /// that policies select or routes use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<MeshHookSpec>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MeshHookSpec {
+    #[serde(default)]
+    pub mode: XdpMode,
+    /// Replace programs on these hooks that bpfsync does not own.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub takeover: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

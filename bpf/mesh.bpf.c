@@ -1,0 +1,405 @@
+// SPDX-License-Identifier: GPL-2.0
+/* The mesh datapath: network policies and mesh routes.
+ *
+ * `mesh_ingress` (XDP, ingress of mesh interfaces):
+ *   1. ingress policy of the interface (two LPM lookups, see bpfsync.h);
+ *      default deny passes replies of tracked connections;
+ *   2. route lookup (`mesh_routes`); on a match the egress policy of the
+ *      outgoing interface, then MAC rewrite, TTL / hop limit decrement and
+ *      redirect. Non-matching packets, and expiring TTLs, go up the stack.
+ * `mesh_egress` (TCX egress): egress policy for what the stack sends.
+ *
+ * Both share the maps of this object (`conntrack` among them), so a
+ * connection allowed in one direction lets its replies through the other.
+ * Policy entries are compiled by bpfsync; see src/mesh/policy.rs. */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/in.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "bpfsync.h"
+
+/* ICMP echo types (linux/icmp.h pulls in libc headers). */
+#define ICMP_ECHOREPLY 0
+#define ICMP_ECHO 8
+#define ICMPV6_ECHO_REQUEST 128
+#define ICMPV6_ECHO_REPLY 129
+
+/* A conntrack entry older than this no longer lets replies in. */
+#define CT_TIMEOUT_NS (300ULL * 1000000000ULL)
+/* Refresh an entry's timestamp at most this often (saves LRU writes). */
+#define CT_REFRESH_NS (1000000000ULL)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 1 << 20);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct policy_peer_key);
+	__type(value, struct policy_peer_value);
+} policy_peers SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 1 << 20);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct policy_action_key);
+	__type(value, struct policy_action_value);
+} policy_actions SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 16);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct rule_name);
+} rule_names SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 1 << 21);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct route_key);
+	__type(value, struct route_value);
+} mesh_routes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1 << 16);
+	__type(key, struct ct_key);
+	__type(value, struct ct_value);
+} conntrack SEC(".maps");
+
+/* [dir * PROTO_MAX + proto] */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, DIR_MAX * PROTO_MAX);
+	__type(key, __u32);
+	__type(value, struct proto_stats);
+} mesh_stats SEC(".maps");
+
+/* [dir * VERDICT_MAX + verdict] */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, DIR_MAX * VERDICT_MAX);
+	__type(key, __u32);
+	__type(value, struct proto_stats);
+} verdict_stats SEC(".maps");
+
+/* Rule id → packets and bytes the rule decided. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 16);
+	__type(key, __u32);
+	__type(value, struct proto_stats);
+} rule_stats SEC(".maps");
+
+/* Route id → packets and bytes forwarded by the route. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 16);
+	__type(key, __u32);
+	__type(value, struct proto_stats);
+} route_stats SEC(".maps");
+
+/* What the policy and the router need from a packet. */
+struct pkt {
+	struct ct_key t; /* the 5-tuple as seen on the wire */
+	__u32 len;
+	__u32 proto_slot; /* enum bpfsync_proto */
+	__u8 ttl;
+};
+
+static __always_inline void add_stats(void *map, __u32 key, __u32 len)
+{
+	struct proto_stats *s = bpf_map_lookup_elem(map, &key);
+	if (s) {
+		__sync_fetch_and_add(&s->packets, 1);
+		__sync_fetch_and_add(&s->bytes, len);
+	}
+}
+
+/* Counts into a hash map keyed by id, creating the slot on first use. */
+static __always_inline void add_keyed_stats(void *map, __u32 id, __u32 len)
+{
+	struct proto_stats *s = bpf_map_lookup_elem(map, &id);
+	if (!s) {
+		struct proto_stats init = {};
+		bpf_map_update_elem(map, &id, &init, BPF_NOEXIST);
+		s = bpf_map_lookup_elem(map, &id);
+		if (!s)
+			return;
+	}
+	__sync_fetch_and_add(&s->packets, 1);
+	__sync_fetch_and_add(&s->bytes, len);
+}
+
+static __always_inline void l4_ports(struct pkt *p, void *l4, void *data_end)
+{
+	switch (p->t.protocol) {
+	case IPPROTO_TCP: {
+		struct tcphdr *th = l4;
+		if ((void *)(th + 1) > data_end)
+			return;
+		p->t.sport = th->source;
+		p->t.dport = th->dest;
+		break;
+	}
+	case IPPROTO_UDP: {
+		struct udphdr *uh = l4;
+		if ((void *)(uh + 1) > data_end)
+			return;
+		p->t.sport = uh->source;
+		p->t.dport = uh->dest;
+		break;
+	}
+	case IPPROTO_ICMP:
+	case IPPROTO_ICMPV6: {
+		/* type, code, checksum, then the echo identifier */
+		__u8 *ic = l4;
+		if ((void *)(ic + 8) > data_end)
+			return;
+		__u8 type = ic[0];
+		__be16 id = *(__be16 *)(ic + 4);
+		if (type == ICMP_ECHO || type == ICMPV6_ECHO_REQUEST)
+			p->t.sport = id;
+		else if (type == ICMP_ECHOREPLY || type == ICMPV6_ECHO_REPLY)
+			p->t.dport = id;
+		break;
+	}
+	}
+}
+
+static __always_inline __u32 proto_slot(__u8 protocol)
+{
+	switch (protocol) {
+	case IPPROTO_ICMP: return PROTO_ICMP;
+	case IPPROTO_TCP: return PROTO_TCP;
+	case IPPROTO_UDP: return PROTO_UDP;
+	case IPPROTO_ICMPV6: return PROTO_ICMPV6;
+	default: return PROTO_OTHER;
+	}
+}
+
+/* Fills `p`; returns 0 for IP packets, -1 for anything else. */
+static __always_inline int parse(void *data, void *data_end, struct pkt *p)
+{
+	struct ethhdr *eth = data;
+	p->proto_slot = PROTO_NON_IP;
+	if ((void *)(eth + 1) > data_end)
+		return -1;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > data_end || ip->ihl < 5)
+			return -1;
+		p->t.family = 4;
+		p->t.protocol = ip->protocol;
+		__builtin_memcpy(p->t.saddr, &ip->saddr, 4);
+		__builtin_memcpy(p->t.daddr, &ip->daddr, 4);
+		p->ttl = ip->ttl;
+		/* Later fragments carry no transport header: ports stay 0. */
+		if (!(ip->frag_off & bpf_htons(0x1fff)))
+			l4_ports(p, (void *)ip + ip->ihl * 4, data_end);
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > data_end)
+			return -1;
+		p->t.family = 6;
+		p->t.protocol = ip6->nexthdr;
+		__builtin_memcpy(p->t.saddr, &ip6->saddr, 16);
+		__builtin_memcpy(p->t.daddr, &ip6->daddr, 16);
+		p->ttl = ip6->hop_limit;
+		l4_ports(p, ip6 + 1, data_end);
+	} else {
+		return -1;
+	}
+	p->proto_slot = proto_slot(p->t.protocol);
+	return 0;
+}
+
+/* The policy decision for a packet on (ifindex, dir). Returns 0 when no
+ * policy covers that interface and direction, else ACTION_ALLOW or
+ * ACTION_DENY with the deciding rule in *rule_id. */
+static __always_inline int policy_decide(__u32 ifindex, __u8 dir, struct pkt *p, __u32 *rule_id)
+{
+	struct policy_peer_key pk = {};
+	pk.prefixlen = 64 + (p->t.family == 4 ? 32 : 128);
+	pk.ifindex = ifindex;
+	pk.dir = dir;
+	pk.family = p->t.family;
+	if (dir == DIR_INGRESS)
+		__builtin_memcpy(pk.addr, p->t.saddr, 16);
+	else
+		__builtin_memcpy(pk.addr, p->t.daddr, 16);
+	struct policy_peer_value *peer = bpf_map_lookup_elem(&policy_peers, &pk);
+	if (!peer)
+		return 0;
+	struct policy_action_key ak = {
+		.prefixlen = 64,
+		.set_id = peer->set_id,
+		.protocol = p->t.protocol,
+		.port = p->t.dport,
+	};
+	struct policy_action_value *a = bpf_map_lookup_elem(&policy_actions, &ak);
+	if (!a) {
+		/* Cannot happen with entries compiled by bpfsync (every set has a
+		 * /32 entry); fail closed. */
+		*rule_id = 0;
+		return ACTION_DENY;
+	}
+	*rule_id = a->rule_id;
+	return a->action;
+}
+
+/* A reply: the reverse of a connection tracked recently. */
+static __always_inline int is_reply(struct pkt *p)
+{
+	struct ct_key rev = {
+		.family = p->t.family,
+		.protocol = p->t.protocol,
+		.sport = p->t.dport,
+		.dport = p->t.sport,
+	};
+	__builtin_memcpy(rev.saddr, p->t.daddr, 16);
+	__builtin_memcpy(rev.daddr, p->t.saddr, 16);
+	struct ct_value *v = bpf_map_lookup_elem(&conntrack, &rev);
+	return v && bpf_ktime_get_ns() - v->last_seen_ns < CT_TIMEOUT_NS;
+}
+
+static __always_inline void track(struct pkt *p, __u32 rule_id, __u8 dir)
+{
+	__u64 now = bpf_ktime_get_ns();
+	struct ct_value *v = bpf_map_lookup_elem(&conntrack, &p->t);
+	if (v && now - v->last_seen_ns < CT_REFRESH_NS)
+		return;
+	struct ct_value nv = { .last_seen_ns = now, .rule_id = rule_id, .dir = dir };
+	if (v) {
+		nv.rule_id = v->rule_id;
+		nv.dir = v->dir;
+	}
+	bpf_map_update_elem(&conntrack, &p->t, &nv, BPF_ANY);
+}
+
+/* Results of policy_check. */
+enum { CHECK_DROP = 0, CHECK_ALLOW = 1, CHECK_REPLY = 2 };
+
+/* Rule ids with this bit set name a default deny (see src/mesh/policy.rs). */
+#define RULE_DEFAULT_BIT 0x80000000u
+
+/* Runs the policy of (ifindex, dir) on `p`, counting drops and rule hits. */
+static __always_inline int policy_check(__u32 ifindex, __u8 dir, struct pkt *p)
+{
+	__u32 rule_id = 0;
+	int action = policy_decide(ifindex, dir, p, &rule_id);
+	if (action == ACTION_DENY) {
+		int by_default = rule_id & RULE_DEFAULT_BIT;
+		/* Default deny lets replies of tracked connections through;
+		 * an explicit deny does not. */
+		if (by_default && is_reply(p))
+			return CHECK_REPLY;
+		add_stats(&verdict_stats, dir * VERDICT_MAX + (by_default ? VERDICT_DROP_DEFAULT : VERDICT_DROP_RULE),
+			  p->len);
+		add_keyed_stats(&rule_stats, rule_id, p->len);
+		return CHECK_DROP;
+	}
+	if (action == ACTION_ALLOW && rule_id)
+		add_keyed_stats(&rule_stats, rule_id, p->len);
+	if (p->t.protocol == IPPROTO_TCP || p->t.protocol == IPPROTO_UDP || p->t.protocol == IPPROTO_ICMP ||
+	    p->t.protocol == IPPROTO_ICMPV6)
+		track(p, rule_id, dir);
+	return CHECK_ALLOW;
+}
+
+static __always_inline void count_pass(__u8 dir, int check, __u32 len)
+{
+	add_stats(&verdict_stats, dir * VERDICT_MAX + (check == CHECK_REPLY ? VERDICT_REPLY : VERDICT_PASS), len);
+}
+
+/* Decrements the TTL of the IPv4 header at `ip`, fixing its checksum
+ * incrementally (RFC 1624; the kernel's ip_decrease_ttl). */
+static __always_inline void ipv4_decrease_ttl(struct iphdr *ip)
+{
+	__u32 check = ip->check;
+	check += bpf_htons(0x0100);
+	ip->check = (__u16)(check + (check >= 0xFFFF));
+	ip->ttl--;
+}
+
+SEC("xdp")
+int mesh_ingress(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct pkt p = {};
+	p.len = data_end - data;
+	int ip = parse(data, data_end, &p) == 0;
+	add_stats(&mesh_stats, DIR_INGRESS * PROTO_MAX + p.proto_slot, p.len);
+	if (!ip) {
+		count_pass(DIR_INGRESS, CHECK_ALLOW, p.len);
+		return XDP_PASS;
+	}
+	int check = policy_check(ctx->ingress_ifindex, DIR_INGRESS, &p);
+	if (check == CHECK_DROP)
+		return XDP_DROP;
+
+	struct route_key rk = { .prefixlen = 32 + (p.t.family == 4 ? 32 : 128), .family = p.t.family };
+	__builtin_memcpy(rk.addr, p.t.daddr, 16);
+	struct route_value *r = bpf_map_lookup_elem(&mesh_routes, &rk);
+	if (!r) {
+		count_pass(DIR_INGRESS, check, p.len);
+		return XDP_PASS;
+	}
+	if (p.ttl <= 1) {
+		/* The stack sends the ICMP time exceeded. */
+		add_stats(&verdict_stats, DIR_INGRESS * VERDICT_MAX + VERDICT_TTL_EXCEEDED, p.len);
+		return XDP_PASS;
+	}
+	/* The redirect bypasses the stack's egress (and `mesh_egress`): the
+	 * outgoing interface's egress policy is checked here. */
+	if (policy_check(r->ifindex, DIR_EGRESS, &p) == CHECK_DROP)
+		return XDP_DROP;
+
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return XDP_PASS;
+	if (p.t.family == 4) {
+		struct iphdr *iph = (void *)(eth + 1);
+		if ((void *)(iph + 1) > data_end)
+			return XDP_PASS;
+		ipv4_decrease_ttl(iph);
+	} else {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > data_end)
+			return XDP_PASS;
+		ip6->hop_limit--;
+	}
+	__builtin_memcpy(eth->h_dest, r->dst_mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, r->src_mac, ETH_ALEN);
+	add_stats(&verdict_stats, DIR_INGRESS * VERDICT_MAX + VERDICT_FORWARD, p.len);
+	add_keyed_stats(&route_stats, r->route_id, p.len);
+	return bpf_redirect(r->ifindex, 0);
+}
+
+SEC("classifier")
+int mesh_egress(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct pkt p = {};
+	p.len = skb->len;
+	int check = CHECK_ALLOW;
+	if (parse(data, data_end, &p) == 0)
+		check = policy_check(skb->ifindex, DIR_EGRESS, &p);
+	add_stats(&mesh_stats, DIR_EGRESS * PROTO_MAX + p.proto_slot, p.len);
+	if (check == CHECK_DROP)
+		return TC_ACT_SHOT;
+	count_pass(DIR_EGRESS, check, p.len);
+	/* TCX_NEXT: later programs of the chain still run. */
+	return TC_ACT_UNSPEC;
+}
+
+char LICENSE[] SEC("license") = "GPL";

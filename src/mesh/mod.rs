@@ -1,0 +1,459 @@
+//! The mesh datapath's model: policies and routes from the spec, compiled
+//! into entries of the built-in `mesh` program's maps.
+//!
+//! Compilation is in two parts. [`compile`] is pure in the spec: rule ids,
+//! rule sets and decision tables, routes with symbolic next hops.
+//! [`resolve`] adds what only the node knows — interface indexes and MACs,
+//! neighbour MACs — from the observed state, so the planner stays a pure
+//! function of (desired, observed). A route whose next hop cannot be
+//! resolved is reported and left as the kernel has it, never half-written.
+
+pub mod policy;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use serde_json::{Value, json};
+
+use crate::entries::Entries;
+use crate::model::{Direction, MapRef, State};
+use crate::net::{Cidr, parse_mac};
+use crate::spec::{NodeSpec, XdpMode};
+
+pub use policy::PolicyTables;
+
+/// Program names of the mesh datapath (implicit when the spec uses it).
+pub const PROGRAM: &str = "mesh";
+pub const EGRESS_PROGRAM: &str = "mesh_egress";
+pub const PEERS_MAP: &str = "policy_peers";
+pub const ACTIONS_MAP: &str = "policy_actions";
+pub const NAMES_MAP: &str = "rule_names";
+pub const ROUTES_MAP: &str = "mesh_routes";
+/// Maps whose entries bpfsync writes from the spec.
+pub const MANAGED_MAPS: [&str; 4] = [ACTIONS_MAP, PEERS_MAP, NAMES_MAP, ROUTES_MAP];
+/// Maps of policy entries, shown in the plan in spec terms.
+pub const POLICY_MAPS: [&str; 3] = [ACTIONS_MAP, PEERS_MAP, NAMES_MAP];
+
+pub fn map_ref(map: &str) -> MapRef {
+    MapRef { program: PROGRAM.into(), map: map.into() }
+}
+
+/// A next hop of a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NextHop {
+    pub interface: String,
+    pub neighbor: IpAddr,
+    /// Given in the spec; otherwise looked up in the neighbour table.
+    pub mac: Option<[u8; 6]>,
+}
+
+impl std::fmt::Display for NextHop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} via {}", self.neighbor, self.interface)
+    }
+}
+
+/// A route: the primary hop is installed; fallbacks are kept for the
+/// anomaly detector, which switches a route by rewriting its one entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub id: u32,
+    pub prefix: Cidr,
+    pub via: NextHop,
+    pub fallback: Vec<NextHop>,
+}
+
+/// Everything the mesh datapath needs from the spec.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MeshModel {
+    pub policy: PolicyTables,
+    pub routes: Vec<Route>,
+    /// Interfaces that run the datapath, with their XDP mode.
+    pub interfaces: BTreeMap<String, XdpMode>,
+}
+
+/// Whether the spec uses the mesh datapath at all.
+pub fn in_use(spec: &NodeSpec) -> bool {
+    !spec.routes.is_empty() || !spec.policies.is_empty() || spec.interfaces.iter().any(|i| i.mesh.is_some())
+}
+
+/// The interfaces that run the mesh datapath and why (for messages):
+/// declared with `mesh:`, selected by a policy, or used by a route.
+pub fn interfaces(spec: &NodeSpec) -> BTreeMap<String, (XdpMode, String)> {
+    let mut out: BTreeMap<String, (XdpMode, String)> = BTreeMap::new();
+    for i in &spec.interfaces {
+        if let Some(m) = &i.mesh {
+            out.insert(i.name.clone(), (m.mode, "it declares `mesh`".into()));
+        }
+    }
+    for p in &spec.policies {
+        for i in &p.interfaces {
+            out.entry(i.clone()).or_insert((XdpMode::Auto, format!("policy `{}` selects it", p.name)));
+        }
+    }
+    for r in &spec.routes {
+        for hop in std::iter::once(&r.via).chain(&r.fallback) {
+            out.entry(hop.interface.clone()).or_insert((XdpMode::Auto, format!("route `{}` uses it", r.prefix)));
+        }
+    }
+    out
+}
+
+fn route_id(prefix: &Cidr) -> u32 {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(format!("route\0{prefix}").as_bytes());
+    u32::from_le_bytes([d[0], d[1], d[2], d[3]])
+}
+
+fn next_hop(h: &crate::spec::NextHopSpec) -> Option<NextHop> {
+    Some(NextHop {
+        interface: h.interface.clone(),
+        neighbor: h.neighbor.parse().ok()?,
+        mac: h.mac.as_deref().and_then(parse_mac),
+    })
+}
+
+/// Compiles the mesh sections of a validated spec.
+pub fn compile(spec: &NodeSpec) -> MeshModel {
+    let routes = spec
+        .routes
+        .iter()
+        .filter_map(|r| {
+            let prefix: Cidr = r.prefix.parse().ok()?;
+            Some(Route {
+                id: route_id(&prefix),
+                prefix,
+                via: next_hop(&r.via)?,
+                fallback: r.fallback.iter().filter_map(next_hop).collect(),
+            })
+        })
+        .collect();
+    MeshModel {
+        policy: policy::compile(spec),
+        routes,
+        interfaces: interfaces(spec).into_iter().map(|(k, (m, _))| (k, m)).collect(),
+    }
+}
+
+/// A route or policy that cannot be installed on this node as it is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unresolved {
+    /// What is left out: `route 10.20.0.0/16`, `policies on veth9`.
+    pub what: String,
+    pub message: String,
+}
+
+/// `struct route_key`.
+pub fn encode_route_key(prefix: &Cidr) -> Vec<u8> {
+    let mut k = Vec::with_capacity(24);
+    k.extend_from_slice(&(32 + prefix.len as u32).to_ne_bytes());
+    k.push(if prefix.addr.is_ipv4() { 4 } else { 6 });
+    k.extend_from_slice(&[0, 0, 0]);
+    let mut addr = [0u8; 16];
+    let b = prefix.addr_bytes();
+    addr[..b.len()].copy_from_slice(&b);
+    k.extend_from_slice(&addr);
+    k
+}
+
+/// `struct route_value`.
+pub fn encode_route_value(ifindex: u32, route_id: u32, src: [u8; 6], dst: [u8; 6]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(20);
+    v.extend_from_slice(&ifindex.to_ne_bytes());
+    v.extend_from_slice(&route_id.to_ne_bytes());
+    v.extend_from_slice(&src);
+    v.extend_from_slice(&dst);
+    v
+}
+
+pub fn decode_route_key(k: &[u8]) -> Option<Cidr> {
+    if k.len() != 24 {
+        return None;
+    }
+    let len = u32::from_ne_bytes(k[0..4].try_into().ok()?).checked_sub(32)? as u8;
+    let addr = match k[4] {
+        4 => IpAddr::from(<[u8; 4]>::try_from(&k[8..12]).ok()?),
+        _ => IpAddr::from(<[u8; 16]>::try_from(&k[8..24]).ok()?),
+    };
+    Some(Cidr { addr, len })
+}
+
+/// (ifindex, route id, source MAC, next-hop MAC).
+pub fn decode_route_value(v: &[u8]) -> Option<(u32, u32, [u8; 6], [u8; 6])> {
+    if v.len() != 20 {
+        return None;
+    }
+    Some((
+        u32::from_ne_bytes(v[0..4].try_into().ok()?),
+        u32::from_ne_bytes(v[4..8].try_into().ok()?),
+        v[8..14].try_into().ok()?,
+        v[14..20].try_into().ok()?,
+    ))
+}
+
+pub fn mac_string(m: &[u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// The next hop's resolved (ifindex, source MAC, destination MAC), or why
+/// not.
+fn resolve_hop(hop: &NextHop, observed: &State) -> Result<(u32, [u8; 6], [u8; 6]), String> {
+    let Some(&ifindex) = observed.interfaces.get(&hop.interface) else {
+        return Err(format!("interface `{}` does not exist", hop.interface));
+    };
+    let Some(src) = observed.interface_macs.get(&hop.interface) else {
+        return Err(format!("interface `{}` has no Ethernet address", hop.interface));
+    };
+    let dst = match hop.mac {
+        Some(m) => m,
+        None => match observed.neighbors.get(&(hop.interface.clone(), hop.neighbor)) {
+            Some(m) => *m,
+            None => {
+                return Err(format!(
+                    "neighbour {} on `{}` is not in the neighbour table (no usable ARP/NDP entry); give its `mac:` or let the node reach it first",
+                    hop.neighbor, hop.interface
+                ));
+            }
+        },
+    };
+    Ok((ifindex, *src, dst))
+}
+
+/// The entries of the mesh maps for this node, and what could not be
+/// resolved. Unresolved routes keep the entry the kernel has, if any.
+pub fn resolve(model: &MeshModel, observed: &State) -> (BTreeMap<&'static str, Entries>, Vec<Unresolved>) {
+    let mut unresolved = Vec::new();
+    let mut peers = Vec::new();
+    let mut actions = Vec::new();
+    let mut used_sets = BTreeSet::new();
+    for ((iface, dir), list) in &model.policy.peers {
+        let Some(&ifindex) = observed.interfaces.get(iface) else {
+            unresolved.push(Unresolved {
+                what: format!("{} policy on `{iface}`", dir.as_str()),
+                message: format!("interface `{iface}` does not exist; its policy is installed when it appears"),
+            });
+            continue;
+        };
+        for e in list {
+            used_sets.insert(e.set_id);
+            peers.push(policy::encode_peer(ifindex, *dir, e));
+        }
+    }
+    for id in used_sets {
+        for d in &model.policy.sets[&id] {
+            actions.push(policy::encode_decision(id, d));
+        }
+    }
+    let names: Entries = model.policy.names.iter().map(|(id, n)| policy::encode_rule_name(*id, n)).collect();
+
+    let observed_routes = observed.maps.get(&map_ref(ROUTES_MAP)).map(|m| &m.entries);
+    let mut routes = Vec::new();
+    for r in &model.routes {
+        let key = encode_route_key(&r.prefix);
+        match resolve_hop(&r.via, observed) {
+            Ok((ifindex, src, dst)) => routes.push((key, encode_route_value(ifindex, r.id, src, dst))),
+            Err(message) => {
+                if let Some(v) = observed_routes.and_then(|e| e.get(&key)) {
+                    routes.push((key, v.to_vec()));
+                }
+                unresolved.push(Unresolved { what: format!("route {}", r.prefix), message });
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    out.insert(PEERS_MAP, peers.into_iter().collect());
+    out.insert(ACTIONS_MAP, actions.into_iter().collect());
+    out.insert(NAMES_MAP, names);
+    out.insert(ROUTES_MAP, routes.into_iter().collect());
+    (out, unresolved)
+}
+
+/// Human names for what mesh map entries hold: interfaces by index and
+/// rule names by id.
+#[derive(Debug, Default)]
+pub struct Names {
+    pub interfaces: BTreeMap<u32, String>,
+    pub rules: BTreeMap<u32, String>,
+}
+
+impl Names {
+    pub fn new(observed: &State, desired_rules: &Entries, observed_rules: Option<&Entries>) -> Names {
+        let mut rules = BTreeMap::new();
+        for (k, v) in observed_rules.into_iter().flat_map(|e| e.iter()).chain(desired_rules.iter()) {
+            if let Ok(id) = <[u8; 4]>::try_from(k) {
+                rules.insert(u32::from_ne_bytes(id), policy::decode_rule_name(v));
+            }
+        }
+        Names { interfaces: observed.interfaces.iter().map(|(n, i)| (*i, n.clone())).collect(), rules }
+    }
+
+    fn iface(&self, ifindex: u32) -> String {
+        self.interfaces.get(&ifindex).cloned().unwrap_or_else(|| format!("ifindex {ifindex}"))
+    }
+
+    fn rule(&self, id: u32) -> String {
+        match id {
+            0 => "no policy (allow)".into(),
+            _ => self.rules.get(&id).cloned().unwrap_or_else(|| format!("rule {id:#010x}")),
+        }
+    }
+}
+
+/// A readable (key, value) for an entry of a mesh map; None for other maps.
+pub fn describe(map: &str, key: &[u8], value: &[u8], names: &Names) -> Option<(String, Value)> {
+    match map {
+        ROUTES_MAP => {
+            let prefix = decode_route_key(key)?;
+            let (ifindex, id, src, dst) = decode_route_value(value)?;
+            Some((
+                prefix.to_string(),
+                json!({ "interface": names.iface(ifindex), "next-hop-mac": mac_string(&dst), "source-mac": mac_string(&src), "route-id": format!("{id:#010x}") }),
+            ))
+        }
+        PEERS_MAP => {
+            let (ifindex, dir, prefix) = policy::decode_peer_key(key)?;
+            let set = u32::from_ne_bytes(value.try_into().ok()?);
+            Some((
+                format!("{} {} {prefix}", names.iface(ifindex), dir.as_str()),
+                json!({ "set": format!("{set:#010x}") }),
+            ))
+        }
+        ACTIONS_MAP => {
+            let (set, d) = policy::decode_decision(key, value)?;
+            Some((
+                format!("{set:#010x} {}", scope_text(&d.scope)),
+                json!({ "rule": names.rule(d.rule_id), "action": d.action.as_str() }),
+            ))
+        }
+        NAMES_MAP => {
+            let id = u32::from_ne_bytes(key.try_into().ok()?);
+            Some((format!("{id:#010x}"), json!(policy::decode_rule_name(value))))
+        }
+        _ => None,
+    }
+}
+
+fn scope_text(s: &policy::Scope) -> String {
+    match *s {
+        policy::Scope::All => "any".into(),
+        policy::Scope::Protocol(p) => policy::protocol_name(p),
+        policy::Scope::Port { protocol, port, bits } => {
+            let span = 1u32 << (16 - bits);
+            let hi = port as u32 + span - 1;
+            if span == 1 {
+                format!("{}/{port}", policy::protocol_name(protocol))
+            } else {
+                format!("{}/{port}-{hi}", policy::protocol_name(protocol))
+            }
+        }
+    }
+}
+
+/// A policy rule's reach, in spec terms, before and after a plan.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PolicyChange {
+    /// `api ingress[0]`, `default deny ingress on veth0 (api)`.
+    pub rule: String,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+/// What each rule decides, as readable atoms (`from 10.0.0.0/24 tcp/8080
+/// on veth0`), read back from the policy maps. An atom an enclosing
+/// prefix already gives the same rule is left out, so the atoms read like
+/// the spec.
+pub fn policy_atoms(peers: &Entries, actions: &Entries, names: &Names) -> BTreeMap<String, BTreeSet<String>> {
+    let mut tables: BTreeMap<u32, Vec<policy::Decision>> = BTreeMap::new();
+    for (k, v) in actions.iter() {
+        if let Some((set, d)) = policy::decode_decision(k, v) {
+            tables.entry(set).or_default().push(d);
+        }
+    }
+    // (ifindex, dir, family) → prefixes with their set, shortest first.
+    let mut hooks: BTreeMap<(u32, Direction, bool), Vec<(Cidr, u32)>> = BTreeMap::new();
+    for (k, v) in peers.iter() {
+        let (Some((ifindex, dir, prefix)), Ok(set)) = (policy::decode_peer_key(k), <[u8; 4]>::try_from(v)) else {
+            continue;
+        };
+        hooks.entry((ifindex, dir, prefix.addr.is_ipv4())).or_default().push((prefix, u32::from_ne_bytes(set)));
+    }
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for ((ifindex, dir, _), mut list) in hooks {
+        list.sort_by_key(|(c, _)| c.len);
+        let side = if dir == Direction::Ingress { "from" } else { "to" };
+        let atoms_of =
+            |set: u32| -> BTreeSet<(u32, String)> { merged_scopes(tables.get(&set).map(Vec::as_slice).unwrap_or(&[])) };
+        for (i, (prefix, set)) in list.iter().enumerate() {
+            let parent = list[..i].iter().rev().find(|(c, _)| c.contains(prefix));
+            let inherited = parent.map(|(_, s)| atoms_of(*s)).unwrap_or_default();
+            let own = atoms_of(*set);
+            let iface = names.iface(ifindex);
+            for (rule, scope) in own.difference(&inherited).filter(|(r, _)| *r != 0) {
+                out.entry(names.rule(*rule)).or_default().insert(format!("{side} {prefix} {scope} on {iface}"));
+            }
+            // What the enclosing prefix decides and this one does not: a
+            // hole (`except`, or another rule deciding instead).
+            for (rule, scope) in inherited.difference(&own).filter(|(r, _)| *r != 0) {
+                out.entry(names.rule(*rule)).or_default().insert(format!("except {side} {prefix} {scope} on {iface}"));
+            }
+        }
+    }
+    out
+}
+
+/// A set's table as (rule, readable scope), adjacent port prefixes of one
+/// rule merged into ranges.
+fn merged_scopes(table: &[policy::Decision]) -> BTreeSet<(u32, String)> {
+    let mut out = BTreeSet::new();
+    let mut ranges: BTreeMap<(u32, u8), Vec<(u32, u32)>> = BTreeMap::new();
+    for d in table {
+        match d.scope {
+            policy::Scope::Port { protocol, port, bits } => ranges
+                .entry((d.rule_id, protocol))
+                .or_default()
+                .push((port as u32, port as u32 + (1 << (16 - bits)) - 1)),
+            s => {
+                out.insert((d.rule_id, scope_text(&s)));
+            }
+        }
+    }
+    for ((rule, proto), mut rs) in ranges {
+        rs.sort();
+        let mut merged: Vec<(u32, u32)> = Vec::new();
+        for (lo, hi) in rs {
+            match merged.last_mut() {
+                Some(last) if last.1 + 1 == lo => last.1 = hi,
+                _ => merged.push((lo, hi)),
+            }
+        }
+        for (lo, hi) in merged {
+            let name = policy::protocol_name(proto);
+            out.insert((rule, if lo == hi { format!("{name}/{lo}") } else { format!("{name}/{lo}-{hi}") }));
+        }
+    }
+    out
+}
+
+/// Rule by rule, what a plan adds to and removes from each rule's reach.
+pub fn policy_changes(
+    before: &BTreeMap<String, BTreeSet<String>>,
+    after: &BTreeMap<String, BTreeSet<String>>,
+) -> Vec<PolicyChange> {
+    let rules: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    let empty = BTreeSet::new();
+    rules
+        .into_iter()
+        .filter_map(|rule| {
+            let b = before.get(rule).unwrap_or(&empty);
+            let a = after.get(rule).unwrap_or(&empty);
+            // Holes after what they cut into.
+            let ordered = |mut v: Vec<String>| {
+                v.sort_by_key(|x| x.starts_with("except "));
+                v
+            };
+            let added = ordered(a.difference(b).cloned().collect());
+            let removed = ordered(b.difference(a).cloned().collect());
+            (!added.is_empty() || !removed.is_empty()).then(|| PolicyChange { rule: rule.clone(), added, removed })
+        })
+        .collect()
+}
