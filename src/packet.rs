@@ -193,6 +193,7 @@ pub fn ipv4_ttl(frame: &[u8]) -> u8 {
     frame[22]
 }
 
+/// (source, destination) MACs of an Ethernet frame.
 pub fn macs(frame: &[u8]) -> ([u8; 6], [u8; 6]) {
     (frame[6..12].try_into().unwrap(), frame[0..6].try_into().unwrap())
 }

@@ -30,18 +30,39 @@ const SKB_CTX_SIZE: usize = 192;
 const SKB_MARK: usize = 8;
 const SKB_PRIORITY: usize = 32;
 
+const SKB_IFINDEX: usize = 40;
+
 /// Runs the program pinned at `pin` on `packet`, `repeat` times.
 pub fn run_pinned(pin: &Path, program_type: ProgramType, packet: &[u8], repeat: u32) -> Result<RunResult, KernelError> {
+    run_pinned_on(pin, program_type, packet, repeat, None)
+}
+
+/// [`run_pinned`] as if the packet arrived on (XDP: `ingress_ifindex`) or
+/// left by (TC: `skb->ifindex`) interface `ifindex`, which must exist in
+/// the caller's network namespace. Minimum kernel version: 5.15 (XDP
+/// `ingress_ifindex` in the test-run context).
+pub fn run_pinned_on(
+    pin: &Path,
+    program_type: ProgramType,
+    packet: &[u8],
+    repeat: u32,
+    ifindex: Option<u32>,
+) -> Result<RunResult, KernelError> {
     let what = format!("test-run the program pinned at `{}`", pin.display());
     let mut out = vec![0u8; packet.len() + 256];
     match program_type {
         ProgramType::Xdp => {
             let prog = Xdp::from_pin(pin, aya_obj::programs::XdpAttachType::Interface)
                 .map_err(|e| KernelError::aya(what.clone(), e))?;
+            // struct xdp_md: data, data_end, data_meta, ingress_ifindex, …
+            let mut ctx = [0u8; 24];
+            ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+            ctx[12..16].copy_from_slice(&ifindex.unwrap_or(0).to_ne_bytes());
             let r = prog
                 .test_run(TestRunOptions {
                     data_in: Some(packet),
                     data_out: Some(&mut out),
+                    ctx_in: ifindex.map(|_| &ctx[..]),
                     repeat,
                     ..Default::default()
                 })
@@ -57,7 +78,8 @@ pub fn run_pinned(pin: &Path, program_type: ProgramType, packet: &[u8], repeat: 
         }
         ProgramType::Tc => {
             let prog = SchedClassifier::from_pin(pin).map_err(|e| KernelError::aya(what.clone(), e))?;
-            let ctx_in = [0u8; SKB_CTX_SIZE];
+            let mut ctx_in = [0u8; SKB_CTX_SIZE];
+            ctx_in[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&ifindex.unwrap_or(0).to_ne_bytes());
             let mut ctx_out = [0u8; SKB_CTX_SIZE];
             let r = prog
                 .test_run(TestRunOptions {
