@@ -18,12 +18,13 @@
 //! Both lookups cost the same whatever the number of rules.
 //!
 //! Transition safety: a set's id is a digest of its table, so a set id
-//! always means the same table. New sets are written before the peers that
-//! point at them, and old ones removed after; with peer entries added and
-//! changed before any are removed, every packet meets either its old or its
-//! new verdict while a plan is applied (the longest match over the union of
-//! old and new prefixes is the old or the new longest match, and either
-//! entry carries a complete table).
+//! always means the same table. The planner writes new sets before the
+//! peers that point at them and removes old ones after; peer entries are
+//! written most specific first and removed least specific first (see
+//! `plan::order_lpm_changes`). Then at every step of an apply, the longest
+//! match for an address is either its old or its new longest match, with
+//! that side's table: every packet meets its old or its new verdict.
+//! `tests/kernel_policy_transition.rs` checks this on random changes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;

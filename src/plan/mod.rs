@@ -617,6 +617,7 @@ fn diff_entries(r: &MapRef, dm: &MapState, om: &MapState, names: Option<&mesh::N
     let mut d = dm.entries.iter().peekable();
     let mut o = om.entries.iter().peekable();
     let mut union = 0usize;
+    let (writes_from, deletes_from) = (ph.writes.len(), ph.entry_deletes.len());
     let described = |k: &[u8], v: &[u8]| names.and_then(|n| mesh::describe(&r.map, k, v, n));
     let address = |k: &[u8], v: &[u8]| match described(k, v) {
         Some((key, _)) => entry_address(r, &key),
@@ -684,5 +685,24 @@ fn diff_entries(r: &MapRef, dm: &MapState, om: &MapState, names: Option<&mesh::N
             }
         }
     }
+    if dm.shape.is_some_and(|s| s.map_type == crate::object::BPF_MAP_TYPE_LPM_TRIE) {
+        order_lpm_changes(&mut ph.writes[writes_from..], &mut ph.entry_deletes[deletes_from..]);
+    }
     union
+}
+
+/// LPM trie changes run so that a lookup meets the old or the new answer,
+/// never a third: writes most specific first (a new prefix is visible only
+/// once every longer new prefix is), removals least specific first (an old
+/// prefix stays only while every longer old one does). A key starts with
+/// its prefix length.
+fn order_lpm_changes(writes: &mut [Change], deletes: &mut [Change]) {
+    let prefixlen = |c: &Change| match &c.op {
+        Op::WriteEntry { key, .. } | Op::DeleteEntry { key, .. } if key.len() >= 4 => {
+            u32::from_ne_bytes(key[..4].try_into().unwrap())
+        }
+        _ => 0,
+    };
+    writes.sort_by_key(|c| std::cmp::Reverse(prefixlen(c)));
+    deletes.sort_by_key(prefixlen);
 }
