@@ -45,6 +45,122 @@ const _: () = assert!(std::mem::size_of::<ClassPrefixKey>() == 8);
 /// `enum bpfsync_proto`: slot names of `packet_stats` and `class_stats`.
 pub const PROTO_NAMES: [&str; 6] = ["other", "icmp", "tcp", "udp", "icmpv6", "non-ip"];
 
+/// `enum mesh_dir`.
+pub const DIRECTION_NAMES: [&str; 2] = ["ingress", "egress"];
+
+/// `enum mesh_verdict`: slot names of `verdict_stats` (per direction).
+pub const VERDICT_NAMES: [&str; 6] = ["pass", "forward", "drop-rule", "drop-default", "reply", "ttl-exceeded"];
+
+/// `struct policy_peer_key`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicyPeerKey {
+    pub prefixlen: u32,
+    pub ifindex: u32,
+    pub dir: u8,
+    pub family: u8,
+    pub pad: [u8; 2],
+    pub addr: [u8; 16],
+}
+const _: () = assert!(std::mem::size_of::<PolicyPeerKey>() == 28);
+
+/// `struct policy_action_key`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicyActionKey {
+    pub prefixlen: u32,
+    pub set_id: u32,
+    pub protocol: u8,
+    pub pad: u8,
+    pub port_be: u16,
+}
+const _: () = assert!(std::mem::size_of::<PolicyActionKey>() == 12);
+
+/// `struct policy_action_value`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicyActionValue {
+    pub rule_id: u32,
+    pub action: u8,
+    pub pad: [u8; 3],
+}
+const _: () = assert!(std::mem::size_of::<PolicyActionValue>() == 8);
+
+/// `struct rule_name`.
+pub const RULE_NAME_LEN: usize = 96;
+const _: () = assert!(RULE_NAME_LEN == crate::mesh::policy::RULE_NAME_LEN);
+
+/// `struct route_key`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouteKey {
+    pub prefixlen: u32,
+    pub family: u8,
+    pub pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+const _: () = assert!(std::mem::size_of::<RouteKey>() == 24);
+
+/// `struct route_value`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouteValue {
+    pub ifindex: u32,
+    pub route_id: u32,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+}
+const _: () = assert!(std::mem::size_of::<RouteValue>() == 20);
+
+/// `struct ct_key` and `struct ct_value`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CtKey {
+    pub family: u8,
+    pub protocol: u8,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub pad: [u8; 2],
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+const _: () = assert!(std::mem::size_of::<CtKey>() == 40);
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CtValue {
+    pub last_seen_ns: u64,
+    pub rule_id: u32,
+    pub dir: u8,
+    pub pad: [u8; 3],
+}
+const _: () = assert!(std::mem::size_of::<CtValue>() == 16);
+
+/// Decodes a per-direction array (`mesh_stats`, `verdict_stats`: u32
+/// `dir * slots.len() + slot` → proto_stats) as `direction/slot` → stats;
+/// zero slots are left out.
+pub fn directional_counters(entries: &Entries, slots: &[&str]) -> BTreeMap<String, ProtoStats> {
+    let mut out = BTreeMap::new();
+    for (k, v) in entries.iter() {
+        let Some(i) = k.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes) else { continue };
+        let (dir, slot) = (i as usize / slots.len(), i as usize % slots.len());
+        if let (Some(d), Some(s), Some(st)) = (DIRECTION_NAMES.get(dir), slots.get(slot), ProtoStats::from_bytes(v))
+            && st.packets > 0
+        {
+            out.insert(format!("{d}/{s}"), st);
+        }
+    }
+    out
+}
+
+/// Decodes a map keyed by a u32 id (`rule_stats`, `route_stats`).
+pub fn keyed_counters(entries: &Entries) -> BTreeMap<u32, ProtoStats> {
+    entries
+        .iter()
+        .filter_map(|(k, v)| Some((u32::from_ne_bytes(k.get(..4)?.try_into().ok()?), ProtoStats::from_bytes(v)?)))
+        .collect()
+}
+
 /// `LATENCY_BUCKETS`.
 pub const LATENCY_BUCKETS: usize = 64;
 

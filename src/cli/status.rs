@@ -75,6 +75,7 @@ pub fn report(ctx: &Context) -> anyhow::Result<(Value, State, Option<Plan>)> {
             v
         })
         .collect();
+    let mesh = mesh_counters(&observed);
     let drift_json = drift.as_ref().map(|p| {
         json!({
             "in_sync": p.is_empty(),
@@ -91,6 +92,7 @@ pub fn report(ctx: &Context) -> anyhow::Result<(Value, State, Option<Plan>)> {
         "programs": programs,
         "attachments": attachments,
         "maps": maps,
+        "mesh": mesh,
         "foreign": observed.foreign.iter().map(|f| json!({
             "hook": f.hook.to_string(), "program_id": f.program_id, "program_name": f.program_name,
             "detail": f.detail, "link_id": f.link_id,
@@ -100,6 +102,42 @@ pub fn report(ctx: &Context) -> anyhow::Result<(Value, State, Option<Plan>)> {
         "drift": drift_json,
     });
     Ok((v, observed, drift))
+}
+
+/// The mesh datapath's counters by name: verdicts and protocols per
+/// direction, hits per policy rule (named from `rule_names`) and per route
+/// (named by prefix from `mesh_routes`). Null when the mesh is not loaded.
+fn mesh_counters(observed: &State) -> Value {
+    use crate::mesh;
+    let entries = |map: &str| observed.maps.get(&mesh::map_ref(map)).map(|m| &m.entries);
+    let Some(verdicts) = entries("verdict_stats") else { return Value::Null };
+    let stats = |s: &datapath::ProtoStats| json!({ "packets": s.packets, "bytes": s.bytes });
+    let rule_names: std::collections::BTreeMap<u32, String> = entries(mesh::NAMES_MAP)
+        .into_iter()
+        .flat_map(|e| e.iter())
+        .filter_map(|(k, v)| Some((u32::from_ne_bytes(k.try_into().ok()?), mesh::policy::decode_rule_name(v))))
+        .collect();
+    let route_names: std::collections::BTreeMap<u32, String> = entries(mesh::ROUTES_MAP)
+        .into_iter()
+        .flat_map(|e| e.iter())
+        .filter_map(|(k, v)| Some((mesh::decode_route_value(v)?.1, mesh::decode_route_key(k)?.to_string())))
+        .collect();
+    let named = |map: &str, names: &std::collections::BTreeMap<u32, String>| -> serde_json::Map<String, Value> {
+        entries(map)
+            .map(datapath::keyed_counters)
+            .unwrap_or_default()
+            .iter()
+            .map(|(id, s)| {
+                (names.get(id).cloned().unwrap_or_else(|| format!("{id:#010x} (no longer in the spec)")), stats(s))
+            })
+            .collect()
+    };
+    json!({
+        "verdicts": datapath::directional_counters(verdicts, &datapath::VERDICT_NAMES).iter().map(|(k, s)| (k.clone(), stats(s))).collect::<serde_json::Map<_, _>>(),
+        "protocols": entries("mesh_stats").map(|e| datapath::directional_counters(e, &datapath::PROTO_NAMES)).unwrap_or_default().iter().map(|(k, s)| (k.clone(), stats(s))).collect::<serde_json::Map<_, _>>(),
+        "rules": named("rule_stats", &rule_names),
+        "routes": named("route_stats", &route_names),
+    })
 }
 
 pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
@@ -184,6 +222,18 @@ pub fn render_text(v: &Value, drift: Option<&Plan>) -> String {
                 let c = x[1].as_u64().unwrap_or(0);
                 let bar = "#".repeat(((c as f64 / total.max(1) as f64) * 40.0).ceil() as usize);
                 let _ = writeln!(o, "      {:>12} ns  {c:>10} {bar}", 1u64 << b.min(63));
+            }
+        }
+    }
+    if let Some(mesh) = v["mesh"].as_object() {
+        let _ = writeln!(o, "\nMESH DATAPATH");
+        for (title, key) in
+            [("verdicts", "verdicts"), ("protocols", "protocols"), ("policy rules", "rules"), ("routes", "routes")]
+        {
+            let Some(rows) = mesh[key].as_object().filter(|r| !r.is_empty()) else { continue };
+            let _ = writeln!(o, "  {title}");
+            for (name, st) in rows {
+                let _ = writeln!(o, "    {name:<44} {:>10} packets {:>12} bytes", s(&st["packets"]), s(&st["bytes"]));
             }
         }
     }
