@@ -2,6 +2,11 @@
 //! (a snapshot of the kernel), and the expected `plan.txt` and `plan.json`.
 //! The planner is pure, so these pin its behaviour exactly.
 //!
+//! A case may also hold `applied.yaml`: a spec applied before. The kernel
+//! then holds exactly what that spec compiles to on the node that
+//! `observed.yaml` describes (its interfaces, MACs and neighbours) — so
+//! policy and route cases read as two specs instead of hex entries.
+//!
 //! After an intended change, regenerate with
 //!     UPDATE_GOLDEN=1 cargo test --test golden
 //! and read the diff before committing.
@@ -26,9 +31,23 @@ fn render_case(dir: &Path) -> (String, String) {
         }
     };
     let observed_text = fs::read_to_string(dir.join("observed.yaml")).unwrap();
-    let observed = Snapshot::parse(&observed_text)
+    let mut observed = Snapshot::parse(&observed_text)
         .and_then(|s| s.to_state(&desired.state))
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let applied_path = dir.join("applied.yaml");
+    if applied_path.exists() {
+        let text = fs::read_to_string(&applied_path).unwrap();
+        let before = spec::load(&applied_path, &text)
+            .and_then(|l| compile(&l, &mut ObjectLoader::default()))
+            .unwrap_or_else(|d| panic!("{}: {d}", applied_path.display()));
+        let (resolved, _) = plan::resolve_desired(&before.state, &observed);
+        let mut state = resolved.into_owned();
+        state.mesh = None;
+        state.interfaces = std::mem::take(&mut observed.interfaces);
+        state.interface_macs = std::mem::take(&mut observed.interface_macs);
+        state.neighbors = std::mem::take(&mut observed.neighbors);
+        observed = state;
+    }
     let p = plan::plan(&desired.state, &observed);
     (plan::text::render(&p, TextOptions { color: false }), plan::json::render(&p))
 }

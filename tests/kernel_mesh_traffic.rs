@@ -66,7 +66,18 @@ fn routes_forward_udp_and_tcp_between_namespaces_and_policy_drops_a_port() {
     // R knows its neighbours (bpfsync reads their MACs from this table).
     for sb in [&a, &b] {
         let mac = peer_mac(&sb.netns, &sb.peer_if);
-        sh(&["ip", "neigh", "replace", &sb.peer_ip.to_string(), "lladdr", &mac, "dev", &sb.host_if, "nud", "permanent"]);
+        sh(&[
+            "ip",
+            "neigh",
+            "replace",
+            &sb.peer_ip.to_string(),
+            "lladdr",
+            &mac,
+            "dev",
+            &sb.host_if,
+            "nud",
+            "permanent",
+        ]);
     }
     let spec = format!(
         r#"apiVersion: bpfsync/v1

@@ -49,7 +49,12 @@ pub fn render(plan: &Plan, opts: TextOptions) -> String {
         out.push_str(&p.bold("No changes."));
         out.push_str(" The node matches the spec.\n");
     } else {
-        let mut used: Vec<Action> = shown.iter().map(|c| c.action).collect();
+        let mut used: Vec<Action> = shown
+            .iter()
+            .filter(|c| !(c.kind == Kind::MapEntry && is_policy_map(&map_of(&c.address))))
+            .map(|c| c.action)
+            .chain(plan.policy_changes.iter().map(policy_action))
+            .collect();
         used.sort();
         used.dedup();
         out.push_str("bpfsync used the following symbols to indicate actions:\n");
@@ -108,6 +113,14 @@ pub fn render(plan: &Plan, opts: TextOptions) -> String {
     out
 }
 
+fn policy_action(c: &crate::mesh::PolicyChange) -> Action {
+    match (c.added.is_empty(), c.removed.is_empty()) {
+        (false, true) => Action::Create,
+        (true, false) => Action::Delete,
+        _ => Action::Update,
+    }
+}
+
 fn is_policy_map(map: &str) -> bool {
     crate::mesh::POLICY_MAPS.iter().any(|m| map == format!("{}/{m}", crate::mesh::PROGRAM))
 }
@@ -116,11 +129,7 @@ fn is_policy_map(map: &str) -> bool {
 /// entries are in `-o json`.
 fn render_policy_changes(out: &mut String, p: &Paint, plan: &Plan, entries: usize) {
     for c in &plan.policy_changes {
-        let action = match (c.added.is_empty(), c.removed.is_empty()) {
-            (false, true) => Action::Create,
-            (true, false) => Action::Delete,
-            _ => Action::Update,
-        };
+        let action = policy_action(c);
         let _ = writeln!(
             out,
             "\n  {} {}",
