@@ -373,3 +373,35 @@ fn one_changed_entry_of_ten_thousand_is_one_step_and_one_write() {
     let report = converge(&mut k, &b);
     assert_eq!((report.steps, report.kernel_writes), (1, 1));
 }
+
+fn class_ports(ports: std::ops::Range<u32>) -> Desired {
+    let entries: String =
+        ports.map(|p| format!("          - {{ key: {{ protocol: 6, port: {p} }}, value: {{ mark: 1 }} }}\n")).collect();
+    desired(&format!(
+        "programs:\n  - name: classify\n    builtin: classifier\n    type: tc\n    maps:\n      - name: class_ports\n        entries:\n{entries}"
+    ))
+}
+
+#[test]
+fn a_map_that_would_overflow_mid_apply_fails_the_plan_before_touching_the_kernel() {
+    let mut k = MemoryKernel::new();
+    converge(&mut k, &class_ports(1..3001));
+    // 3000 entries fit `class_ports` (4096), but adding 3000 new keys before
+    // removing the old ones would need 6000.
+    let d = class_ports(10001..13001);
+    let observed = k.observe(&scope_for(&d.state)).unwrap();
+    let p = plan::plan(&d.state, &observed);
+    assert_eq!(p.errors.len(), 1, "{:?}", p.errors);
+    let e = &p.errors[0];
+    assert!(e.contains("`classify/class_ports`") && e.contains("6000 entries") && e.contains("3000 now"), "{e}");
+    assert!(e.contains("at most 4096"), "{e}");
+    assert!(plan::text::render(&p, Default::default()).contains("Errors (the plan cannot be applied):"));
+    let writes = k.writes();
+    let r = apply::apply(&mut k, &p, &d, &observed, &mut MemJournal::default(), Retry::none());
+    assert!(matches!(r, Err(ApplyError::Refused { .. })), "{r:?}");
+    assert_eq!(k.writes(), writes, "nothing was written");
+    // A change that fits passes.
+    let fits = class_ports(1001..4001);
+    let observed = k.observe(&scope_for(&fits.state)).unwrap();
+    assert!(plan::plan(&fits.state, &observed).errors.is_empty());
+}

@@ -164,6 +164,9 @@ policies:
     assert_eq!(packets("routes", &format!("{}/32", b.peer_ip)), N + tcp_from_a, "A → B forwarded: {mesh:#}");
     assert!(packets("routes", &format!("{}/32", a.peer_ip)) >= 3, "B → A forwarded: {mesh:#}");
     assert_eq!(packets("verdicts", "ingress/drop-default"), packets("rules", &default_deny), "{mesh:#}");
+    for feature in ["lpm_trie", "lru_hash", "tcx"] {
+        assert_eq!(status["features"][feature], Value::Bool(true), "{feature} probed: {:#}", status["features"]);
+    }
     let text = env.run_ok(&["status"]);
     assert!(text.contains("MESH DATAPATH") && text.contains("edge ingress[1]"), "{text}");
 

@@ -168,11 +168,15 @@ pub fn render_text(v: &Value, drift: Option<&Plan>) -> String {
     let yn = |b: &Value| if b.as_bool() == Some(true) { "yes" } else { "no" };
     let _ = writeln!(
         o,
-        "features: tcx {} (6.6+), xdp links {}, batch map ops {}, tracefs {}",
+        "features: tcx {} (6.6+), xdp links {}, batch map ops {}, tracefs {}, lpm trie {}, lru hash {}, ring buffer {}, kernel btf {}",
         yn(&f["tcx"]),
         yn(&f["xdp_link"]),
         yn(&f["batch_map_ops"]),
-        yn(&f["tracefs"])
+        yn(&f["tracefs"]),
+        yn(&f["lpm_trie"]),
+        yn(&f["lru_hash"]),
+        yn(&f["ringbuf"]),
+        yn(&f["kernel_btf"])
     );
     let _ = writeln!(o, "\nPROGRAMS");
     for p in v["programs"].as_array().into_iter().flatten() {

@@ -117,6 +117,14 @@ pub struct Features {
     pub tcx: bool,
     pub xdp_link: bool,
     pub batch_map_ops: bool,
+    /// LPM trie maps (policies, routes), probed by creating one.
+    pub lpm_trie: bool,
+    /// LRU hash maps (conntrack), probed by creating one.
+    pub lru_hash: bool,
+    /// BPF ring buffers (flow events), probed by creating one.
+    pub ringbuf: bool,
+    /// Kernel BTF (`/sys/kernel/btf/vmlinux`).
+    pub kernel_btf: bool,
 }
 
 /// The kernel as the executor and observer see it. Every mutating call is

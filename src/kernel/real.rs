@@ -137,6 +137,17 @@ pub fn probe_features(root: &Path) -> Features {
         tcx: v >= (6, 6),
         xdp_link: v >= (5, 9),
         batch_map_ops: v >= (5, 6),
+        // Minimum kernel versions: LPM trie 4.11, LRU hash 4.10, ring buffer 5.8.
+        lpm_trie: sys::map_type_supported(
+            crate::object::BPF_MAP_TYPE_LPM_TRIE,
+            8,
+            4,
+            1,
+            1, /* BPF_F_NO_PREALLOC */
+        ),
+        lru_hash: sys::map_type_supported(crate::object::BPF_MAP_TYPE_LRU_HASH, 4, 4, 1, 0),
+        ringbuf: sys::map_type_supported(27 /* BPF_MAP_TYPE_RINGBUF */, 0, 0, 4096, 0),
+        kernel_btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
     }
 }
 

@@ -97,6 +97,23 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> SysResult<()> {
 }
 
 #[repr(C)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+/// Whether the kernel creates a map of this type and shape (the map is
+/// closed again at once): a feature probe.
+pub fn map_type_supported(map_type: u32, key_size: u32, value_size: u32, max_entries: u32, flags: u32) -> bool {
+    const BPF_MAP_CREATE: u32 = 0;
+    let mut a = MapCreateAttr { map_type, key_size, value_size, max_entries, map_flags: flags };
+    bpf(BPF_MAP_CREATE, &mut a, "BPF_MAP_CREATE").map(fd_result).is_ok()
+}
+
+#[repr(C)]
 struct ElemAttr {
     map_fd: u32,
     _pad: u32,
