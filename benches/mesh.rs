@@ -33,8 +33,10 @@ fn host(i: u32) -> Cidr {
     Cidr { addr: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), len: 32 }
 }
 
+type RawEntries = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// `n` peer prefixes on `ifindex` ingress (one per host), all allowed TCP 8080.
-fn policy_entries(ifindex: u32, n: u32) -> (Vec<(Vec<u8>, Vec<u8>)>, Vec<(Vec<u8>, Vec<u8>)>) {
+fn policy_entries(ifindex: u32, n: u32) -> (RawEntries, RawEntries) {
     let mut peers: Vec<_> =
         (0..n).map(|i| encode_peer(ifindex, Direction::Ingress, &PeerEntry { prefix: host(i), set_id: SET })).collect();
     peers.push(encode_peer(
@@ -50,7 +52,7 @@ fn policy_entries(ifindex: u32, n: u32) -> (Vec<(Vec<u8>, Vec<u8>)>, Vec<(Vec<u8
 }
 
 /// `n` routes to /32 hosts in 172.16.0.0/12 and beyond, via `ifindex`.
-fn route_entries(ifindex: u32, n: u32) -> Vec<(Vec<u8>, Vec<u8>)> {
+fn route_entries(ifindex: u32, n: u32) -> RawEntries {
     (0..n)
         .map(|i| {
             let prefix = Cidr { addr: IpAddr::V4(Ipv4Addr::from(0xac10_0000 + i)), len: 32 };
