@@ -15,6 +15,9 @@
 //! - [`snapshot`]: observed states as YAML (golden cases, offline plans).
 //! - [`datapath`]: Rust mirrors of `bpf/bpfsync.h` and counter decoders.
 //! - [`compile`]: spec + objects → desired state (reads object files).
+//! - [`mesh`]: policies and routes → entries of the built-in mesh
+//!   datapath's maps (pure; resolved against the observed node when
+//!   planning), and their spec-level view for plans.
 //! - [`plan`]: the pure diff, and its text and JSON renderings.
 //! - [`kernel`]: the one boundary to the kernel: a trait with the real
 //!   backend (aya, raw bpf syscalls, netlink) and an in-memory model for
