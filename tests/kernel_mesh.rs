@@ -152,8 +152,11 @@ policies:
     assert_eq!(hits.get("api ingress[0]"), Some(&6), "{hits:?}");
     assert_eq!(hits.get("api ingress[1]"), Some(&1), "{hits:?}");
     assert_eq!(hits.get("api deny[0]"), Some(&2), "{hits:?}");
-    assert_eq!(hits.get(&format!("default deny ingress on {iface} (api)")), Some(&9), "{hits:?}");
-    assert_eq!(hits.get(&format!("default deny egress on {iface} (api)")), Some(&2), "{hits:?}");
+    // The interface is live: the kernel's own IPv6 neighbour discovery on
+    // it meets the default denies too, so these are lower bounds.
+    let at_least = |name: String, n: u64| assert!(hits.get(&name).is_some_and(|h| *h >= n), "{name}: {hits:?}");
+    at_least(format!("default deny ingress on {iface} (api)"), 9);
+    at_least(format!("default deny egress on {iface} (api)"), 2);
     assert_eq!(hits.get("api egress[0]"), Some(&2), "{hits:?}");
 
     env.run_ok(&["down", "--auto-approve"]);
