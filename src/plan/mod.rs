@@ -388,15 +388,24 @@ pub fn plan_skipping_entries(desired: &State, observed: &State, skip: &BTreeSet<
             ));
         }
     }
+    // Decoding every policy entry costs time on big tables: only when a
+    // policy entry changes (the agent plans on every resync).
+    let touches_policy = ph.writes.iter().chain(&ph.entry_deletes).any(|c| match &c.op {
+        Op::WriteEntry { map, .. } | Op::DeleteEntry { map, .. } => {
+            map.program == mesh::PROGRAM && mesh::POLICY_MAPS.contains(&map.map.as_str())
+        }
+        _ => false,
+    });
     let policy_changes = match &names {
-        Some(names) => {
+        Some(names) if touches_policy => {
+            let empty = crate::entries::Entries::new();
             let atoms = |s: &State| {
-                let get = |m: &str| s.maps.get(&mesh::map_ref(m)).map(|m| m.entries.clone()).unwrap_or_default();
-                mesh::policy_atoms(&get(mesh::PEERS_MAP), &get(mesh::ACTIONS_MAP), names)
+                let get = |m: &str| s.maps.get(&mesh::map_ref(m)).map_or(&empty, |m| &m.entries);
+                mesh::policy_atoms(get(mesh::PEERS_MAP), get(mesh::ACTIONS_MAP), names)
             };
             mesh::policy_changes(&atoms(observed), &atoms(desired))
         }
-        None => Vec::new(),
+        _ => Vec::new(),
     };
 
     // Attachments.
