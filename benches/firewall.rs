@@ -12,7 +12,6 @@
 //! rules in its own chain, jumped to only for its own interface.
 
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -30,16 +29,6 @@ fn sh(args: &[&str]) {
     assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-fn in_ns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
-    let path = format!("/var/run/netns/{netns}");
-    std::thread::spawn(move || {
-        let ns = std::fs::File::open(path).unwrap();
-        // SAFETY: setns on a namespace fd changes only this thread.
-        assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-        f()
-    })
-}
-
 /// Peers that never match: 10.250.0.0 upwards, one /32 per rule.
 fn decoy(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(0x0afa_0000 + i as u32)
@@ -49,7 +38,7 @@ fn decoy(i: usize) -> Ipv4Addr {
 fn median_rtt(a: &Sandbox, b: &Sandbox) -> f64 {
     let (src, dst) = (a.peer_ip, b.peer_ip);
     let (tx, rx) = std::sync::mpsc::channel();
-    let echo = in_ns(&b.netns, move || {
+    let echo = b.spawn_in_netns(move || {
         let s = UdpSocket::bind(SocketAddrV4::new(dst, 9000)).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
         tx.send(()).unwrap();
@@ -59,23 +48,23 @@ fn median_rtt(a: &Sandbox, b: &Sandbox) -> f64 {
         }
     });
     rx.recv().unwrap();
-    let mut rtts = in_ns(&a.netns, move || {
-        let s = UdpSocket::bind(SocketAddrV4::new(src, 0)).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-        let mut out = Vec::with_capacity(ROUND_TRIPS);
-        let mut buf = [0u8; 64];
-        for i in 0..ROUND_TRIPS + 200 {
-            let t = Instant::now();
-            s.send_to(&(i as u64).to_be_bytes(), SocketAddrV4::new(dst, 9000)).unwrap();
-            if s.recv(&mut buf).is_ok() && i >= 200 {
-                out.push(t.elapsed().as_secs_f64() * 1e6);
+    let mut rtts = a
+        .in_netns(move || {
+            let s = UdpSocket::bind(SocketAddrV4::new(src, 0)).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+            let mut out = Vec::with_capacity(ROUND_TRIPS);
+            let mut buf = [0u8; 64];
+            for i in 0..ROUND_TRIPS + 200 {
+                let t = Instant::now();
+                s.send_to(&(i as u64).to_be_bytes(), SocketAddrV4::new(dst, 9000)).unwrap();
+                if s.recv(&mut buf).is_ok() && i >= 200 {
+                    out.push(t.elapsed().as_secs_f64() * 1e6);
+                }
             }
-        }
-        out
-    })
-    .join()
-    .unwrap();
-    echo.join().unwrap();
+            out
+        })
+        .unwrap();
+    echo.join().unwrap().unwrap();
     assert!(rtts.len() > ROUND_TRIPS * 9 / 10, "lost round trips: {} of {ROUND_TRIPS}", rtts.len());
     rtts.sort_by(f64::total_cmp);
     rtts[rtts.len() / 2]
@@ -131,26 +120,7 @@ fn main() {
         return;
     }
     let (a, b) = (Sandbox::create().unwrap(), Sandbox::create().unwrap());
-    sh(&["ip", "-n", &a.netns, "route", "add", &format!("{}/32", b.peer_ip), "via", &a.host_ip.to_string()]);
-    sh(&["ip", "-n", &b.netns, "route", "add", &format!("{}/32", a.peer_ip), "via", &b.host_ip.to_string()]);
-    for sb in [&a, &b] {
-        let out =
-            Command::new("ip").args(["-n", &sb.netns, "-j", "link", "show", "dev", &sb.peer_if]).output().unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let mac = v[0]["address"].as_str().unwrap().to_string();
-        sh(&[
-            "ip",
-            "neigh",
-            "replace",
-            &sb.peer_ip.to_string(),
-            "lladdr",
-            &mac,
-            "dev",
-            &sb.host_if,
-            "nud",
-            "permanent",
-        ]);
-    }
+    Sandbox::route_through_host(&a, &b).unwrap();
     let forward = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
     println!("| rules | iptables µs (median RTT) | ratio | bpfsync mesh µs | ratio |");
     println!("|---:|---:|---:|---:|---:|");

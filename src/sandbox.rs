@@ -105,6 +105,15 @@ impl Sandbox {
 
     /// Runs `f` on a thread that has entered the sandbox's namespace.
     pub fn in_netns<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
+        self.spawn_in_netns(f).join().map_err(|_| io::Error::other("sandbox thread panicked"))?
+    }
+
+    /// Starts `f` on a thread inside the sandbox's namespace, without
+    /// waiting (servers, concurrent senders).
+    pub fn spawn_in_netns<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<io::Result<T>> {
         let path = PathBuf::from("/var/run/netns").join(&self.netns);
         std::thread::spawn(move || {
             let ns = fs::File::open(&path)?;
@@ -114,8 +123,29 @@ impl Sandbox {
             }
             Ok(f())
         })
-        .join()
-        .map_err(|_| io::Error::other("sandbox thread panicked"))?
+    }
+
+    /// The MAC of the namespace's end of the pair.
+    pub fn peer_mac(&self) -> io::Result<String> {
+        let out = Command::new("ip").args(["-n", &self.netns, "-j", "link", "show", "dev", &self.peer_if]).output()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(io::Error::other)?;
+        v[0]["address"].as_str().map(str::to_string).ok_or_else(|| io::Error::other("no MAC in `ip -j link`"))
+    }
+
+    /// Makes the root namespace the router between two sandboxes (A — R —
+    /// B): each namespace routes the other's address via its host end, and
+    /// the root namespace knows both peers' MACs (permanent neighbours).
+    pub fn route_through_host(a: &Sandbox, b: &Sandbox) -> io::Result<()> {
+        for (from, to) in [(a, b), (b, a)] {
+            let dest = format!("{}/32", to.peer_ip);
+            run(&["ip", "-n", &from.netns, "route", "add", &dest, "via", &from.host_ip.to_string()])?;
+        }
+        for sb in [a, b] {
+            let mac = sb.peer_mac()?;
+            let ip = sb.peer_ip.to_string();
+            run(&["ip", "neigh", "replace", &ip, "lladdr", &mac, "dev", &sb.host_if, "nud", "permanent"])?;
+        }
+        Ok(())
     }
 
     /// Sends `count` UDP datagrams from the namespace to `host_ip:port`, one

@@ -7,41 +7,16 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
-use std::process::Command;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use common::{Env, Sandbox, write_spec};
 use serde_json::Value;
 
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// Runs `f` on a new thread inside network namespace `netns`.
-fn spawn_in<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
-    let path = format!("/var/run/netns/{netns}");
-    std::thread::spawn(move || {
-        let ns = std::fs::File::open(path).unwrap();
-        // SAFETY: setns on a namespace fd changes only this thread.
-        assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-        f()
-    })
-}
-
-/// The MAC of `iface` inside `netns`.
-fn peer_mac(netns: &str, iface: &str) -> String {
-    let out = Command::new("ip").args(["-n", netns, "-j", "link", "show", "dev", iface]).output().unwrap();
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    v[0]["address"].as_str().unwrap().to_string()
-}
-
 /// Counts UDP datagrams arriving on `port` until `quiet` passes without one.
-fn udp_sink(netns: &str, addr: Ipv4Addr, port: u16) -> JoinHandle<u64> {
+fn udp_sink(sb: &Sandbox, addr: Ipv4Addr, port: u16) -> JoinHandle<std::io::Result<u64>> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let h = spawn_in(netns, move || {
+    let h = sb.spawn_in_netns(move || {
         let s = UdpSocket::bind(SocketAddrV4::new(addr, port)).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
         tx.send(()).unwrap();
@@ -60,25 +35,9 @@ fn udp_sink(netns: &str, addr: Ipv4Addr, port: u16) -> JoinHandle<u64> {
 fn routes_forward_udp_and_tcp_between_namespaces_and_policy_drops_a_port() {
     let env = Env::new();
     let (a, b) = (Sandbox::create().unwrap(), Sandbox::create().unwrap());
-    // A and B reach each other through R (their host ends' addresses).
-    sh(&["ip", "-n", &a.netns, "route", "add", &format!("{}/32", b.peer_ip), "via", &a.host_ip.to_string()]);
-    sh(&["ip", "-n", &b.netns, "route", "add", &format!("{}/32", a.peer_ip), "via", &b.host_ip.to_string()]);
-    // R knows its neighbours (bpfsync reads their MACs from this table).
-    for sb in [&a, &b] {
-        let mac = peer_mac(&sb.netns, &sb.peer_if);
-        sh(&[
-            "ip",
-            "neigh",
-            "replace",
-            &sb.peer_ip.to_string(),
-            "lladdr",
-            &mac,
-            "dev",
-            &sb.host_if,
-            "nud",
-            "permanent",
-        ]);
-    }
+    // A and B reach each other through R, which knows both as neighbours
+    // (bpfsync reads their MACs from that table).
+    Sandbox::route_through_host(&a, &b).unwrap();
     let spec = format!(
         r#"apiVersion: bpfsync/v1
 kind: NodeSpec
@@ -110,10 +69,10 @@ policies:
 
     // UDP: an allowed port and a denied one.
     const N: u64 = 20;
-    let allowed = udp_sink(&b.netns, b.peer_ip, 9000);
-    let denied = udp_sink(&b.netns, b.peer_ip, 9999);
+    let allowed = udp_sink(&b, b.peer_ip, 9000);
+    let denied = udp_sink(&b, b.peer_ip, 9999);
     let (src, dst) = (a.peer_ip, b.peer_ip);
-    spawn_in(&a.netns, move || {
+    a.in_netns(move || {
         let s = UdpSocket::bind(SocketAddrV4::new(src, 0)).unwrap();
         for i in 0..N {
             s.send_to(&i.to_be_bytes(), SocketAddrV4::new(dst, 9000)).unwrap();
@@ -121,14 +80,13 @@ policies:
             std::thread::sleep(Duration::from_millis(2));
         }
     })
-    .join()
     .unwrap();
-    assert_eq!(allowed.join().unwrap(), N, "every datagram to the allowed port arrives");
-    assert_eq!(denied.join().unwrap(), 0, "the port the policy does not allow is dropped");
+    assert_eq!(allowed.join().unwrap().unwrap(), N, "every datagram to the allowed port arrives");
+    assert_eq!(denied.join().unwrap().unwrap(), 0, "the port the policy does not allow is dropped");
 
     // TCP: a connection from A to B, both directions through R.
     let (tx, rx) = std::sync::mpsc::channel();
-    let server = spawn_in(&b.netns, move || {
+    let server = b.spawn_in_netns(move || {
         let l = TcpListener::bind(SocketAddrV4::new(dst, 8080)).unwrap();
         tx.send(()).unwrap();
         let (mut c, _) = l.accept().unwrap();
@@ -138,17 +96,18 @@ policies:
         buf
     });
     rx.recv().unwrap();
-    let echoed = spawn_in(&a.netns, move || {
-        let mut c = TcpStream::connect_timeout(&SocketAddrV4::new(dst, 8080).into(), Duration::from_secs(5)).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        c.write_all(b"hello").unwrap();
-        let mut buf = [0u8; 5];
-        c.read_exact(&mut buf).unwrap();
-        buf
-    })
-    .join()
-    .unwrap();
-    assert_eq!(&server.join().unwrap(), b"hello");
+    let echoed = a
+        .in_netns(move || {
+            let mut c =
+                TcpStream::connect_timeout(&SocketAddrV4::new(dst, 8080).into(), Duration::from_secs(5)).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            c.write_all(b"hello").unwrap();
+            let mut buf = [0u8; 5];
+            c.read_exact(&mut buf).unwrap();
+            buf
+        })
+        .unwrap();
+    assert_eq!(&server.join().unwrap().unwrap(), b"hello");
     assert_eq!(&echoed, b"hello");
     std::thread::sleep(Duration::from_millis(200)); // the closing segments
 
