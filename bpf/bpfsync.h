@@ -151,9 +151,101 @@ struct ct_key {
 
 struct ct_value {
 	__u64 last_seen_ns;
+	__u64 report_ns; /* time of the connection's last flow record */
+	__u64 packets; /* since first seen, where first seen */
+	__u64 bytes;
+	__u64 reported_packets; /* as of the last flow record */
+	__u64 reported_bytes;
 	__u32 rule_id; /* the rule that allowed the first packet */
+	__u32 ifindex; /* where it was first seen: counted only there */
+	__u32 tcp_flags; /* OR of the TCP flags since the last record */
 	__u8 dir; /* enum mesh_dir it was first seen in */
+	__u8 flags; /* CT_F_* */
+	__u8 pad[2];
+};
+
+/* A conntrack entry made for the reply direction of a connection (for its
+ * flow records): it never makes the other direction a reply. */
+#define CT_F_REPLY 1
+
+/* ---- Flow records (`flow_events` ring buffer) ---- */
+
+enum flow_kind {
+	FLOW_NEW = 0, /* first packet of a connection */
+	FLOW_UPDATE = 1, /* periodic, or on TCP FIN/RST: packets and bytes since the last record */
+	FLOW_DROP = 2, /* dropped packets, aggregated per flow (see flow_event.packets) */
+	FLOW_KIND_MAX = 3,
+};
+
+enum flow_verdict {
+	FLOW_FORWARDED = 0, /* up the stack or on the wire */
+	FLOW_DROPPED = 1,
+	FLOW_REDIRECTED = 2, /* by a mesh route */
+};
+
+enum drop_reason {
+	DROP_NONE = 0,
+	DROP_POLICY_DENY = 1, /* an explicit deny rule */
+	DROP_DEFAULT_DENY = 2, /* no rule allows it on an interface a policy selects */
+	DROP_NO_RULE_SET = 3, /* a peer entry without its rule set: fail closed */
+};
+
+/* One record in `flow_events`. A drop record stands for `packets` drops of
+ * its flow (the ones aggregated since the flow's previous drop record);
+ * `suppressed` counts drop records this CPU did not make, because of the
+ * rate limit, since its previous one. */
+struct flow_event {
+	__u64 time_ns; /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+	__u64 bytes;
+	__u32 packets;
+	__u32 ifindex;
+	__u32 rule_id; /* names in `rule_names`; 0 = no policy decided */
+	__u32 suppressed;
+	__u8 kind; /* enum flow_kind */
+	__u8 verdict; /* enum flow_verdict */
+	__u8 dir; /* enum mesh_dir */
+	__u8 drop_reason; /* enum drop_reason */
+	__u8 tcp_flags; /* this packet's (NEW, DROP), or their OR since the last record (UPDATE) */
 	__u8 pad[3];
+	struct ct_key tuple;
+};
+
+/* The one value of `flow_config`; 0 in a field means its default. */
+struct flow_config {
+	__u32 disabled; /* non-zero: no flow records (counters still count) */
+	__u32 drop_records_per_sec; /* per CPU; default 1000 */
+	__u64 report_interval_ns; /* UPDATE records of long-lived flows; default 10 s */
+	__u64 drop_window_ns; /* drops of one flow within this make one record; default 1 s */
+};
+
+/* Slots of `flow_counters`. */
+enum flow_counter {
+	FLOW_LOST_NEW = 0, /* records lost because the ring buffer was full, by kind */
+	FLOW_LOST_UPDATE = 1,
+	FLOW_LOST_DROP = 2,
+	FLOW_SUPPRESSED_DROP = 3, /* drop records not made because of the rate limit */
+	FLOW_COUNTER_MAX = 4,
+};
+
+/* `drop_aggs` (LRU hash): drops of one flow at one hook since its last record. */
+struct drop_key {
+	struct ct_key tuple;
+	__u32 ifindex;
+	__u8 dir;
+	__u8 pad[3];
+};
+
+struct drop_agg {
+	__u64 last_record_ns;
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* Per-CPU state of the drop record rate limit (`drop_budget`). */
+struct drop_budget {
+	__u64 window_start_ns;
+	__u32 used;
+	__u32 suppressed;
 };
 
 #endif

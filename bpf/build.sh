@@ -26,7 +26,11 @@ dest() { # default-dir name
 }
 for src in "$top"/bpf/*.bpf.c; do
 	name="$(basename "$src" .c)"
-	compile bpf "$(basename "$src")" "$(dest bpf "$name.o")"
+	# The mesh datapath uses atomic exchange and compare-and-swap (BPF ISA v3,
+	# kernel >= 5.12); the others stay on the default ISA.
+	isa=""
+	[ "$name" = mesh.bpf ] && isa="-mcpu=v3"
+	compile bpf "$(basename "$src")" "$(dest bpf "$name.o")" $isa
 done
 for src in "$top"/tests/fixtures/*.bpf.c; do
 	name="$(basename "$src" .c)"

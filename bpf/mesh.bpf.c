@@ -11,7 +11,15 @@
  *
  * Both share the maps of this object (`conntrack` among them), so a
  * connection allowed in one direction lets its replies through the other.
- * Policy entries are compiled by bpfsync; see src/mesh/policy.rs. */
+ * Policy entries are compiled by bpfsync; see src/mesh/policy.rs.
+ *
+ * Flow records go to the `flow_events` ring buffer: one when a connection
+ * is first seen (a `conntrack` entry is made), one per report interval
+ * and on TCP FIN/RST for connections that go on, and one per drop, with
+ * drops of one flow within a window aggregated into one record and drop
+ * records rate-limited per CPU (both visible in the record). A full ring
+ * buffer loses records; `flow_counters` counts them. Needs -mcpu=v3
+ * (atomic exchange and compare-and-swap). */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
@@ -106,12 +114,47 @@ struct {
 	__type(value, struct proto_stats);
 } route_stats SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 22); /* 4 MiB: ~47,000 records */
+} flow_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct flow_config);
+} flow_config SEC(".maps");
+
+/* [enum flow_counter] */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, FLOW_COUNTER_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} flow_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1 << 16);
+	__type(key, struct drop_key);
+	__type(value, struct drop_agg);
+} drop_aggs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct drop_budget);
+} drop_budget SEC(".maps");
+
 /* What the policy and the router need from a packet. */
 struct pkt {
 	struct ct_key t; /* the 5-tuple as seen on the wire */
 	__u32 len;
 	__u32 proto_slot; /* enum bpfsync_proto */
 	__u8 ttl;
+	__u8 tcp_flags;
 };
 
 static __always_inline void add_stats(void *map, __u32 key, __u32 len)
@@ -147,6 +190,7 @@ static __always_inline void l4_ports(struct pkt *p, void *l4, void *data_end)
 			return;
 		p->t.sport = th->source;
 		p->t.dport = th->dest;
+		p->tcp_flags = ((__u8 *)th)[13];
 		break;
 	}
 	case IPPROTO_UDP: {
@@ -255,7 +299,8 @@ static __always_inline int policy_decide(__u32 ifindex, __u8 dir, struct pkt *p,
 	return a->action;
 }
 
-/* A reply: the reverse of a connection tracked recently. */
+/* A reply: the reverse of a connection tracked recently (entries made for
+ * replies themselves do not count). */
 static __always_inline int is_reply(struct pkt *p)
 {
 	struct ct_key rev = {
@@ -267,21 +312,218 @@ static __always_inline int is_reply(struct pkt *p)
 	__builtin_memcpy(rev.saddr, p->t.daddr, 16);
 	__builtin_memcpy(rev.daddr, p->t.saddr, 16);
 	struct ct_value *v = bpf_map_lookup_elem(&conntrack, &rev);
-	return v && bpf_ktime_get_ns() - v->last_seen_ns < CT_TIMEOUT_NS;
+	return v && !(v->flags & CT_F_REPLY) && bpf_ktime_get_ns() - v->last_seen_ns < CT_TIMEOUT_NS;
 }
 
-static __always_inline void track(struct pkt *p, __u32 rule_id, __u8 dir)
+static __always_inline int tracked_protocol(__u8 protocol)
 {
-	__u64 now = bpf_ktime_get_ns();
-	struct ct_value *v = bpf_map_lookup_elem(&conntrack, &p->t);
-	if (v && now - v->last_seen_ns < CT_REFRESH_NS)
+	return protocol == IPPROTO_TCP || protocol == IPPROTO_UDP || protocol == IPPROTO_ICMP ||
+	       protocol == IPPROTO_ICMPV6;
+}
+
+#define TCP_FIN 0x01
+#define TCP_RST 0x04
+
+#define DEFAULT_REPORT_INTERVAL_NS (10ULL * 1000000000ULL)
+#define DEFAULT_DROP_WINDOW_NS (1000000000ULL)
+#define DEFAULT_DROP_RECORDS_PER_SEC 1000
+#define DROP_BUDGET_WINDOW_NS (1000000000ULL)
+
+static __always_inline struct flow_config *flow_config_get(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&flow_config, &zero);
+}
+
+static __always_inline void count_flow(__u32 slot)
+{
+	__u64 *c = bpf_map_lookup_elem(&flow_counters, &slot);
+	if (c)
+		__sync_fetch_and_add(c, 1);
+}
+
+/* What a flow record says besides the packet's 5-tuple. */
+struct record {
+	__u64 now;
+	__u64 bytes;
+	__u32 packets;
+	__u32 ifindex;
+	__u32 rule_id;
+	__u32 suppressed;
+	__u8 kind;
+	__u8 verdict;
+	__u8 dir;
+	__u8 drop_reason;
+	__u8 tcp_flags;
+};
+
+static __always_inline void emit(struct pkt *p, struct record *r)
+{
+	struct flow_event *e = bpf_ringbuf_reserve(&flow_events, sizeof(*e), 0);
+	if (!e) {
+		count_flow(FLOW_LOST_NEW + r->kind);
 		return;
-	struct ct_value nv = { .last_seen_ns = now, .rule_id = rule_id, .dir = dir };
-	if (v) {
-		nv.rule_id = v->rule_id;
-		nv.dir = v->dir;
 	}
-	bpf_map_update_elem(&conntrack, &p->t, &nv, BPF_ANY);
+	e->time_ns = r->now;
+	e->bytes = r->bytes;
+	e->packets = r->packets;
+	e->ifindex = r->ifindex;
+	e->rule_id = r->rule_id;
+	e->suppressed = r->suppressed;
+	e->kind = r->kind;
+	e->verdict = r->verdict;
+	e->dir = r->dir;
+	e->drop_reason = r->drop_reason;
+	e->tcp_flags = r->tcp_flags;
+	e->pad[0] = e->pad[1] = e->pad[2] = 0;
+	__builtin_memcpy(&e->tuple, &p->t, sizeof(e->tuple));
+	bpf_ringbuf_submit(e, 0);
+}
+
+/* Tracks an allowed packet (a `conntrack` entry per direction of a
+ * connection) and makes its flow records: NEW for the first packet, UPDATE
+ * with the packets and bytes since the last record once per report interval
+ * or on FIN/RST. A connection is counted at the hook that first saw it, so a
+ * packet crossing two hooks (XDP in, TCX out) is counted once. */
+static __always_inline void flow_allowed(struct pkt *p, __u32 ifindex, __u8 dir, __u8 verdict, __u32 rule_id,
+					 int reply)
+{
+	if (!tracked_protocol(p->t.protocol))
+		return;
+	struct flow_config *cfg = flow_config_get();
+	if (!cfg)
+		return;
+	__u64 now = bpf_ktime_get_ns();
+	struct record r = {
+		.now = now,
+		.ifindex = ifindex,
+		.rule_id = rule_id,
+		.verdict = verdict,
+		.dir = dir,
+		.tcp_flags = p->tcp_flags,
+	};
+	struct ct_value *v = bpf_map_lookup_elem(&conntrack, &p->t);
+	if (!v) {
+		struct ct_value nv = {
+			.last_seen_ns = now,
+			.report_ns = now,
+			.packets = 1,
+			.bytes = p->len,
+			.reported_packets = 1,
+			.reported_bytes = p->len,
+			.rule_id = rule_id,
+			.ifindex = ifindex,
+			.dir = dir,
+			.flags = reply ? CT_F_REPLY : 0,
+		};
+		if (bpf_map_update_elem(&conntrack, &p->t, &nv, BPF_NOEXIST) == 0) {
+			if (!cfg->disabled) {
+				r.kind = FLOW_NEW;
+				r.packets = 1;
+				r.bytes = p->len;
+				emit(p, &r);
+			}
+			return;
+		}
+		/* Another CPU made it first. */
+		v = bpf_map_lookup_elem(&conntrack, &p->t);
+		if (!v)
+			return;
+	}
+	if (!reply && (v->flags & CT_F_REPLY))
+		v->flags = 0; /* the policy now allows this direction by itself */
+	if (now - v->last_seen_ns >= CT_REFRESH_NS)
+		v->last_seen_ns = now;
+	if (v->ifindex != ifindex || v->dir != dir)
+		return;
+	__sync_fetch_and_add(&v->packets, 1);
+	__sync_fetch_and_add(&v->bytes, p->len);
+	if (p->tcp_flags)
+		__sync_fetch_and_or(&v->tcp_flags, p->tcp_flags);
+	if (cfg->disabled)
+		return;
+	__u64 interval = cfg->report_interval_ns ? cfg->report_interval_ns : DEFAULT_REPORT_INTERVAL_NS;
+	__u64 last = v->report_ns;
+	if (!(p->tcp_flags & (TCP_FIN | TCP_RST)) && now - last < interval)
+		return;
+	/* One CPU makes the record. */
+	if (__sync_val_compare_and_swap(&v->report_ns, last, now) != last)
+		return;
+	__u64 packets = v->packets, bytes = v->bytes;
+	r.kind = FLOW_UPDATE;
+	r.packets = packets - v->reported_packets;
+	r.bytes = bytes - v->reported_bytes;
+	v->reported_packets = packets;
+	v->reported_bytes = bytes;
+	r.tcp_flags = __sync_lock_test_and_set(&v->tcp_flags, 0);
+	r.rule_id = v->rule_id;
+	emit(p, &r);
+}
+
+/* Makes the drop record of a packet: drops of one flow within the window
+ * are added to the flow's next record, and drop records are limited per CPU
+ * per second (the next record says how many were not made). */
+static __always_inline void flow_dropped(struct pkt *p, __u32 ifindex, __u8 dir, __u32 rule_id, __u8 reason)
+{
+	struct flow_config *cfg = flow_config_get();
+	if (!cfg || cfg->disabled)
+		return;
+	__u64 now = bpf_ktime_get_ns();
+	struct drop_key k = { .ifindex = ifindex, .dir = dir };
+	__builtin_memcpy(&k.tuple, &p->t, sizeof(k.tuple));
+	struct drop_agg *a = bpf_map_lookup_elem(&drop_aggs, &k);
+	__u64 window = cfg->drop_window_ns ? cfg->drop_window_ns : DEFAULT_DROP_WINDOW_NS;
+	if (a && now - a->last_record_ns < window) {
+		__sync_fetch_and_add(&a->packets, 1);
+		__sync_fetch_and_add(&a->bytes, p->len);
+		return;
+	}
+	__u32 zero = 0;
+	struct drop_budget *b = bpf_map_lookup_elem(&drop_budget, &zero);
+	if (!b)
+		return;
+	if (now - b->window_start_ns >= DROP_BUDGET_WINDOW_NS) {
+		b->window_start_ns = now;
+		b->used = 0;
+	}
+	__u32 limit = cfg->drop_records_per_sec ? cfg->drop_records_per_sec : DEFAULT_DROP_RECORDS_PER_SEC;
+	if (b->used >= limit) {
+		/* Over the limit: the drop waits in the flow's aggregate. */
+		b->suppressed++;
+		count_flow(FLOW_SUPPRESSED_DROP);
+		if (a) {
+			__sync_fetch_and_add(&a->packets, 1);
+			__sync_fetch_and_add(&a->bytes, p->len);
+		} else {
+			struct drop_agg na = { .packets = 1, .bytes = p->len };
+			bpf_map_update_elem(&drop_aggs, &k, &na, BPF_NOEXIST);
+		}
+		return;
+	}
+	b->used++;
+	struct record r = {
+		.now = now,
+		.packets = 1,
+		.bytes = p->len,
+		.ifindex = ifindex,
+		.rule_id = rule_id,
+		.suppressed = b->suppressed,
+		.kind = FLOW_DROP,
+		.verdict = FLOW_DROPPED,
+		.dir = dir,
+		.drop_reason = reason,
+		.tcp_flags = p->tcp_flags,
+	};
+	b->suppressed = 0;
+	if (a) {
+		r.packets += __sync_lock_test_and_set(&a->packets, 0);
+		r.bytes += __sync_lock_test_and_set(&a->bytes, 0);
+		a->last_record_ns = now;
+	} else {
+		struct drop_agg na = { .last_record_ns = now };
+		bpf_map_update_elem(&drop_aggs, &k, &na, BPF_NOEXIST);
+	}
+	emit(p, &r);
 }
 
 /* Results of policy_check. */
@@ -290,27 +532,27 @@ enum { CHECK_DROP = 0, CHECK_ALLOW = 1, CHECK_REPLY = 2 };
 /* Rule ids with this bit set name a default deny (see src/mesh/policy.rs). */
 #define RULE_DEFAULT_BIT 0x80000000u
 
-/* Runs the policy of (ifindex, dir) on `p`, counting drops and rule hits. */
-static __always_inline int policy_check(__u32 ifindex, __u8 dir, struct pkt *p)
+/* Runs the policy of (ifindex, dir) on `p`, counting drops and rule hits
+ * and making drop records. The deciding rule goes to *rule_id. */
+static __always_inline int policy_check(__u32 ifindex, __u8 dir, struct pkt *p, __u32 *rule_id)
 {
-	__u32 rule_id = 0;
-	int action = policy_decide(ifindex, dir, p, &rule_id);
+	*rule_id = 0;
+	int action = policy_decide(ifindex, dir, p, rule_id);
 	if (action == ACTION_DENY) {
-		int by_default = rule_id & RULE_DEFAULT_BIT;
+		int by_default = *rule_id & RULE_DEFAULT_BIT;
 		/* Default deny lets replies of tracked connections through;
 		 * an explicit deny does not. */
 		if (by_default && is_reply(p))
 			return CHECK_REPLY;
 		add_stats(&verdict_stats, dir * VERDICT_MAX + (by_default ? VERDICT_DROP_DEFAULT : VERDICT_DROP_RULE),
 			  p->len);
-		add_keyed_stats(&rule_stats, rule_id, p->len);
+		add_keyed_stats(&rule_stats, *rule_id, p->len);
+		__u8 reason = !*rule_id ? DROP_NO_RULE_SET : by_default ? DROP_DEFAULT_DENY : DROP_POLICY_DENY;
+		flow_dropped(p, ifindex, dir, *rule_id, reason);
 		return CHECK_DROP;
 	}
-	if (action == ACTION_ALLOW && rule_id)
-		add_keyed_stats(&rule_stats, rule_id, p->len);
-	if (p->t.protocol == IPPROTO_TCP || p->t.protocol == IPPROTO_UDP || p->t.protocol == IPPROTO_ICMP ||
-	    p->t.protocol == IPPROTO_ICMPV6)
-		track(p, rule_id, dir);
+	if (action == ACTION_ALLOW && *rule_id)
+		add_keyed_stats(&rule_stats, *rule_id, p->len);
 	return CHECK_ALLOW;
 }
 
@@ -342,25 +584,29 @@ int mesh_ingress(struct xdp_md *ctx)
 		count_pass(DIR_INGRESS, CHECK_ALLOW, p.len);
 		return XDP_PASS;
 	}
-	int check = policy_check(ctx->ingress_ifindex, DIR_INGRESS, &p);
+	__u32 in_ifindex = ctx->ingress_ifindex, rule_id = 0;
+	int check = policy_check(in_ifindex, DIR_INGRESS, &p, &rule_id);
 	if (check == CHECK_DROP)
 		return XDP_DROP;
 
 	struct route_key rk = { .prefixlen = 32 + (p.t.family == 4 ? 32 : 128), .family = p.t.family };
 	__builtin_memcpy(rk.addr, p.t.daddr, 16);
 	struct route_value *r = bpf_map_lookup_elem(&mesh_routes, &rk);
-	if (!r) {
-		count_pass(DIR_INGRESS, check, p.len);
-		return XDP_PASS;
-	}
-	if (p.ttl <= 1) {
-		/* The stack sends the ICMP time exceeded. */
-		add_stats(&verdict_stats, DIR_INGRESS * VERDICT_MAX + VERDICT_TTL_EXCEEDED, p.len);
+	if (!r || p.ttl <= 1) {
+		/* No route, or the TTL expires here (the stack sends the ICMP
+		 * time exceeded). */
+		if (r)
+			add_stats(&verdict_stats, DIR_INGRESS * VERDICT_MAX + VERDICT_TTL_EXCEEDED, p.len);
+		else
+			count_pass(DIR_INGRESS, check, p.len);
+		flow_allowed(&p, in_ifindex, DIR_INGRESS, FLOW_FORWARDED, rule_id, check == CHECK_REPLY);
 		return XDP_PASS;
 	}
 	/* The redirect bypasses the stack's egress (and `mesh_egress`): the
 	 * outgoing interface's egress policy is checked here. */
-	if (policy_check(r->ifindex, DIR_EGRESS, &p) == CHECK_DROP)
+	__u32 out_rule_id = 0;
+	int out_check = policy_check(r->ifindex, DIR_EGRESS, &p, &out_rule_id);
+	if (out_check == CHECK_DROP)
 		return XDP_DROP;
 
 	struct ethhdr *eth = data;
@@ -381,6 +627,9 @@ int mesh_ingress(struct xdp_md *ctx)
 	__builtin_memcpy(eth->h_source, r->src_mac, ETH_ALEN);
 	add_stats(&verdict_stats, DIR_INGRESS * VERDICT_MAX + VERDICT_FORWARD, p.len);
 	add_keyed_stats(&route_stats, r->route_id, p.len);
+	/* The record names the rule that let it in, else the one that let it out. */
+	flow_allowed(&p, in_ifindex, DIR_INGRESS, FLOW_REDIRECTED, rule_id ? rule_id : out_rule_id,
+		     check == CHECK_REPLY || out_check == CHECK_REPLY);
 	return bpf_redirect(r->ifindex, 0);
 }
 
@@ -391,13 +640,18 @@ int mesh_egress(struct __sk_buff *skb)
 	void *data_end = (void *)(long)skb->data_end;
 	struct pkt p = {};
 	p.len = skb->len;
-	int check = CHECK_ALLOW;
-	if (parse(data, data_end, &p) == 0)
-		check = policy_check(skb->ifindex, DIR_EGRESS, &p);
+	int ip = parse(data, data_end, &p) == 0;
 	add_stats(&mesh_stats, DIR_EGRESS * PROTO_MAX + p.proto_slot, p.len);
+	if (!ip) {
+		count_pass(DIR_EGRESS, CHECK_ALLOW, p.len);
+		return TC_ACT_UNSPEC;
+	}
+	__u32 rule_id = 0;
+	int check = policy_check(skb->ifindex, DIR_EGRESS, &p, &rule_id);
 	if (check == CHECK_DROP)
 		return TC_ACT_SHOT;
 	count_pass(DIR_EGRESS, check, p.len);
+	flow_allowed(&p, skb->ifindex, DIR_EGRESS, FLOW_FORWARDED, rule_id, check == CHECK_REPLY);
 	/* TCX_NEXT: later programs of the chain still run. */
 	return TC_ACT_UNSPEC;
 }

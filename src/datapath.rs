@@ -130,11 +130,105 @@ const _: () = assert!(std::mem::size_of::<CtKey>() == 40);
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CtValue {
     pub last_seen_ns: u64,
+    pub report_ns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub reported_packets: u64,
+    pub reported_bytes: u64,
     pub rule_id: u32,
+    pub ifindex: u32,
+    pub tcp_flags: u32,
     pub dir: u8,
-    pub pad: [u8; 3],
+    pub flags: u8,
+    pub pad: [u8; 2],
 }
-const _: () = assert!(std::mem::size_of::<CtValue>() == 16);
+const _: () = assert!(std::mem::size_of::<CtValue>() == 64);
+
+/// `CT_F_REPLY`: an entry made for the reply direction of a connection.
+pub const CT_F_REPLY: u8 = 1;
+
+/// `enum flow_kind`.
+pub const FLOW_KIND_NAMES: [&str; 3] = ["new", "update", "drop"];
+/// `enum flow_verdict`, spelled as Hubble does.
+pub const FLOW_VERDICT_NAMES: [&str; 3] = ["FORWARDED", "DROPPED", "REDIRECTED"];
+/// `enum drop_reason`.
+pub const DROP_REASON_NAMES: [&str; 4] = ["", "policy-deny", "default-deny", "no-rule-set"];
+
+/// `struct flow_event`: one record of the `flow_events` ring buffer.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub time_ns: u64,
+    pub bytes: u64,
+    pub packets: u32,
+    pub ifindex: u32,
+    pub rule_id: u32,
+    pub suppressed: u32,
+    pub kind: u8,
+    pub verdict: u8,
+    pub dir: u8,
+    pub drop_reason: u8,
+    pub tcp_flags: u8,
+    pub pad: [u8; 3],
+    pub tuple: CtKey,
+}
+const _: () = assert!(std::mem::size_of::<FlowEvent>() == 80);
+
+impl FlowEvent {
+    /// Reads a record as the kernel wrote it; `None` when it is too short.
+    pub fn from_bytes(b: &[u8]) -> Option<FlowEvent> {
+        if b.len() < std::mem::size_of::<FlowEvent>() {
+            return None;
+        }
+        // SAFETY: FlowEvent is plain old data of that size, every bit
+        // pattern is valid, and read_unaligned copes with any alignment.
+        Some(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<FlowEvent>()) })
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: plain old data, no padding (asserted size = sum of fields).
+        unsafe { std::slice::from_raw_parts((self as *const FlowEvent).cast::<u8>(), std::mem::size_of::<FlowEvent>()) }
+    }
+}
+
+/// `struct flow_config`, the one value of `flow_config` (0 = default).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowConfig {
+    pub disabled: u32,
+    pub drop_records_per_sec: u32,
+    pub report_interval_ns: u64,
+    pub drop_window_ns: u64,
+}
+const _: () = assert!(std::mem::size_of::<FlowConfig>() == 24);
+
+impl FlowConfig {
+    pub fn to_bytes(self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(24);
+        v.extend_from_slice(&self.disabled.to_ne_bytes());
+        v.extend_from_slice(&self.drop_records_per_sec.to_ne_bytes());
+        v.extend_from_slice(&self.report_interval_ns.to_ne_bytes());
+        v.extend_from_slice(&self.drop_window_ns.to_ne_bytes());
+        v
+    }
+}
+
+/// Slots of `flow_counters` (`enum flow_counter`): records lost because the
+/// ring buffer was full, by kind, then drop records the rate limit skipped.
+pub const FLOW_COUNTER_NAMES: [&str; 4] = ["lost-new", "lost-update", "lost-drop", "suppressed-drop"];
+
+/// Decodes `flow_counters` (u32 slot → u64) by slot name.
+pub fn flow_counters(entries: &Entries) -> BTreeMap<&'static str, u64> {
+    let mut out: BTreeMap<&'static str, u64> = FLOW_COUNTER_NAMES.iter().map(|n| (*n, 0)).collect();
+    for (k, v) in entries.iter() {
+        let slot = k.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_ne_bytes);
+        let value = v.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_ne_bytes);
+        if let (Some(name), Some(n)) = (slot.and_then(|s| FLOW_COUNTER_NAMES.get(s as usize)), value) {
+            out.insert(name, n);
+        }
+    }
+    out
+}
 
 /// Decodes a per-direction array (`mesh_stats`, `verdict_stats`: u32
 /// `dir * slots.len() + slot` → proto_stats) as `direction/slot` → stats;
