@@ -35,6 +35,7 @@ pub mod codec;
 pub mod compile;
 pub mod datapath;
 pub mod entries;
+pub mod flows;
 pub mod kernel;
 pub mod mesh;
 pub mod model;

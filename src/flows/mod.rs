@@ -1,0 +1,17 @@
+//! Flow records from the mesh datapath, Hubble style.
+//!
+//! The datapath writes `struct flow_event`s to the `flow_events` ring
+//! buffer ([`datapath::FlowEvent`](crate::datapath::FlowEvent)); the
+//! agent's [`reader`] drains them into a [`hub::FlowHub`] (bounded history,
+//! live subscribers, counters) and its [`export`] queues. `bpfsync flows`
+//! asks the agent's `/flows` with a [`filter::Filter`]; [`record`] renders.
+//!
+//! Pure: `record`, `filter`, `time`, `hub`. Kernel: `reader` (aya ring
+//! buffer). I/O: `export` (files, HTTP).
+
+pub mod export;
+pub mod filter;
+pub mod hub;
+pub mod reader;
+pub mod record;
+pub mod time;
