@@ -48,8 +48,12 @@ enum Command {
     Schema,
     /// Run bpfsync in a throwaway sandbox of network namespaces.
     Demo(cli::demo::Args),
-    /// Keep the node equal to a spec file: watch, resync, repair, export metrics.
+    /// Keep the node equal to a spec file: watch, resync, repair, export metrics and flows.
     Agent(cli::agent::Args),
+    /// Show flow records from the agent, filtered (Hubble's flags).
+    Flows(cli::flows::Args),
+    /// Mesh datapath counters by protocol, verdict, rule and route, with rates.
+    Stats(cli::stats::Args),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +76,8 @@ fn main() -> ExitCode {
         Command::Schema => cli::schema::run(),
         Command::Demo(a) => cli::demo::run(&ctx, a),
         Command::Agent(a) => cli::agent::run(&ctx, a),
+        Command::Flows(a) => cli::flows::run(a),
+        Command::Stats(a) => cli::stats::run(&ctx, a),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),

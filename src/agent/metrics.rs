@@ -5,7 +5,8 @@
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -17,8 +18,10 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::datapath;
+use crate::flows::hub::{FlowCounters, FlowHub};
 use crate::kernel::real::RealKernel;
 use crate::kernel::{Kernel, Scope};
+use crate::mesh::counters::{COUNTER_MAPS, MeshCounters};
 use crate::model::MapRef;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -46,7 +49,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(bpffs_root: PathBuf) -> Metrics {
+    pub fn new(bpffs_root: PathBuf, flows: Arc<FlowHub>) -> Metrics {
         let mut registry = Registry::with_prefix("bpfsync");
         let reconciles = Family::<ResultLabel, Counter>::default();
         registry.register(
@@ -93,6 +96,7 @@ impl Metrics {
         let ready = Gauge::default();
         registry.register("ready", "1 once a reconcile has succeeded", ready.clone());
         registry.register_collector(Box::new(DatapathCollector { bpffs_root }));
+        registry.register_collector(Box::new(FlowCollector { hub: flows }));
         // Known label values start at zero, so `rate()` and absence alerts
         // work from the first scrape.
         for result in ["applied", "no_change", "error", "invalid_spec"] {
@@ -132,6 +136,202 @@ impl Metrics {
 /// `bpfsync_` prefix and type suffixes).
 pub const DATAPATH_FAMILIES: [&str; 3] = ["datapath_packets", "datapath_bytes", "syscall_latency_seconds"];
 
+type Labels = Vec<(&'static str, String)>;
+
+/// Writes one counter family (`_total` is added by the encoder).
+fn counter_family(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    rows: &[(Labels, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut enc = encoder.encode_descriptor(name, help, unit, MetricType::Counter)?;
+    for (labels, v) in rows {
+        ConstCounter::new(*v).encode(enc.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+/// The mesh datapath's kernel counters: exact, and never lost with events.
+fn encode_mesh(encoder: &mut DescriptorEncoder, c: &MeshCounters) -> Result<(), std::fmt::Error> {
+    let split = |k: &str| -> (String, String) {
+        let (a, b) = k.split_once('/').unwrap_or((k, ""));
+        (a.to_string(), b.to_string())
+    };
+    let by = |m: &std::collections::BTreeMap<String, datapath::ProtoStats>,
+              l1: &'static str,
+              l2: &'static str,
+              bytes: bool|
+     -> Vec<(Labels, u64)> {
+        m.iter()
+            .map(|(k, s)| {
+                let (a, b) = split(k);
+                (vec![(l1, a), (l2, b)], if bytes { s.bytes } else { s.packets })
+            })
+            .collect()
+    };
+    let drops: Vec<(Labels, u64)> = c
+        .verdicts
+        .iter()
+        .filter_map(|(k, s)| {
+            let (dir, verdict) = split(k);
+            let reason = match verdict.as_str() {
+                "drop-rule" => "policy-deny",
+                "drop-default" => "default-deny",
+                _ => return None,
+            };
+            Some((vec![("reason", reason.to_string()), ("direction", dir)], s.packets))
+        })
+        .collect();
+    counter_family(encoder, "drops", "Packets the mesh datapath dropped, by reason (kernel counters)", None, &drops)?;
+    let verdicts = by(&c.verdicts, "direction", "verdict", false);
+    counter_family(encoder, "mesh_verdicts", "Mesh datapath packets by direction and verdict", None, &verdicts)?;
+    let protocols = by(&c.protocols, "direction", "protocol", false);
+    counter_family(encoder, "mesh_packets", "Mesh datapath packets by direction and protocol", None, &protocols)?;
+    let protocol_bytes = by(&c.protocols, "direction", "protocol", true);
+    counter_family(
+        encoder,
+        "mesh",
+        "Mesh datapath bytes by direction and protocol",
+        Some(&Unit::Bytes),
+        &protocol_bytes,
+    )?;
+    let named = |m: &std::collections::BTreeMap<String, datapath::ProtoStats>,
+                 label: &'static str,
+                 bytes: bool|
+     -> Vec<(Labels, u64)> {
+        m.iter().map(|(k, s)| (vec![(label, k.clone())], if bytes { s.bytes } else { s.packets })).collect()
+    };
+    counter_family(
+        encoder,
+        "rule_hits",
+        "Packets each policy rule decided (by spec name)",
+        None,
+        &named(&c.rules, "rule", false),
+    )?;
+    counter_family(
+        encoder,
+        "rule",
+        "Bytes each policy rule decided",
+        Some(&Unit::Bytes),
+        &named(&c.rules, "rule", true),
+    )?;
+    counter_family(
+        encoder,
+        "route_packets",
+        "Packets each mesh route forwarded",
+        None,
+        &named(&c.routes, "route", false),
+    )?;
+    counter_family(
+        encoder,
+        "route",
+        "Bytes each mesh route forwarded",
+        Some(&Unit::Bytes),
+        &named(&c.routes, "route", true),
+    )?;
+    let lost: Vec<(Labels, u64)> = ["new", "update", "drop"]
+        .iter()
+        .map(|k| (vec![("kind", k.to_string())], c.flow.get(format!("lost-{k}").as_str()).copied().unwrap_or(0)))
+        .collect();
+    counter_family(encoder, "lost_events", "Flow records lost because the ring buffer was full, by kind", None, &lost)?;
+    let suppressed = vec![(Labels::new(), c.flow.get("suppressed-drop").copied().unwrap_or(0))];
+    counter_family(
+        encoder,
+        "flow_records_suppressed",
+        "Drop records not made because of the per-CPU rate limit (the drops are in bpfsync_drops_total)",
+        None,
+        &suppressed,
+    )
+}
+
+/// The flow reader's counters and the export queues'.
+#[derive(Debug)]
+struct FlowCollector {
+    hub: Arc<FlowHub>,
+}
+
+impl std::fmt::Debug for FlowHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlowHub").field("history", &self.len()).finish()
+    }
+}
+
+impl Collector for FlowCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let c = &self.hub.counters;
+        let cells = |a: &[AtomicU64]| -> Vec<(Labels, u64)> {
+            (0..FlowCounters::CELLS)
+                .map(|i| {
+                    let (v, d, p) = FlowCounters::labels(i);
+                    (
+                        vec![("verdict", v.to_string()), ("direction", d.to_string()), ("protocol", p.to_string())],
+                        a[i].load(Ordering::Relaxed),
+                    )
+                })
+                .collect()
+        };
+        counter_family(&mut encoder, "flows", "Flows seen (new connections and drop records)", None, &cells(&c.flows))?;
+        counter_family(&mut encoder, "flow_packets", "Packets in flow records", None, &cells(&c.packets))?;
+        counter_family(&mut encoder, "flow", "Bytes in flow records", Some(&Unit::Bytes), &cells(&c.bytes))?;
+        let one = |v: u64| vec![(Labels::new(), v)];
+        counter_family(
+            &mut encoder,
+            "flow_records",
+            "Flow records read from the ring buffer",
+            None,
+            &one(c.records.load(Ordering::Relaxed)),
+        )?;
+        counter_family(
+            &mut encoder,
+            "flow_records_malformed",
+            "Ring buffer records too short to decode",
+            None,
+            &one(c.malformed.load(Ordering::Relaxed)),
+        )?;
+        let gauge =
+            encoder.encode_descriptor("flow_history", "Flow records held for /flows", None, MetricType::Gauge)?;
+        prometheus_client::metrics::gauge::ConstGauge::new(self.hub.len() as i64).encode(gauge)?;
+        let exports = self.hub.exports();
+        let per_sink = |f: &dyn Fn(&crate::flows::export::ExportQueue) -> u64| -> Vec<(Labels, u64)> {
+            exports.iter().map(|q| (vec![("sink", q.sink.to_string())], f(q))).collect()
+        };
+        counter_family(
+            &mut encoder,
+            "flow_exported",
+            "Flow records delivered to an export sink",
+            None,
+            &per_sink(&|q| q.exported.load(Ordering::Relaxed)),
+        )?;
+        counter_family(
+            &mut encoder,
+            "flow_export_dropped",
+            "Flow records an export sink lost because its queue was full (sink down or slow)",
+            None,
+            &per_sink(&|q| q.dropped.load(Ordering::Relaxed)),
+        )?;
+        counter_family(
+            &mut encoder,
+            "flow_export_errors",
+            "Failed export attempts (each is retried)",
+            None,
+            &per_sink(&|q| q.errors.load(Ordering::Relaxed)),
+        )?;
+        let mut enc = encoder.encode_descriptor(
+            "flow_export_queued",
+            "Flow records waiting for an export sink",
+            None,
+            MetricType::Gauge,
+        )?;
+        for q in exports {
+            prometheus_client::metrics::gauge::ConstGauge::new(q.queued() as i64)
+                .encode(enc.encode_family(&[("sink", q.sink)])?)?;
+        }
+        Ok(())
+    }
+}
+
 /// Reads the built-in programs' counters from the kernel at scrape time.
 #[derive(Debug)]
 pub struct DatapathCollector {
@@ -147,15 +347,22 @@ struct ProtoLabels {
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let Ok(mut kernel) = RealKernel::open(&self.bpffs_root) else { return Ok(()) };
-        let names = ["packet_stats", "class_stats", "latency_hist"].map(String::from);
-        let Ok(state) = kernel.observe(&Scope { map_names: names.into(), ..Default::default() }) else {
+        let names =
+            ["packet_stats", "class_stats", "latency_hist"].iter().chain(COUNTER_MAPS.iter()).map(|n| n.to_string());
+        let Ok(state) = kernel.observe(&Scope { map_names: names.collect(), ..Default::default() }) else {
             return Ok(());
         };
+        if let Some(mesh) = MeshCounters::from_state(&state) {
+            encode_mesh(&mut encoder, &mesh)?;
+        }
         let wanted: Vec<MapRef> = state.maps.iter().filter(|(_, m)| m.managed).map(|(r, _)| r.clone()).collect();
         let mut packets = Vec::new();
         let mut hist = Vec::new();
         for r in &wanted {
             let Some(m) = state.maps.get(r) else { continue };
+            if r.map != "packet_stats" && r.map != "class_stats" && r.map != "latency_hist" {
+                continue;
+            }
             if r.map == "latency_hist" {
                 hist.push((r.program.clone(), datapath::latency_histogram(&m.entries)));
                 continue;

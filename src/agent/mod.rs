@@ -18,6 +18,7 @@ mod watch;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -28,6 +29,9 @@ use crate::apply::journal::FileJournal;
 use crate::apply::{self, ApplyError, Retry, error_chain, scope_for};
 use crate::cli::{self, Context};
 use crate::compile::{Desired, ObjectLoader, compile};
+use crate::flows::export::{self, ExportPolicy, ExportQueue, FileSink, HttpSink, Sink};
+use crate::flows::hub::FlowHub;
+use crate::flows::reader;
 use crate::kernel::Kernel;
 use crate::kernel::real::RealKernel;
 use crate::plan;
@@ -41,6 +45,37 @@ pub struct AgentConfig {
     pub resync: Duration,
     pub debounce: Duration,
     pub listen: SocketAddr,
+    pub flows: FlowOptions,
+}
+
+/// The flow reader's history and exports.
+#[derive(Debug, Clone)]
+pub struct FlowOptions {
+    /// Records kept for `/flows` (0 keeps none; metrics and exports still run).
+    pub history: usize,
+    /// JSON lines file, rotated at `file_max_bytes` keeping `file_keep` old files.
+    pub export_file: Option<PathBuf>,
+    pub file_max_bytes: u64,
+    pub file_keep: usize,
+    /// `http://host:port/path` collector that receives JSON lines by POST.
+    pub export_http: Option<String>,
+    /// Records each export queue holds while its sink is slow or down.
+    pub export_buffer: usize,
+    pub export: ExportPolicy,
+}
+
+impl Default for FlowOptions {
+    fn default() -> Self {
+        FlowOptions {
+            history: 10_000,
+            export_file: None,
+            file_max_bytes: 100 << 20,
+            file_keep: 3,
+            export_http: None,
+            export_buffer: 10_000,
+            export: ExportPolicy::default(),
+        }
+    }
 }
 
 /// What `/status` and `/readyz` report about the agent itself.
@@ -64,6 +99,7 @@ pub struct Shared {
     pub state: Mutex<AgentState>,
     pub metrics: Metrics,
     pub config: AgentConfig,
+    pub flows: Arc<FlowHub>,
 }
 
 impl Shared {
@@ -363,12 +399,15 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
+    let flow_stop = Arc::new(AtomicBool::new(false));
+    let (hub, flow_threads) = start_flows(&config, &flow_stop)?;
     on_listen(addr);
     tracing::info!(%addr, spec = %config.spec.display(), "agent listening");
     let shared = Arc::new(Shared {
         state: Mutex::new(AgentState { listen: Some(addr), ..Default::default() }),
-        metrics: Metrics::new(config.ctx.bpffs_root.clone()),
+        metrics: Metrics::new(config.ctx.bpffs_root.clone(), hub.clone()),
         config: config.clone(),
+        flows: hub,
     });
     let http = tokio::spawn(http::serve(listener, shared.clone()));
 
@@ -436,5 +475,37 @@ pub async fn run(
     }
     tracing::info!("agent stopping; the datapath keeps running");
     http.abort();
+    flow_stop.store(true, Ordering::Relaxed);
+    tokio::task::spawn_blocking(move || {
+        for t in flow_threads {
+            let _ = t.join();
+        }
+    })
+    .await?;
     Ok(())
+}
+
+/// Starts the flow reader and the export threads.
+fn start_flows(
+    config: &AgentConfig,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<(Arc<FlowHub>, Vec<std::thread::JoinHandle<()>>)> {
+    let o = &config.flows;
+    let mut sinks: Vec<(Arc<ExportQueue>, Box<dyn Sink>)> = Vec::new();
+    if let Some(path) = &o.export_file {
+        let sink = FileSink::new(path.clone(), o.file_max_bytes, o.file_keep)
+            .map_err(|e| anyhow::anyhow!("cannot open the flow export file `{}`: {e}", path.display()))?;
+        sinks.push((Arc::new(ExportQueue::new("file", o.export_buffer)), Box::new(sink)));
+    }
+    if let Some(url) = &o.export_http {
+        let sink = HttpSink::new(url).map_err(|e| anyhow::anyhow!(e))?;
+        sinks.push((Arc::new(ExportQueue::new("http", o.export_buffer)), Box::new(sink)));
+    }
+    let hub = Arc::new(FlowHub::new(o.history, sinks.iter().map(|(q, _)| q.clone()).collect()));
+    let mut threads = Vec::new();
+    for (queue, sink) in sinks {
+        threads.push(export::spawn(queue, sink, o.export.clone(), stop.clone()));
+    }
+    threads.push(reader::spawn(config.ctx.bpffs_root.clone(), hub.clone(), stop.clone()));
+    Ok((hub, threads))
 }

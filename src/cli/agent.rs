@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{Context, Exit, require_root};
-use crate::agent::{self, AgentConfig};
+use crate::agent::{self, AgentConfig, FlowOptions};
+use crate::flows::export::ExportPolicy;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -21,6 +22,43 @@ pub struct Args {
     /// Where to serve `/metrics`, `/healthz`, `/readyz` and `/status`.
     #[arg(long, default_value = "127.0.0.1:9464")]
     pub listen: SocketAddr,
+    /// Flow records kept in memory for `/flows` and `bpfsync flows`.
+    #[arg(long, default_value_t = 10_000)]
+    pub flow_history: usize,
+    /// Also write every flow record as a JSON line to this file.
+    #[arg(long)]
+    pub flow_export_file: Option<PathBuf>,
+    /// Rotate the export file past this size (bytes; k, M, G suffixes).
+    #[arg(long, value_parser = parse_size, default_value = "100M")]
+    pub flow_export_file_max_size: u64,
+    /// Rotated export files kept (`FILE.1` is the newest).
+    #[arg(long, default_value_t = 3)]
+    pub flow_export_file_keep: usize,
+    /// Also POST flow records (JSON lines, in batches) to this `http://` collector.
+    #[arg(long)]
+    pub flow_export_http: Option<String>,
+    /// Records each export queue holds while its sink is slow or down; past
+    /// it the oldest are dropped (counted in `bpfsync_flow_export_dropped_total`).
+    #[arg(long, default_value_t = 10_000)]
+    pub flow_export_buffer: usize,
+    /// Records per export batch.
+    #[arg(long, default_value_t = 500)]
+    pub flow_export_batch: usize,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => (&s[..i], &s[i..]),
+        None => (s, ""),
+    };
+    let mult: u64 = match mult {
+        "" => 1,
+        "k" | "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        _ => return Err(format!("`{s}` is not a size: use e.g. `1048576`, `512k`, `100M`, `1G`")),
+    };
+    num.parse::<u64>().map(|n| n * mult).map_err(|_| format!("`{s}` is not a size"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -47,6 +85,15 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
         resync: args.resync,
         debounce: args.debounce,
         listen: args.listen,
+        flows: FlowOptions {
+            history: args.flow_history,
+            export_file: args.flow_export_file.clone(),
+            file_max_bytes: args.flow_export_file_max_size,
+            file_keep: args.flow_export_file_keep,
+            export_http: args.flow_export_http.clone(),
+            export_buffer: args.flow_export_buffer,
+            export: ExportPolicy { batch: args.flow_export_batch.max(1), ..Default::default() },
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {

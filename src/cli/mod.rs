@@ -6,8 +6,10 @@ pub mod agent;
 pub mod apply;
 pub mod demo;
 pub mod down;
+pub mod flows;
 pub mod plan;
 pub mod schema;
+pub mod stats;
 pub mod status;
 pub mod validate;
 

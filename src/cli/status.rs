@@ -104,40 +104,9 @@ pub fn report(ctx: &Context) -> anyhow::Result<(Value, State, Option<Plan>)> {
     Ok((v, observed, drift))
 }
 
-/// The mesh datapath's counters by name: verdicts and protocols per
-/// direction, hits per policy rule (named from `rule_names`) and per route
-/// (named by prefix from `mesh_routes`). Null when the mesh is not loaded.
+/// The mesh datapath's counters by name (null when it is not loaded).
 fn mesh_counters(observed: &State) -> Value {
-    use crate::mesh;
-    let entries = |map: &str| observed.maps.get(&mesh::map_ref(map)).map(|m| &m.entries);
-    let Some(verdicts) = entries("verdict_stats") else { return Value::Null };
-    let stats = |s: &datapath::ProtoStats| json!({ "packets": s.packets, "bytes": s.bytes });
-    let rule_names: std::collections::BTreeMap<u32, String> = entries(mesh::NAMES_MAP)
-        .into_iter()
-        .flat_map(|e| e.iter())
-        .filter_map(|(k, v)| Some((u32::from_ne_bytes(k.try_into().ok()?), mesh::policy::decode_rule_name(v))))
-        .collect();
-    let route_names: std::collections::BTreeMap<u32, String> = entries(mesh::ROUTES_MAP)
-        .into_iter()
-        .flat_map(|e| e.iter())
-        .filter_map(|(k, v)| Some((mesh::decode_route_value(v)?.1, mesh::decode_route_key(k)?.to_string())))
-        .collect();
-    let named = |map: &str, names: &std::collections::BTreeMap<u32, String>| -> serde_json::Map<String, Value> {
-        entries(map)
-            .map(datapath::keyed_counters)
-            .unwrap_or_default()
-            .iter()
-            .map(|(id, s)| {
-                (names.get(id).cloned().unwrap_or_else(|| format!("{id:#010x} (no longer in the spec)")), stats(s))
-            })
-            .collect()
-    };
-    json!({
-        "verdicts": datapath::directional_counters(verdicts, &datapath::VERDICT_NAMES).iter().map(|(k, s)| (k.clone(), stats(s))).collect::<serde_json::Map<_, _>>(),
-        "protocols": entries("mesh_stats").map(|e| datapath::directional_counters(e, &datapath::PROTO_NAMES)).unwrap_or_default().iter().map(|(k, s)| (k.clone(), stats(s))).collect::<serde_json::Map<_, _>>(),
-        "rules": named("rule_stats", &rule_names),
-        "routes": named("route_stats", &route_names),
-    })
+    crate::mesh::counters::MeshCounters::from_state(observed).map_or(Value::Null, |c| c.to_json())
 }
 
 pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {

@@ -8,6 +8,7 @@
 //! function of (desired, observed). A route whose next hop cannot be
 //! resolved is reported and left as the kernel has it, never half-written.
 
+pub mod counters;
 pub mod policy;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -1,0 +1,188 @@
+//! `bpfsync stats`: the mesh datapath's counters by protocol, verdict,
+//! policy rule and route, read from the kernel twice to give rates over the
+//! interval between.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::{Context, Exit, Output, open_kernel};
+use crate::apply::error_chain;
+use crate::datapath::ProtoStats;
+use crate::kernel::{Kernel, Scope};
+use crate::mesh::counters::{COUNTER_MAPS, MeshCounters};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Time between the two readings the rates come from.
+    #[arg(long, value_parser = parse_interval, default_value = "1s")]
+    pub interval: Duration,
+    #[arg(short, long, value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    crate::spec::DurationSpec::Text(s.to_string())
+        .to_duration()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("`{s}` is not a positive duration: use e.g. `1s`, `500ms`"))
+}
+
+/// One row: totals at the second reading and rates over the interval.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub name: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub packets_per_second: f64,
+    pub bytes_per_second: f64,
+}
+
+/// Totals of `after` with the rates since `before`.
+pub fn rows(before: &BTreeMap<String, ProtoStats>, after: &BTreeMap<String, ProtoStats>, secs: f64) -> Vec<Row> {
+    after
+        .iter()
+        .map(|(name, a)| {
+            let b = before.get(name).copied().unwrap_or_default();
+            Row {
+                name: name.clone(),
+                packets: a.packets,
+                bytes: a.bytes,
+                packets_per_second: a.packets.saturating_sub(b.packets) as f64 / secs,
+                bytes_per_second: a.bytes.saturating_sub(b.bytes) as f64 / secs,
+            }
+        })
+        .collect()
+}
+
+/// Dropped packets per second and their share of all packets over the interval.
+pub fn drop_rate(before: &MeshCounters, after: &MeshCounters, secs: f64) -> (f64, f64) {
+    let sum = |c: &MeshCounters, drops: bool| -> u64 {
+        c.verdicts.iter().filter(|(k, _)| k.contains("/drop-") == drops || !drops).map(|(_, s)| s.packets).sum()
+    };
+    let dropped = sum(after, true).saturating_sub(sum(before, true));
+    let total = sum(after, false).saturating_sub(sum(before, false));
+    (dropped as f64 / secs, if total == 0 { 0.0 } else { dropped as f64 / total as f64 })
+}
+
+fn read(ctx: &Context) -> anyhow::Result<MeshCounters> {
+    let mut kernel = open_kernel(ctx)?;
+    let scope = Scope { map_names: COUNTER_MAPS.iter().map(|m| m.to_string()).collect(), ..Default::default() };
+    let state = kernel.observe(&scope).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    MeshCounters::from_state(&state).ok_or_else(|| {
+        anyhow::anyhow!("the mesh datapath is not loaded: apply a spec with policies, routes or `mesh:` interfaces")
+    })
+}
+
+fn render_text(sections: &[(&str, Vec<Row>)], secs: f64, drop: (f64, f64), flow: &BTreeMap<&str, u64>) -> String {
+    let mut s = format!("MESH DATAPATH (rates over the last {secs:.1} s)\n");
+    for (title, rows) in sections {
+        if rows.is_empty() {
+            continue;
+        }
+        let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(0).max(title.len());
+        let _ = writeln!(s, "\n{title:<w$}  {:>12}  {:>14}  {:>10}  {:>12}", "PACKETS", "BYTES", "PKT/S", "BYTES/S");
+        for r in rows {
+            let _ = writeln!(
+                s,
+                "{:<w$}  {:>12}  {:>14}  {:>10.1}  {:>12.1}",
+                r.name, r.packets, r.bytes, r.packets_per_second, r.bytes_per_second
+            );
+        }
+    }
+    let _ = writeln!(s, "\ndrop rate: {:.1} packets/s ({:.2}% of packets)", drop.0, drop.1 * 100.0);
+    let lost: u64 = flow.iter().filter(|(k, _)| k.starts_with("lost-")).map(|(_, v)| v).sum();
+    let _ = writeln!(
+        s,
+        "flow records: {lost} lost (ring buffer full: new {}, update {}, drop {}), {} drop records suppressed by the rate limit",
+        flow.get("lost-new").unwrap_or(&0),
+        flow.get("lost-update").unwrap_or(&0),
+        flow.get("lost-drop").unwrap_or(&0),
+        flow.get("suppressed-drop").unwrap_or(&0)
+    );
+    s
+}
+
+pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
+    let before = read(ctx)?;
+    let started = Instant::now();
+    std::thread::sleep(args.interval);
+    let after = read(ctx)?;
+    let secs = started.elapsed().as_secs_f64();
+    let sections = [
+        ("PROTOCOL", rows(&before.protocols, &after.protocols, secs)),
+        ("VERDICT", rows(&before.verdicts, &after.verdicts, secs)),
+        ("RULE", rows(&before.rules, &after.rules, secs)),
+        ("ROUTE", rows(&before.routes, &after.routes, secs)),
+    ];
+    let drop = drop_rate(&before, &after, secs);
+    match args.output {
+        Output::Json => {
+            let section = |rows: &[Row]| -> Value {
+                rows.iter()
+                    .map(|r| {
+                        (
+                            r.name.clone(),
+                            json!({ "packets": r.packets, "bytes": r.bytes,
+                            "packets_per_second": r.packets_per_second, "bytes_per_second": r.bytes_per_second }),
+                        )
+                    })
+                    .collect::<serde_json::Map<_, _>>()
+                    .into()
+            };
+            let v = json!({
+                "interval_seconds": secs,
+                "protocols": section(&sections[0].1),
+                "verdicts": section(&sections[1].1),
+                "rules": section(&sections[2].1),
+                "routes": section(&sections[3].1),
+                "drops_per_second": drop.0,
+                "drop_ratio": drop.1,
+                "flow_records": after.flow,
+            });
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Output::Text => print!("{}", render_text(&sections, secs, drop, &after.flow)),
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(p: u64, b: u64) -> ProtoStats {
+        ProtoStats { packets: p, bytes: b }
+    }
+
+    #[test]
+    fn rates_are_the_difference_over_the_interval() {
+        let before = BTreeMap::from([("ingress/tcp".to_string(), stats(10, 1000))]);
+        let after =
+            BTreeMap::from([("ingress/tcp".to_string(), stats(30, 3000)), ("ingress/udp".to_string(), stats(4, 400))]);
+        let r = rows(&before, &after, 2.0);
+        assert_eq!(
+            r[0],
+            Row {
+                name: "ingress/tcp".into(),
+                packets: 30,
+                bytes: 3000,
+                packets_per_second: 10.0,
+                bytes_per_second: 1000.0
+            }
+        );
+        assert_eq!(r[1].packets_per_second, 2.0, "a new row counts from zero");
+    }
+
+    #[test]
+    fn the_drop_rate_is_drops_over_all_verdicts() {
+        let mut before = MeshCounters::default();
+        before.verdicts.insert("ingress/pass".into(), stats(10, 0));
+        let mut after = before.clone();
+        after.verdicts.insert("ingress/pass".into(), stats(40, 0));
+        after.verdicts.insert("ingress/drop-default".into(), stats(10, 0));
+        assert_eq!(drop_rate(&before, &after, 1.0), (10.0, 0.25));
+    }
+}

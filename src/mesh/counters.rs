@@ -1,0 +1,78 @@
+//! The mesh datapath's counters, named: read from the observed maps by
+//! `status`, `stats` and the agent's `/metrics`.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+use super::{NAMES_MAP, ROUTES_MAP, decode_route_key, decode_route_value, map_ref, policy};
+use crate::datapath::{self, ProtoStats};
+use crate::model::State;
+
+/// Maps to observe for [`MeshCounters::from_state`].
+pub const COUNTER_MAPS: [&str; 7] =
+    ["verdict_stats", "mesh_stats", "rule_stats", "route_stats", "flow_counters", NAMES_MAP, ROUTES_MAP];
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MeshCounters {
+    /// `direction/verdict` (`ingress/drop-default`).
+    pub verdicts: BTreeMap<String, ProtoStats>,
+    /// `direction/protocol` (`egress/tcp`).
+    pub protocols: BTreeMap<String, ProtoStats>,
+    /// By spec rule name (`api ingress[0]`).
+    pub rules: BTreeMap<String, ProtoStats>,
+    /// By route prefix.
+    pub routes: BTreeMap<String, ProtoStats>,
+    /// Flow record counters (`lost-new`, …, `suppressed-drop`).
+    pub flow: BTreeMap<&'static str, u64>,
+}
+
+impl MeshCounters {
+    /// None when the mesh datapath is not loaded.
+    pub fn from_state(observed: &State) -> Option<MeshCounters> {
+        let entries = |map: &str| observed.maps.get(&map_ref(map)).map(|m| &m.entries);
+        let verdicts = entries("verdict_stats")?;
+        let rule_names: BTreeMap<u32, String> = entries(NAMES_MAP)
+            .into_iter()
+            .flat_map(|e| e.iter())
+            .filter_map(|(k, v)| Some((u32::from_ne_bytes(k.try_into().ok()?), policy::decode_rule_name(v))))
+            .collect();
+        let route_names: BTreeMap<u32, String> = entries(ROUTES_MAP)
+            .into_iter()
+            .flat_map(|e| e.iter())
+            .filter_map(|(k, v)| Some((decode_route_value(v)?.1, decode_route_key(k)?.to_string())))
+            .collect();
+        let named = |map: &str, names: &BTreeMap<u32, String>| -> BTreeMap<String, ProtoStats> {
+            entries(map)
+                .map(datapath::keyed_counters)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(id, s)| {
+                    (names.get(&id).cloned().unwrap_or_else(|| format!("{id:#010x} (no longer in the spec)")), s)
+                })
+                .collect()
+        };
+        Some(MeshCounters {
+            verdicts: datapath::directional_counters(verdicts, &datapath::VERDICT_NAMES),
+            protocols: entries("mesh_stats")
+                .map(|e| datapath::directional_counters(e, &datapath::PROTO_NAMES))
+                .unwrap_or_default(),
+            rules: named("rule_stats", &rule_names),
+            routes: named("route_stats", &route_names),
+            flow: entries("flow_counters").map(datapath::flow_counters).unwrap_or_default(),
+        })
+    }
+
+    pub fn to_json(&self) -> Value {
+        let stats = |m: &BTreeMap<String, ProtoStats>| -> serde_json::Map<String, Value> {
+            m.iter().map(|(k, s)| (k.clone(), json!({ "packets": s.packets, "bytes": s.bytes }))).collect()
+        };
+        json!({
+            "verdicts": stats(&self.verdicts),
+            "protocols": stats(&self.protocols),
+            "rules": stats(&self.rules),
+            "routes": stats(&self.routes),
+            "flow_records": self.flow,
+        })
+    }
+}
