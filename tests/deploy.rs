@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::PathBuf;
 
+use bpfsync::flows::hub::FlowHub;
 use bpfsync::agent::metrics::{DATAPATH_FAMILIES, Metrics};
 use bpfsync::compile::{ObjectLoader, compile};
 use bpfsync::spec;
@@ -39,7 +40,7 @@ fn the_daemonset_runs_the_agent_and_probes_its_endpoints() {
 
 #[test]
 fn the_dashboard_queries_only_exported_metrics() {
-    let metrics = Metrics::new(PathBuf::from("/nonexistent"));
+    let metrics = Metrics::new(PathBuf::from("/nonexistent"), std::sync::Arc::new(FlowHub::new(10, vec![])));
     // Drift kinds appear with the first repair.
     metrics.drift_repairs.get_or_create(&bpfsync::agent::metrics::KindLabel { kind: "attachment-create".into() }).inc();
     let text = metrics.encode();

@@ -132,9 +132,23 @@ impl Metrics {
     }
 }
 
-/// Families the [`DatapathCollector`] adds at scrape time (without the
-/// `bpfsync_` prefix and type suffixes).
-pub const DATAPATH_FAMILIES: [&str; 3] = ["datapath_packets", "datapath_bytes", "syscall_latency_seconds"];
+/// Families the [`DatapathCollector`] adds at scrape time when the programs
+/// they count are loaded (without the `bpfsync_` prefix and type suffixes).
+pub const DATAPATH_FAMILIES: [&str; 13] = [
+    "datapath_packets",
+    "datapath_bytes",
+    "syscall_latency_seconds",
+    "drops",
+    "mesh_verdicts",
+    "mesh_packets",
+    "mesh_bytes",
+    "rule_hits",
+    "rule_bytes",
+    "route_packets",
+    "route_bytes",
+    "lost_events",
+    "flow_records_suppressed",
+];
 
 type Labels = Vec<(&'static str, String)>;
 
