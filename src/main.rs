@@ -51,7 +51,7 @@ enum Command {
     /// Keep the node equal to a spec file: watch, resync, repair, export metrics and flows.
     Agent(cli::agent::Args),
     /// Show flow records from the agent, filtered (Hubble's flags).
-    Flows(cli::flows::Args),
+    Flows(Box<cli::flows::Args>),
     /// Mesh datapath counters by protocol, verdict, rule and route, with rates.
     Stats(cli::stats::Args),
 }

@@ -148,6 +148,15 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Turns IPv6 off on both ends of the pair: no router solicitations or
+    /// MLD reports, so the only traffic is what a test sends.
+    pub fn disable_ipv6(&self) -> io::Result<()> {
+        let host = format!("net.ipv6.conf.{}.disable_ipv6=1", self.host_if);
+        run(&["sysctl", "-qw", &host])?;
+        let peer = format!("net.ipv6.conf.{}.disable_ipv6=1", self.peer_if);
+        run(&["ip", "netns", "exec", &self.netns, "sysctl", "-qw", &peer])
+    }
+
     /// Sends `count` UDP datagrams from the namespace to `host_ip:port`, one
     /// every `interval`. Returns how many were sent.
     pub fn send_udp(&self, port: u16, count: u64, interval: Duration) -> io::Result<u64> {

@@ -6,9 +6,9 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::PathBuf;
 
-use bpfsync::flows::hub::FlowHub;
 use bpfsync::agent::metrics::{DATAPATH_FAMILIES, Metrics};
 use bpfsync::compile::{ObjectLoader, compile};
+use bpfsync::flows::hub::FlowHub;
 use bpfsync::spec;
 
 #[test]

@@ -4,16 +4,15 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use bpfsync::kernel::netlink::xdp_state;
 use bpfsync::kernel::{Kernel, Scope, sys};
 use bpfsync::model::MapRef;
-use common::{Env, Sandbox, TempDir};
+use common::{Agent, Env, Sandbox, TempDir, wait};
 use serde_json::Value;
 
 const HEAD: &str = "apiVersion: bpfsync/v1\nkind: NodeSpec\n";
@@ -24,83 +23,12 @@ fn spec(iface: &str, mark: u32) -> String {
     )
 }
 
-struct Agent {
-    child: Child,
-    port: u16,
-}
-
-impl Agent {
-    fn start(env: &Env, spec: &Path, resync: &str) -> Agent {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new(env!("CARGO_BIN_EXE_bpfsync"))
-            .args([
-                "--bpffs-root",
-                env.bpffs.root().to_str().unwrap(),
-                "--state-dir",
-                env.state.path().to_str().unwrap(),
-            ])
-            .args(["agent", "--spec", spec.to_str().unwrap(), "--resync", resync, "--debounce", "50ms"])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .env("BPFSYNC_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let a = Agent { child, port };
-        wait("the agent to be ready", Duration::from_secs(20), || a.get("/readyz").0 == 200);
-        a
-    }
-
-    fn get(&self, path: &str) -> (u16, String) {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else { return (0, String::new()) };
-        let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        (code, body)
-    }
-
-    fn status(&self) -> Value {
-        serde_json::from_str(&self.get("/status").1).unwrap_or(Value::Null)
-    }
-
-    fn metric(&self, line_prefix: &str) -> Option<f64> {
-        self.get("/metrics")
-            .1
-            .lines()
-            .find(|l| l.starts_with(line_prefix))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-    }
-
-    fn stop(mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "the agent exits cleanly on SIGTERM: {status}");
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A spec file in a fresh directory (kept alive by the returned guard).
 fn spec_file(iface: &str, mark: u32) -> (TempDir, PathBuf) {
     let dir = TempDir::create("bpfsync-agent-spec").unwrap();
     let path = dir.path().join("spec.yaml");
     std::fs::write(&path, spec(iface, mark)).unwrap();
     (dir, path)
-}
-
-fn wait(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
 }
 
 /// The mark of `class_ports[{6, 80}]` in the kernel.

@@ -3,8 +3,13 @@
 
 #![allow(dead_code)]
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
 
 #[allow(unused_imports)]
 pub use bpfsync::sandbox::{Sandbox, TempBpffs, TempDir};
@@ -108,4 +113,83 @@ pub fn attach_foreign_tcx(iface: &str, pin: &Path) {
         .unwrap();
     let link: FdLink = prog.take_link(id).unwrap().try_into().unwrap();
     link.pin(pin).unwrap();
+}
+
+/// A `bpfsync agent` child process on a free loopback port, killed on drop.
+pub struct Agent {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Agent {
+    pub fn start(env: &Env, spec: &Path, resync: &str) -> Agent {
+        Agent::start_with(env, spec, resync, &[])
+    }
+
+    /// Starts an agent with more arguments and waits until it is ready.
+    pub fn start_with(env: &Env, spec: &Path, resync: &str, extra: &[&str]) -> Agent {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(env!("CARGO_BIN_EXE_bpfsync"))
+            .args([
+                "--bpffs-root",
+                env.bpffs.root().to_str().unwrap(),
+                "--state-dir",
+                env.state.path().to_str().unwrap(),
+            ])
+            .args(["agent", "--spec", spec.to_str().unwrap(), "--resync", resync, "--debounce", "50ms"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(extra)
+            .env("BPFSYNC_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let a = Agent { child, port };
+        wait("the agent to be ready", Duration::from_secs(20), || a.get("/readyz").0 == 200);
+        a
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else { return (0, String::new()) };
+        let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        (code, body)
+    }
+
+    pub fn status(&self) -> Value {
+        serde_json::from_str(&self.get("/status").1).unwrap_or(Value::Null)
+    }
+
+    pub fn metric(&self, line_prefix: &str) -> Option<f64> {
+        self.get("/metrics")
+            .1
+            .lines()
+            .find(|l| l.starts_with(line_prefix))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    pub fn stop(mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "the agent exits cleanly on SIGTERM: {status}");
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits for `cond`, failing the test after `timeout`.
+pub fn wait(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
 }
