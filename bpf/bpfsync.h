@@ -224,10 +224,12 @@ enum flow_counter {
 	FLOW_LOST_UPDATE = 1,
 	FLOW_LOST_DROP = 2,
 	FLOW_SUPPRESSED_DROP = 3, /* drop records not made because of the rate limit */
-	FLOW_COUNTER_MAX = 4,
+	FLOW_UNRECORDED_DROP = 4, /* dropped packets no record will carry (their slot
+				     went to another flow while the rate limit was spent) */
+	FLOW_COUNTER_MAX = 5,
 };
 
-/* `drop_aggs` (LRU hash): drops of one flow at one hook since its last record. */
+/* A flow at a hook, for drop aggregation (`drop_slots`). */
 struct drop_key {
 	struct ct_key tuple;
 	__u32 ifindex;
@@ -235,10 +237,16 @@ struct drop_key {
 	__u8 pad[3];
 };
 
-struct drop_agg {
-	__u64 last_record_ns;
+/* Value of `drop_slots` (per CPU): drops of one flow since its last record. */
+struct drop_slot {
+	struct drop_key key;
+	__u64 last_record_ns; /* coarse clock */
 	__u64 packets;
 	__u64 bytes;
+	__u32 rule_id;
+	__u8 drop_reason;
+	__u8 tcp_flags;
+	__u8 pad[2];
 };
 
 /* Per-CPU state of the drop record rate limit (`drop_budget`). */

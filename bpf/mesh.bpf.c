@@ -38,6 +38,9 @@
 #define ICMPV6_ECHO_REQUEST 128
 #define ICMPV6_ECHO_REPLY 129
 
+/* Drop aggregation slots per CPU (a power of two). */
+#define DROP_SLOTS 4096
+
 /* A conntrack entry older than this no longer lets replies in. */
 #define CT_TIMEOUT_NS (300ULL * 1000000000ULL)
 /* Refresh an entry's timestamp at most this often (saves LRU writes). */
@@ -134,12 +137,14 @@ struct {
 	__type(value, __u64);
 } flow_counters SEC(".maps");
 
+/* Drop aggregation: per CPU, a flow's slot is a hash of its key (a flow
+ * stays on one CPU under RSS; no atomics, no LRU lookup on the drop path). */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 1 << 16);
-	__type(key, struct drop_key);
-	__type(value, struct drop_agg);
-} drop_aggs SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, DROP_SLOTS);
+	__type(key, __u32);
+	__type(value, struct drop_slot);
+} drop_slots SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -324,6 +329,9 @@ static __always_inline int tracked_protocol(__u8 protocol)
 #define TCP_FIN 0x01
 #define TCP_RST 0x04
 
+/* Unread ring buffer data at which the reader is woken (1/16 of the ring). */
+#define WAKEUP_BYTES (1 << 18)
+
 #define DEFAULT_REPORT_INTERVAL_NS (10ULL * 1000000000ULL)
 #define DEFAULT_DROP_WINDOW_NS (1000000000ULL)
 #define DEFAULT_DROP_RECORDS_PER_SEC 1000
@@ -357,7 +365,7 @@ struct record {
 	__u8 tcp_flags;
 };
 
-static __always_inline void emit(struct pkt *p, struct record *r)
+static __always_inline void emit(const struct ct_key *tuple, struct record *r)
 {
 	struct flow_event *e = bpf_ringbuf_reserve(&flow_events, sizeof(*e), 0);
 	if (!e) {
@@ -376,8 +384,14 @@ static __always_inline void emit(struct pkt *p, struct record *r)
 	e->drop_reason = r->drop_reason;
 	e->tcp_flags = r->tcp_flags;
 	e->pad[0] = e->pad[1] = e->pad[2] = 0;
-	__builtin_memcpy(&e->tuple, &p->t, sizeof(e->tuple));
-	bpf_ringbuf_submit(e, 0);
+	__builtin_memcpy(&e->tuple, tuple, sizeof(e->tuple));
+	/* A wakeup is an irq_work (an IPI, a VM exit under virtualisation):
+	 * microseconds. Wake the reader only when the unread data crosses
+	 * WAKEUP_BYTES; it also polls every few milliseconds. */
+	__u64 unread = bpf_ringbuf_query(&flow_events, BPF_RB_AVAIL_DATA);
+	__u64 flags = unread >= WAKEUP_BYTES && unread < WAKEUP_BYTES + sizeof(*e) + 8 ? BPF_RB_FORCE_WAKEUP
+										      : BPF_RB_NO_WAKEUP;
+	bpf_ringbuf_submit(e, flags);
 }
 
 /* Tracks an allowed packet (a `conntrack` entry per direction of a
@@ -421,7 +435,7 @@ static __always_inline void flow_allowed(struct pkt *p, __u32 ifindex, __u8 dir,
 				r.kind = FLOW_NEW;
 				r.packets = 1;
 				r.bytes = p->len;
-				emit(p, &r);
+				emit(&p->t, &r);
 			}
 			return;
 		}
@@ -434,14 +448,13 @@ static __always_inline void flow_allowed(struct pkt *p, __u32 ifindex, __u8 dir,
 		v->flags = 0; /* the policy now allows this direction by itself */
 	if (now - v->last_seen_ns >= CT_REFRESH_NS)
 		v->last_seen_ns = now;
-	if (v->ifindex != ifindex || v->dir != dir)
+	/* Without flow records, conntrack is only for replies: no accounting. */
+	if (cfg->disabled || v->ifindex != ifindex || v->dir != dir)
 		return;
 	__sync_fetch_and_add(&v->packets, 1);
 	__sync_fetch_and_add(&v->bytes, p->len);
 	if (p->tcp_flags)
 		__sync_fetch_and_or(&v->tcp_flags, p->tcp_flags);
-	if (cfg->disabled)
-		return;
 	__u64 interval = cfg->report_interval_ns ? cfg->report_interval_ns : DEFAULT_REPORT_INTERVAL_NS;
 	__u64 last = v->report_ns;
 	if (!(p->tcp_flags & (TCP_FIN | TCP_RST)) && now - last < interval)
@@ -457,73 +470,145 @@ static __always_inline void flow_allowed(struct pkt *p, __u32 ifindex, __u8 dir,
 	v->reported_bytes = bytes;
 	r.tcp_flags = __sync_lock_test_and_set(&v->tcp_flags, 0);
 	r.rule_id = v->rule_id;
-	emit(p, &r);
+	emit(&p->t, &r);
 }
 
-/* Makes the drop record of a packet: drops of one flow within the window
- * are added to the flow's next record, and drop records are limited per CPU
- * per second (the next record says how many were not made). */
-static __always_inline void flow_dropped(struct pkt *p, __u32 ifindex, __u8 dir, __u32 rule_id, __u8 reason)
+static __always_inline __u32 rotl32(__u32 x, int r)
 {
-	struct flow_config *cfg = flow_config_get();
-	if (!cfg || cfg->disabled)
-		return;
-	__u64 now = bpf_ktime_get_ns();
-	struct drop_key k = { .ifindex = ifindex, .dir = dir };
-	__builtin_memcpy(&k.tuple, &p->t, sizeof(k.tuple));
-	struct drop_agg *a = bpf_map_lookup_elem(&drop_aggs, &k);
-	__u64 window = cfg->drop_window_ns ? cfg->drop_window_ns : DEFAULT_DROP_WINDOW_NS;
-	if (a && now - a->last_record_ns < window) {
-		__sync_fetch_and_add(&a->packets, 1);
-		__sync_fetch_and_add(&a->bytes, p->len);
-		return;
+	return (x << r) | (x >> (32 - r));
+}
+
+/* MurmurHash3 (x86, 32-bit) over the words of a drop key: its slot in
+ * `drop_slots`. (A word-wise FNV is not enough: a multiply only carries
+ * differences upwards, so the ports and the address's last byte, all in
+ * the top bytes of their words, would share 256 slots.) */
+static __always_inline __u32 drop_slot_of(const struct drop_key *k)
+{
+	const __u32 *w = (const __u32 *)k;
+	__u32 h = 0;
+#pragma unroll
+	for (int i = 0; i < (int)(sizeof(*k) / 4); i++) {
+		__u32 x = w[i] * 0xcc9e2d51;
+		x = rotl32(x, 15) * 0x1b873593;
+		h = rotl32(h ^ x, 13) * 5 + 0xe6546b64;
 	}
+	h ^= sizeof(*k);
+	h ^= h >> 16;
+	h *= 0x85ebca6b;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35;
+	h ^= h >> 16;
+	return h & (DROP_SLOTS - 1);
+}
+
+static __always_inline int same_drop_key(const struct drop_key *a, const struct drop_key *b)
+{
+	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+	__u32 diff = 0;
+#pragma unroll
+	for (int i = 0; i < (int)(sizeof(*a) / 4); i++)
+		diff |= x[i] ^ y[i];
+	return diff == 0;
+}
+
+/* Takes one drop record from this CPU's budget; false (and counted) when
+ * the rate limit is spent. `*suppressed` gets the records not made since
+ * this CPU's last one. */
+static __always_inline int take_drop_budget(struct flow_config *cfg, __u64 now, __u32 *suppressed)
+{
 	__u32 zero = 0;
 	struct drop_budget *b = bpf_map_lookup_elem(&drop_budget, &zero);
 	if (!b)
-		return;
+		return 0;
 	if (now - b->window_start_ns >= DROP_BUDGET_WINDOW_NS) {
 		b->window_start_ns = now;
 		b->used = 0;
 	}
 	__u32 limit = cfg->drop_records_per_sec ? cfg->drop_records_per_sec : DEFAULT_DROP_RECORDS_PER_SEC;
 	if (b->used >= limit) {
-		/* Over the limit: the drop waits in the flow's aggregate. */
 		b->suppressed++;
 		count_flow(FLOW_SUPPRESSED_DROP);
-		if (a) {
-			__sync_fetch_and_add(&a->packets, 1);
-			__sync_fetch_and_add(&a->bytes, p->len);
-		} else {
-			struct drop_agg na = { .packets = 1, .bytes = p->len };
-			bpf_map_update_elem(&drop_aggs, &k, &na, BPF_NOEXIST);
-		}
-		return;
+		return 0;
 	}
 	b->used++;
+	*suppressed = b->suppressed;
+	b->suppressed = 0;
+	return 1;
+}
+
+/* Makes the drop records of a packet: drops of one flow within the window
+ * are added to the flow's next record; drop records are limited per CPU
+ * per second (the next record says how many were not made). Windows use
+ * the coarse clock (a tick is plenty for a one-second window). */
+static __always_inline void flow_dropped(struct pkt *p, __u32 ifindex, __u8 dir, __u32 rule_id, __u8 reason)
+{
+	struct flow_config *cfg = flow_config_get();
+	if (!cfg || cfg->disabled)
+		return;
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct drop_key k = { .ifindex = ifindex, .dir = dir };
+	__builtin_memcpy(&k.tuple, &p->t, sizeof(k.tuple));
+	__u32 idx = drop_slot_of(&k);
+	struct drop_slot *s = bpf_map_lookup_elem(&drop_slots, &idx);
+	if (!s)
+		return;
+	int same = same_drop_key(&s->key, &k);
+	__u64 window = cfg->drop_window_ns ? cfg->drop_window_ns : DEFAULT_DROP_WINDOW_NS;
+	if (same && now - s->last_record_ns < window) {
+		s->packets++;
+		s->bytes += p->len;
+		return;
+	}
 	struct record r = {
-		.now = now,
-		.packets = 1,
-		.bytes = p->len,
-		.ifindex = ifindex,
-		.rule_id = rule_id,
-		.suppressed = b->suppressed,
+		.now = bpf_ktime_get_ns(),
 		.kind = FLOW_DROP,
 		.verdict = FLOW_DROPPED,
-		.dir = dir,
-		.drop_reason = reason,
-		.tcp_flags = p->tcp_flags,
 	};
-	b->suppressed = 0;
-	if (a) {
-		r.packets += __sync_lock_test_and_set(&a->packets, 0);
-		r.bytes += __sync_lock_test_and_set(&a->bytes, 0);
-		a->last_record_ns = now;
-	} else {
-		struct drop_agg na = { .last_record_ns = now };
-		bpf_map_update_elem(&drop_aggs, &k, &na, BPF_NOEXIST);
+	if (!same && s->packets) {
+		/* Another flow's drops still wait in this slot: they get their
+		 * record before the slot changes hands. */
+		if (!take_drop_budget(cfg, now, &r.suppressed)) {
+			__u32 slot = FLOW_UNRECORDED_DROP;
+			__u64 *c = bpf_map_lookup_elem(&flow_counters, &slot);
+			if (c)
+				__sync_fetch_and_add(c, s->packets);
+		} else {
+			r.packets = s->packets;
+			r.bytes = s->bytes;
+			r.ifindex = s->key.ifindex;
+			r.dir = s->key.dir;
+			r.rule_id = s->rule_id;
+			r.drop_reason = s->drop_reason;
+			r.tcp_flags = s->tcp_flags;
+			emit(&s->key.tuple, &r);
+		}
 	}
-	emit(p, &r);
+	if (!same) {
+		__builtin_memcpy(&s->key, &k, sizeof(k));
+		s->last_record_ns = 0;
+		s->packets = 0;
+		s->bytes = 0;
+	}
+	s->rule_id = rule_id;
+	s->drop_reason = reason;
+	s->tcp_flags = p->tcp_flags;
+	if (!take_drop_budget(cfg, now, &r.suppressed)) {
+		/* Over the limit: the drop waits in the flow's slot. */
+		s->packets++;
+		s->bytes += p->len;
+		return;
+	}
+	r.packets = 1 + s->packets;
+	r.bytes = p->len + s->bytes;
+	r.ifindex = ifindex;
+	r.dir = dir;
+	r.rule_id = rule_id;
+	r.drop_reason = reason;
+	r.tcp_flags = p->tcp_flags;
+	s->last_record_ns = now;
+	s->packets = 0;
+	s->bytes = 0;
+	emit(&p->t, &r);
 }
 
 /* Results of policy_check. */

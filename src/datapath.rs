@@ -214,8 +214,10 @@ impl FlowConfig {
 }
 
 /// Slots of `flow_counters` (`enum flow_counter`): records lost because the
-/// ring buffer was full, by kind, then drop records the rate limit skipped.
-pub const FLOW_COUNTER_NAMES: [&str; 4] = ["lost-new", "lost-update", "lost-drop", "suppressed-drop"];
+/// ring buffer was full, by kind; drop records the rate limit skipped; and
+/// dropped packets no record will carry.
+pub const FLOW_COUNTER_NAMES: [&str; 5] =
+    ["lost-new", "lost-update", "lost-drop", "suppressed-drop", "unrecorded-drop"];
 
 /// Decodes `flow_counters` (u32 slot → u64) by slot name.
 pub fn flow_counters(entries: &Entries) -> BTreeMap<&'static str, u64> {

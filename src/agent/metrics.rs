@@ -134,7 +134,7 @@ impl Metrics {
 
 /// Families the [`DatapathCollector`] adds at scrape time when the programs
 /// they count are loaded (without the `bpfsync_` prefix and type suffixes).
-pub const DATAPATH_FAMILIES: [&str; 13] = [
+pub const DATAPATH_FAMILIES: [&str; 14] = [
     "datapath_packets",
     "datapath_bytes",
     "syscall_latency_seconds",
@@ -148,6 +148,7 @@ pub const DATAPATH_FAMILIES: [&str; 13] = [
     "route_bytes",
     "lost_events",
     "flow_records_suppressed",
+    "flow_unrecorded_drops",
 ];
 
 type Labels = Vec<(&'static str, String)>;
@@ -257,6 +258,14 @@ fn encode_mesh(encoder: &mut DescriptorEncoder, c: &MeshCounters) -> Result<(), 
         "Drop records not made because of the per-CPU rate limit (the drops are in bpfsync_drops_total)",
         None,
         &suppressed,
+    )?;
+    let unrecorded = vec![(Labels::new(), c.flow.get("unrecorded-drop").copied().unwrap_or(0))];
+    counter_family(
+        encoder,
+        "flow_unrecorded_drops",
+        "Dropped packets no flow record carries (evicted from aggregation while the rate limit was spent)",
+        None,
+        &unrecorded,
     )
 }
 

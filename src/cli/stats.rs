@@ -96,11 +96,12 @@ fn render_text(sections: &[(&str, Vec<Row>)], secs: f64, drop: (f64, f64), flow:
     let lost: u64 = flow.iter().filter(|(k, _)| k.starts_with("lost-")).map(|(_, v)| v).sum();
     let _ = writeln!(
         s,
-        "flow records: {lost} lost (ring buffer full: new {}, update {}, drop {}), {} drop records suppressed by the rate limit",
+        "flow records: {lost} lost (ring buffer full: new {}, update {}, drop {}), {} drop records suppressed by the rate limit, {} dropped packets in no record",
         flow.get("lost-new").unwrap_or(&0),
         flow.get("lost-update").unwrap_or(&0),
         flow.get("lost-drop").unwrap_or(&0),
-        flow.get("suppressed-drop").unwrap_or(&0)
+        flow.get("suppressed-drop").unwrap_or(&0),
+        flow.get("unrecorded-drop").unwrap_or(&0)
     );
     s
 }

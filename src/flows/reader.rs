@@ -22,6 +22,9 @@ use crate::datapath::{FlowEvent, RULE_NAME_LEN};
 use crate::kernel::sys;
 use crate::mesh;
 
+/// How long records may wait in the ring buffer before the reader looks.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
 /// Records handed to the hub at once (bounds the time the history is locked).
 const BATCH: usize = 4096;
 
@@ -109,20 +112,68 @@ impl Names for KernelNames {
     }
 }
 
-/// The open ring buffer and the id of the map it reads.
-struct Ring {
+/// An open `flow_events` ring buffer with what naming its records needs.
+pub struct Reader {
     ring: RingBuf<MapData>,
     map_id: u32,
+    pin: PathBuf,
+    names: KernelNames,
+    /// `CLOCK_REALTIME - CLOCK_MONOTONIC`, refreshed by [`Reader::tick`].
+    offset: i128,
+    batch: Vec<FlowRecord>,
 }
 
-fn open_ring(pin: &Path) -> Result<Ring, String> {
-    let fd = sys::obj_get(pin).map_err(|e| format!("open `{}`: {e}", pin.display()))?;
-    let map_id = sys::map_info(fd.as_fd()).map_err(|e| format!("read info of `{}`: {e}", pin.display()))?.id;
-    drop(fd);
-    let data = MapData::from_pin(pin).map_err(|e| format!("open `{}`: {e}", pin.display()))?;
-    let map = Map::from_map_data(data).map_err(|e| format!("`{}`: {e}", pin.display()))?;
-    let ring = RingBuf::try_from(map).map_err(|e| format!("`{}` is not a ring buffer: {e}", pin.display()))?;
-    Ok(Ring { ring, map_id })
+impl Reader {
+    /// Opens the ring buffer pinned under `bpffs_root` (the mesh datapath's).
+    pub fn open(bpffs_root: &Path) -> Result<Reader, String> {
+        let pin = mesh_map_pin(bpffs_root, "flow_events");
+        let fd = sys::obj_get(&pin).map_err(|e| format!("open `{}`: {e}", pin.display()))?;
+        let map_id = sys::map_info(fd.as_fd()).map_err(|e| format!("read info of `{}`: {e}", pin.display()))?.id;
+        drop(fd);
+        let data = MapData::from_pin(&pin).map_err(|e| format!("open `{}`: {e}", pin.display()))?;
+        let map = Map::from_map_data(data).map_err(|e| format!("`{}`: {e}", pin.display()))?;
+        let ring = RingBuf::try_from(map).map_err(|e| format!("`{}` is not a ring buffer: {e}", pin.display()))?;
+        Ok(Reader {
+            ring,
+            map_id,
+            pin,
+            names: KernelNames::new(bpffs_root.to_path_buf()),
+            offset: realtime_offset_ns(),
+            batch: Vec::with_capacity(BATCH),
+        })
+    }
+
+    /// Decodes everything in the ring buffer into `hub`; returns how many
+    /// records were read.
+    pub fn drain(&mut self, hub: &FlowHub) -> usize {
+        let mut n = 0;
+        while let Some(item) = self.ring.next() {
+            n += 1;
+            match FlowEvent::from_bytes(&item) {
+                Some(e) => {
+                    let time = (e.time_ns as i128 + self.offset).max(0) as u64;
+                    self.batch.push(FlowRecord::from_event(&e, 0, time, &mut self.names));
+                }
+                None => {
+                    hub.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            drop(item);
+            if self.batch.len() == BATCH {
+                hub.push(std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH)));
+            }
+        }
+        hub.push(std::mem::take(&mut self.batch));
+        n
+    }
+
+    /// Once a second: follows clock steps, retries unknown names; false
+    /// when the pin now names another map (a reload replaced it).
+    fn tick(&mut self) -> bool {
+        self.offset = realtime_offset_ns();
+        self.names.refresh_misses();
+        pinned_map_id(&self.pin) == Some(self.map_id)
+    }
 }
 
 fn pinned_map_id(pin: &Path) -> Option<u32> {
@@ -146,14 +197,12 @@ pub fn spawn(bpffs_root: PathBuf, hub: Arc<FlowHub>, stop: Arc<AtomicBool>) -> J
 }
 
 fn run(bpffs_root: &Path, hub: &FlowHub, stop: &AtomicBool) {
-    let pin = mesh_map_pin(bpffs_root, "flow_events");
-    let mut names = KernelNames::new(bpffs_root.to_path_buf());
     let mut last_error: Option<String> = None;
     while !stop.load(Ordering::Relaxed) {
-        let mut ring = match open_ring(&pin) {
+        let mut reader = match Reader::open(bpffs_root) {
             Ok(r) => r,
             Err(e) => {
-                if pin.exists() && last_error.as_deref() != Some(e.as_str()) {
+                if mesh_map_pin(bpffs_root, "flow_events").exists() && last_error.as_deref() != Some(e.as_str()) {
                     tracing::warn!(error = %e, "cannot read flow records yet");
                     last_error = Some(e);
                 }
@@ -162,39 +211,22 @@ fn run(bpffs_root: &Path, hub: &FlowHub, stop: &AtomicBool) {
             }
         };
         last_error = None;
-        tracing::info!(map_id = ring.map_id, "reading flow records");
-        drain_until_replaced(&mut ring, &pin, hub, &mut names, stop);
+        tracing::info!(map_id = reader.map_id, "reading flow records");
+        drain_until_replaced(&mut reader, hub, stop);
     }
 }
 
-/// Drains `ring` until `stop`, or until its pin names another map.
-fn drain_until_replaced(ring: &mut Ring, pin: &Path, hub: &FlowHub, names: &mut KernelNames, stop: &AtomicBool) {
-    let mut offset = realtime_offset_ns();
-    let mut last_check = Instant::now();
-    let mut batch = Vec::with_capacity(BATCH);
+/// Drains until `stop`, or until the pin names another map.
+fn drain_until_replaced(reader: &mut Reader, hub: &FlowHub, stop: &AtomicBool) {
+    let mut last_tick = Instant::now();
     loop {
-        wait_readable(ring.ring.as_raw_fd(), Duration::from_millis(100));
-        while let Some(item) = ring.ring.next() {
-            match FlowEvent::from_bytes(&item) {
-                Some(e) => {
-                    let time = (e.time_ns as i128 + offset).max(0) as u64;
-                    batch.push(FlowRecord::from_event(&e, 0, time, names));
-                }
-                None => {
-                    hub.counters.malformed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            drop(item);
-            if batch.len() == BATCH {
-                hub.push(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)));
-            }
-        }
-        hub.push(std::mem::take(&mut batch));
-        if last_check.elapsed() >= Duration::from_secs(1) {
-            last_check = Instant::now();
-            offset = realtime_offset_ns(); // follows clock steps
-            names.refresh_misses();
-            if pinned_map_id(pin) != Some(ring.map_id) {
+        // The datapath wakes the reader only when a backlog builds up (a
+        // wakeup per record would cost microseconds each): poll often.
+        wait_readable(reader.ring.as_raw_fd(), POLL_INTERVAL);
+        reader.drain(hub);
+        if last_tick.elapsed() >= Duration::from_secs(1) {
+            last_tick = Instant::now();
+            if !reader.tick() {
                 tracing::info!("the flow ring buffer was replaced; following the new one");
                 return;
             }
