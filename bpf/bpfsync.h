@@ -254,6 +254,8 @@ struct drop_budget {
 	__u64 window_start_ns;
 	__u32 used;
 	__u32 suppressed;
+	__u32 last_slot; /* the slot of this CPU's last drop: floods skip the hash */
+	__u32 pad;
 };
 
 #endif

@@ -548,11 +548,24 @@ static __always_inline void flow_dropped(struct pkt *p, __u32 ifindex, __u8 dir,
 	__u64 now = bpf_ktime_get_coarse_ns();
 	struct drop_key k = { .ifindex = ifindex, .dir = dir };
 	__builtin_memcpy(&k.tuple, &p->t, sizeof(k.tuple));
-	__u32 idx = drop_slot_of(&k);
+	/* A flood repeats one flow: try this CPU's last slot before hashing. */
+	__u32 zero = 0;
+	struct drop_budget *b = bpf_map_lookup_elem(&drop_budget, &zero);
+	if (!b)
+		return;
+	__u32 idx = b->last_slot & (DROP_SLOTS - 1);
 	struct drop_slot *s = bpf_map_lookup_elem(&drop_slots, &idx);
 	if (!s)
 		return;
 	int same = same_drop_key(&s->key, &k);
+	if (!same) {
+		idx = drop_slot_of(&k);
+		b->last_slot = idx;
+		s = bpf_map_lookup_elem(&drop_slots, &idx);
+		if (!s)
+			return;
+		same = same_drop_key(&s->key, &k);
+	}
 	__u64 window = cfg->drop_window_ns ? cfg->drop_window_ns : DEFAULT_DROP_WINDOW_NS;
 	if (same && now - s->last_record_ns < window) {
 		s->packets++;
