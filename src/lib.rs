@@ -23,7 +23,10 @@
 //!   backend (aya, raw bpf syscalls, netlink) and an in-memory model for
 //!   tests.
 //! - [`apply`]: the executor — ordered, journaled, undoable, verified.
-//! - [`agent`]: the long-running reconciler (watch, resync, metrics, HTTP).
+//! - [`flows`]: flow records — decoded from the datapath's ring buffer by
+//!   the agent's reader, held, filtered (Hubble's flags), exported.
+//! - [`agent`]: the long-running reconciler (watch, resync, metrics, HTTP,
+//!   the flow reader).
 //! - [`sandbox`]: network namespaces and veths for the demo and tests.
 //! - [`cli`]: one module per subcommand; `main.rs` only parses arguments.
 
