@@ -287,6 +287,19 @@ pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, 
             );
         }
         desired.state.mesh = Some(Arc::new(model));
+        // Flow record settings: one array entry (all zero = the defaults,
+        // which is also what an array holds when nothing was written).
+        let r = mesh::map_ref(mesh::FLOW_CONFIG_MAP);
+        if let (Some(state), Some(def)) = (desired.state.maps.get_mut(&r), desired.map_defs.get(&r)) {
+            state.managed = true;
+            state.codec = MapCodec { key: Some(def.key.clone()), value: Some(def.value.clone()), ..Default::default() };
+            let value = mesh::flow_config(s.flows.as_ref()).to_bytes();
+            state.entries = if value.iter().all(|b| *b == 0) {
+                Default::default()
+            } else {
+                [(0u32.to_ne_bytes().to_vec(), value)].into_iter().collect()
+            };
+        }
     }
 
     for (i, iface) in s.interfaces.iter().enumerate() {

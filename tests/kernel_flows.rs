@@ -598,3 +598,53 @@ fn export_reaches_a_collector_that_goes_down_and_comes_back_and_rotated_files() 
     assert_eq!(metric(&agent, r#"bpfsync_flow_export_dropped_total{sink="file"}"#), 0.0);
     agent.stop();
 }
+
+#[test]
+fn spec_flow_settings_reach_the_datapath_and_long_lived_flows_get_updates() {
+    let env = Env::new();
+    let sb = Sandbox::create().unwrap();
+    sb.disable_ipv6().unwrap();
+    let head = format!(
+        "apiVersion: bpfsync/v1\nkind: NodeSpec\ninterfaces:\n  - {{ name: {}, mesh: {{ mode: skb }} }}\n",
+        sb.host_if
+    );
+    let dir = TempDir::create("bpfsync-flows-settings").unwrap();
+    let spec_path = write_spec(dir.path(), "spec.yaml", &format!("{head}flows:\n  report-interval: 1s\n"));
+    let agent = Agent::start(&env, std::path::Path::new(&spec_path), "30s");
+    let prog = pin(&env, "mesh");
+    let config = || {
+        let fd = sys::obj_get(&env.bpffs.root().join("maps/mesh/flow_config")).unwrap();
+        let mut v = [0u8; 24];
+        sys::map_lookup(fd.as_fd(), &0u32.to_ne_bytes(), &mut v).unwrap();
+        v
+    };
+    assert_eq!(u64::from_ne_bytes(config()[8..16].try_into().unwrap()), 1_000_000_000, "report interval from the spec");
+
+    // A long-lived flow: five packets, then one more after the interval.
+    let packet = distinct_udp(1, 7000);
+    for _ in 0..5 {
+        run_pinned_on(&prog, ProgramType::Xdp, &packet, 1, None).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(1100));
+    run_pinned_on(&prog, ProgramType::Xdp, &packet, 1, None).unwrap();
+    let query = ["--all", "--to-port", "7000"];
+    wait("the update record", Duration::from_secs(10), || flows(&env, &agent, &query).len() == 2);
+    let records = flows(&env, &agent, &query);
+    assert_eq!(records[0]["kind"], "new");
+    assert_eq!(
+        (records[1]["kind"].as_str(), records[1]["packets"].as_u64()),
+        (Some("update"), Some(5)),
+        "{records:#?}"
+    );
+    assert_eq!(records[1]["bytes"].as_u64(), Some(5 * packet.len() as u64));
+
+    // `enabled: false`: no records, the counters still count.
+    std::fs::write(&spec_path, format!("{head}flows:\n  enabled: false\n")).unwrap();
+    wait("records turned off", Duration::from_secs(10), || u32::from_ne_bytes(config()[..4].try_into().unwrap()) == 1);
+    let udp_before = stats_json(&env)["protocols"]["ingress/udp"]["packets"].as_u64().unwrap();
+    run_pinned_on(&prog, ProgramType::Xdp, &distinct_udp(2, 7001), 1, None).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(flows(&env, &agent, &["--all", "--to-port", "7001"]).is_empty());
+    assert_eq!(stats_json(&env)["protocols"]["ingress/udp"]["packets"].as_u64().unwrap(), udp_before + 1);
+    agent.stop();
+}

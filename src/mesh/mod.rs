@@ -30,6 +30,24 @@ pub const PEERS_MAP: &str = "policy_peers";
 pub const ACTIONS_MAP: &str = "policy_actions";
 pub const NAMES_MAP: &str = "rule_names";
 pub const ROUTES_MAP: &str = "mesh_routes";
+/// Flow record settings (`struct flow_config`), from the spec's `flows:`.
+pub const FLOW_CONFIG_MAP: &str = "flow_config";
+
+/// The `flow_config` value for a spec's `flows:` (0 = the datapath's default).
+pub fn flow_config(f: Option<&crate::spec::FlowsSpec>) -> crate::datapath::FlowConfig {
+    let ns = |d: &Option<crate::spec::DurationSpec>| {
+        d.as_ref().and_then(|d| d.to_duration()).map_or(0, |t| t.as_nanos().min(u64::MAX as u128) as u64)
+    };
+    match f {
+        None => Default::default(),
+        Some(f) => crate::datapath::FlowConfig {
+            disabled: u32::from(f.enabled == Some(false)),
+            drop_records_per_sec: f.drop_records_per_second.unwrap_or(0),
+            report_interval_ns: ns(&f.report_interval),
+            drop_window_ns: ns(&f.drop_window),
+        },
+    }
+}
 /// Maps whose entries bpfsync writes from the spec.
 pub const MANAGED_MAPS: [&str; 4] = [ACTIONS_MAP, PEERS_MAP, NAMES_MAP, ROUTES_MAP];
 /// Maps of policy entries, shown in the plan in spec terms.

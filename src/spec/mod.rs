@@ -262,6 +262,7 @@ fn semantic_checks(l: &LoadedSpec) -> Vec<Diagnostic> {
         }
     }
     check_mesh(l, s, &mut d);
+    check_flows(l, s, &mut d);
     let mut tps = HashSet::new();
     for (i, tp) in s.tracepoints.iter().enumerate() {
         check_program_ref(&mut d, format!("/tracepoints/{i}/program"), &tp.program, ProgramType::Tracepoint);
@@ -408,6 +409,22 @@ fn check_rule(l: &LoadedSpec, d: &mut Vec<Diagnostic>, base: &str, section: &str
 
 /// The mesh datapath owns the XDP hook of every interface it runs on, and
 /// its program names.
+fn check_flows(l: &LoadedSpec, s: &NodeSpec, d: &mut Vec<Diagnostic>) {
+    let Some(f) = &s.flows else { return };
+    if !crate::mesh::in_use(s) {
+        d.push(l.diag(
+            "/flows",
+            "flow records come from the mesh datapath, which this spec does not use (no policies, routes or `mesh:` interfaces)",
+        ));
+    }
+    // The schema checks the duration syntax and the minimum of 1.
+    for (ptr, dur) in [("/flows/report-interval", &f.report_interval), ("/flows/drop-window", &f.drop_window)] {
+        if dur.as_ref().and_then(|d| d.to_duration()).is_some_and(|t| t.is_zero()) {
+            d.push(l.diag(ptr, "must be longer than zero (to stop flow records, set `enabled: false`)"));
+        }
+    }
+}
+
 fn check_mesh(l: &LoadedSpec, s: &NodeSpec, d: &mut Vec<Diagnostic>) {
     if !crate::mesh::in_use(s) {
         return;

@@ -39,6 +39,30 @@ pub struct NodeSpec {
     pub policies: Vec<PolicySpec>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fallback: Vec<FallbackRule>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows: Option<FlowsSpec>,
+}
+
+/// Flow records of the mesh datapath; absent fields keep their defaults.
+///
+/// ```yaml
+/// flows:
+///   enabled: true                 # false: no records (counters still count)
+///   report-interval: 10s          # `update` records of long-lived connections
+///   drop-records-per-second: 1000 # per CPU; the rest are counted as suppressed
+///   drop-window: 1s               # drops of one flow within it make one record
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FlowsSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_interval: Option<DurationSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_records_per_second: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_window: Option<DurationSpec>,
 }
 
 /// An eBPF program: a built-in one or a function of an ELF object.
