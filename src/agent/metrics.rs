@@ -275,12 +275,6 @@ struct FlowCollector {
     hub: Arc<FlowHub>,
 }
 
-impl std::fmt::Debug for FlowHub {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FlowHub").field("history", &self.len()).finish()
-    }
-}
-
 impl Collector for FlowCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let c = &self.hub.counters;

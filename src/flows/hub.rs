@@ -193,6 +193,12 @@ impl FlowHub {
     }
 }
 
+impl std::fmt::Debug for FlowHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlowHub").field("history", &self.len()).finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
