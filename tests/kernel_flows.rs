@@ -39,8 +39,9 @@ fn metric(agent: &Agent, line_prefix: &str) -> f64 {
     agent.metric(line_prefix).unwrap_or_else(|| panic!("no metric line `{line_prefix}`"))
 }
 
-/// Sends one ICMP echo request with identifier `id` from inside `sb`.
-fn ping(sb: &Sandbox, dst: Ipv4Addr, id: u16) {
+/// Sends one ICMP echo request with identifier `id` from inside `sb`
+/// (from `src` when given, an address of the namespace).
+fn ping(sb: &Sandbox, src: Option<Ipv4Addr>, dst: Ipv4Addr, id: u16) {
     sb.in_netns(move || {
         let mut msg = vec![8u8, 0, 0, 0];
         msg.extend_from_slice(&id.to_be_bytes());
@@ -52,12 +53,18 @@ fn ping(sb: &Sandbox, dst: Ipv4Addr, id: u16) {
         unsafe {
             let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
             assert!(fd >= 0, "raw ICMP socket");
-            let sa = libc::sockaddr_in {
+            let addr = |ip: Ipv4Addr| libc::sockaddr_in {
                 sin_family: libc::AF_INET as u16,
                 sin_port: 0,
-                sin_addr: libc::in_addr { s_addr: u32::from(dst).to_be() },
+                sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
                 sin_zero: [0; 8],
             };
+            if let Some(src) = src {
+                let from = addr(src);
+                let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+                assert_eq!(libc::bind(fd, (&from as *const libc::sockaddr_in).cast(), len), 0, "bind {src}");
+            }
+            let sa = addr(dst);
             let n = libc::sendto(
                 fd,
                 msg.as_ptr().cast(),
@@ -157,8 +164,13 @@ policies:
     })
     .unwrap();
     server.join().unwrap().unwrap();
-    // ICMP echo, allowed by protocol.
-    ping(&a, bp, 0x1234);
+    // ICMP echo: allowed by protocol from A's address, denied from another
+    // address of A's that no rule allows.
+    ping(&a, None, bp, 0x1234);
+    let other = Ipv4Addr::new(10, 77, 0, 1);
+    let status = Command::new("ip").args(["-n", &a.netns, "addr", "add", "10.77.0.1/32", "dev", &a.peer_if]).status();
+    assert!(status.unwrap().success());
+    ping(&a, Some(other), bp, 0x4321);
 
     // The follower got the UDP flow as it happened.
     let line = line_rx.recv_timeout(Duration::from_secs(10)).expect("--follow streams the new flow");
@@ -242,6 +254,16 @@ policies:
         .collect();
     assert_eq!(icmp.len(), 2, "the echo and its reply: {icmp:#?}");
     assert_eq!((icmp[0]["rule"].as_str(), icmp[0]["source"]["port"].as_u64()), (Some("edge ingress[2]"), Some(0x1234)));
+    let icmp_drop: Vec<&Value> = all.iter().filter(|r| r["protocol"] == "icmp" && r["verdict"] == "DROPPED").collect();
+    assert_eq!(icmp_drop.len(), 1, "{icmp_drop:#?}");
+    assert_eq!(
+        (
+            icmp_drop[0]["source"]["ip"].as_str(),
+            icmp_drop[0]["source"]["port"].as_u64(),
+            icmp_drop[0]["drop_reason"].as_str()
+        ),
+        (Some("10.77.0.1"), Some(0x4321), Some("default-deny"))
+    );
 
     // Filters return exactly the records that match.
     let expect = |pred: &dyn Fn(&Value) -> bool| -> Vec<u64> {
@@ -326,7 +348,7 @@ policies:
         metric(&agent, r#"bpfsync_flows_total{verdict="REDIRECTED",direction="ingress",protocol="icmp"}"#),
         icmp_flows as f64
     );
-    assert!(metric(&agent, r#"bpfsync_drops_total{reason="default-deny",direction="ingress"}"#) >= 7.0);
+    assert!(metric(&agent, r#"bpfsync_drops_total{reason="default-deny",direction="ingress"}"#) >= 8.0);
     assert_eq!(metric(&agent, r#"bpfsync_rule_hits_total{rule="edge ingress[1]"}"#), 5.0);
     assert_eq!(metric(&agent, r#"bpfsync_lost_events_total{kind="new"}"#), 0.0);
     agent.stop();
