@@ -113,9 +113,12 @@ policies:
     let path = write_spec(dir.path(), "spec.yaml", &spec);
     let agent = Agent::start(&env, std::path::Path::new(&path), "30s");
 
-    // A follower started before the traffic sees the allowed UDP flow.
+    // A follower streams what comes after it started: probe datagrams from
+    // port 41000 until it prints the probe flow (however long it takes to
+    // connect).
     let mut follower = Command::new(env!("CARGO_BIN_EXE_bpfsync"))
-        .args(["flows", "--agent", &format!("127.0.0.1:{}", agent.port), "--follow", "-o", "json", "--to-port", "9000"])
+        .args(["flows", "--agent", &format!("127.0.0.1:{}", agent.port), "--follow", "-o", "json"])
+        .args(["--to-port", "9000", "--from-port", "41000"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -126,7 +129,22 @@ policies:
             let _ = line_tx.send(line);
         }
     });
-    std::thread::sleep(Duration::from_millis(300)); // the follower connects
+    let mut probes = 0u64;
+    let followed: Value = loop {
+        assert!(probes < 50, "--follow never streamed the probe flow");
+        a.in_netns(move || {
+            let s = UdpSocket::bind(SocketAddrV4::new(ap, 41000)).unwrap();
+            s.send_to(b"probe", SocketAddrV4::new(bp, 9000)).unwrap();
+        })
+        .unwrap();
+        probes += 1;
+        if let Ok(line) = line_rx.recv_timeout(Duration::from_millis(200)) {
+            break serde_json::from_str(&line).unwrap();
+        }
+    };
+    assert_eq!((followed["source"]["port"].as_u64(), followed["kind"].as_str()), (Some(41000), Some("new")));
+    let _ = follower.kill();
+    let _ = follower.wait();
 
     // UDP: five datagrams allowed (one flow), five denied fast, then one
     // more denied after the aggregation window.
@@ -172,26 +190,20 @@ policies:
     assert!(status.unwrap().success());
     ping(&a, Some(other), bp, 0x4321);
 
-    // The follower got the UDP flow as it happened.
-    let line = line_rx.recv_timeout(Duration::from_secs(10)).expect("--follow streams the new flow");
-    let followed: Value = serde_json::from_str(&line).unwrap();
-    assert_eq!(followed["destination"]["port"], 9000);
-    let _ = follower.kill();
-    let _ = follower.wait();
-
-    // Wait for the closing records and the echo reply.
-    wait("the TCP close and echo reply records", Duration::from_secs(10), || {
+    // Wait for the closing records, the echo reply and the denied echo.
+    wait("the TCP close and ICMP records", Duration::from_secs(10), || {
         let all = flows(&env, &agent, &["--all"]);
         let fin = all.iter().any(|r| r["kind"] == "update" && r["tcp_flags"].to_string().contains("FIN"));
         let reply = all.iter().any(|r| r["protocol"] == "icmp" && r["destination"]["port"] == 0x1234);
-        fin && reply
+        let denied_echo = all.iter().any(|r| r["protocol"] == "icmp" && r["verdict"] == "DROPPED");
+        fin && reply && denied_echo
     });
     let all = flows(&env, &agent, &["--all"]);
     let (ap_s, bp_s) = (ap.to_string(), bp.to_string());
     let default_deny = format!("default deny ingress on {ai} (edge)");
 
     // What the datapath recorded, flow by flow.
-    let udp_new: Vec<&Value> = all.iter().filter(|r| r["destination"]["port"] == 9000).collect();
+    let udp_new: Vec<&Value> = all.iter().filter(|r| r["source"]["port"] == 40000).collect();
     assert_eq!(udp_new.len(), 1, "one record for the allowed UDP flow: {udp_new:#?}");
     let r = udp_new[0];
     assert_eq!(
@@ -349,7 +361,7 @@ policies:
         icmp_flows as f64
     );
     assert!(metric(&agent, r#"bpfsync_drops_total{reason="default-deny",direction="ingress"}"#) >= 8.0);
-    assert_eq!(metric(&agent, r#"bpfsync_rule_hits_total{rule="edge ingress[1]"}"#), 5.0);
+    assert_eq!(metric(&agent, r#"bpfsync_rule_hits_total{rule="edge ingress[1]"}"#), (5 + probes) as f64);
     assert_eq!(metric(&agent, r#"bpfsync_lost_events_total{kind="new"}"#), 0.0);
     agent.stop();
 }
