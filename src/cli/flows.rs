@@ -144,6 +144,8 @@ fn print_table(records: &[FlowRecord], out: &mut impl Write) -> std::io::Result<
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Exit> {
+    // clap gives each flag's values but not how `--not` interleaves with
+    // them: the filter is read from the command line in order.
     let tokens: Vec<String> = std::env::args().collect();
     let target = request_target(args, &tokens, time::now_unix_ns()).map_err(|e| anyhow::anyhow!(e))?;
     let mut stream = TcpStream::connect_timeout(&args.agent, Duration::from_secs(3)).map_err(|e| {

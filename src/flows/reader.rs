@@ -65,11 +65,13 @@ impl KernelNames {
         }
     }
 
-    /// Forgets unresolved names (once a second at most) so new rules and
-    /// interfaces get named.
+    /// Forgets unresolved rule names and all interface names (once a second
+    /// at most): new rules get named, and an interface index reused by
+    /// another interface is not shown under the old name for long.
     fn refresh_misses(&mut self) {
         if self.last_miss_refresh.elapsed() >= Duration::from_secs(1) {
             self.rules.retain(|_, v| v.is_some());
+            self.interfaces.clear();
             self.rule_map = None;
             self.last_miss_refresh = Instant::now();
         }
