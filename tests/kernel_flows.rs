@@ -151,6 +151,9 @@ policies:
     // UDP: five datagrams allowed (one flow), five denied fast, then one
     // more denied after the aggregation window.
     a.in_netns(move || {
+        // Drop aggregation is per CPU (a flow stays on one CPU under RSS); on
+        // veth the sender's CPU is the receiver's, so keep the sender on one.
+        pin_to_cpu0();
         let allowed = UdpSocket::bind(SocketAddrV4::new(ap, 40000)).unwrap();
         let denied = UdpSocket::bind(SocketAddrV4::new(ap, 40001)).unwrap();
         for i in 0u8..5 {
