@@ -4,9 +4,7 @@
 //!     cargo bench --bench datapath
 
 use std::net::IpAddr;
-use std::sync::Arc;
 
-use bpfsync::builtin;
 use bpfsync::kernel::real::RealKernel;
 use bpfsync::kernel::testrun::run_pinned;
 use bpfsync::kernel::{Kernel, LoadRequest};
@@ -28,17 +26,8 @@ fn main() {
     println!("| program | packet | ns/packet |");
     println!("|---|---|---:|");
     for name in ["counter", "classifier"] {
-        let b = builtin::find(name).unwrap();
-        k.load_program(&LoadRequest {
-            name: name.into(),
-            digest: "bench".into(),
-            function: b.function.into(),
-            program_type: b.program_type,
-            bytes: Arc::from(b.bytes),
-            map_owner: name.into(),
-            fresh_maps: vec![],
-        })
-        .unwrap();
+        let req = LoadRequest::builtin(name, "bench").unwrap();
+        k.load_program(&req).unwrap();
         if name == "counter" {
             // Counting on, as a deployment would have it.
             let config = MapRef { program: name.into(), map: "counter_config".into() };
@@ -46,7 +35,7 @@ fn main() {
         }
         let pin = bpffs.root().join("programs").join(name).join("bench");
         for (label, packet) in [("IPv4 UDP", &udp), ("IPv6 TCP", &tcp6)] {
-            let r = run_pinned(&pin, b.program_type, packet, 1_000_000).unwrap();
+            let r = run_pinned(&pin, req.program_type, packet, 1_000_000).unwrap();
             println!("| {name} | {label} | {} |", r.per_run.as_nanos());
         }
     }

@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use bpfsync::builtin;
 use bpfsync::datapath::FlowConfig;
 use bpfsync::flows::hub::FlowHub;
 use bpfsync::flows::reader;
@@ -80,17 +79,7 @@ impl Bench {
 
 fn load(root: &Path, ifindex: u32) -> Bench {
     let mut k = RealKernel::open(root).unwrap();
-    let b = builtin::find(mesh::PROGRAM).unwrap();
-    k.load_program(&LoadRequest {
-        name: mesh::PROGRAM.into(),
-        digest: "bench".into(),
-        function: b.function.into(),
-        program_type: b.program_type,
-        bytes: Arc::from(b.bytes),
-        map_owner: mesh::PROGRAM.into(),
-        fresh_maps: vec![],
-    })
-    .unwrap();
+    k.load_program(&LoadRequest::builtin(mesh::PROGRAM, "bench").unwrap()).unwrap();
     // Every peer is in one set: TCP 8080 allowed (rule 1), the rest denied
     // by default.
     let peers = vec![encode_peer(

@@ -7,9 +7,7 @@
 //!     cargo bench --bench mesh
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
 
-use bpfsync::builtin;
 use bpfsync::kernel::real::RealKernel;
 use bpfsync::kernel::testrun::run_pinned_on;
 use bpfsync::kernel::{Kernel, LoadRequest};
@@ -71,17 +69,7 @@ fn main() {
         std::fs::read_to_string(format!("/sys/class/net/{}/ifindex", sb.host_if)).unwrap().trim().parse().unwrap();
     let bpffs = TempBpffs::create().unwrap();
     let mut k = RealKernel::open(bpffs.root()).unwrap();
-    let b = builtin::find(mesh::PROGRAM).unwrap();
-    k.load_program(&LoadRequest {
-        name: mesh::PROGRAM.into(),
-        digest: "bench".into(),
-        function: b.function.into(),
-        program_type: b.program_type,
-        bytes: Arc::from(b.bytes),
-        map_owner: mesh::PROGRAM.into(),
-        fresh_maps: vec![],
-    })
-    .unwrap();
+    k.load_program(&LoadRequest::builtin(mesh::PROGRAM, "bench").unwrap()).unwrap();
     let pin = bpffs.root().join("programs").join(mesh::PROGRAM).join("bench");
     let peers_map = mesh::map_ref(mesh::PEERS_MAP);
     let actions_map = mesh::map_ref(mesh::ACTIONS_MAP);

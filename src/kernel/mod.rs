@@ -53,6 +53,23 @@ pub struct LoadRequest {
     pub fresh_maps: Vec<String>,
 }
 
+impl LoadRequest {
+    /// A built-in program loaded under its own name with its own maps, as
+    /// benchmarks and tests load them without a spec.
+    pub fn builtin(name: &str, digest: &str) -> Option<LoadRequest> {
+        let b = crate::builtin::find(name)?;
+        Some(LoadRequest {
+            name: name.into(),
+            digest: digest.into(),
+            function: b.function.into(),
+            program_type: b.program_type,
+            bytes: Arc::from(b.bytes),
+            map_owner: name.into(),
+            fresh_maps: vec![],
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     #[error("failed to {what}")]
