@@ -20,7 +20,7 @@ use bpfsync::kernel::sys;
 use bpfsync::kernel::testrun::run_pinned_on;
 use bpfsync::packet::{Packet, Transport, checksum};
 use bpfsync::spec::ProgramType;
-use common::{Agent, Env, Sandbox, TempDir, wait, write_spec};
+use common::{Agent, Env, Sandbox, TempDir, edge_spec, wait, write_spec};
 use serde_json::Value;
 
 /// `bpfsync flows -o json` against `agent`, parsed.
@@ -86,28 +86,10 @@ fn real_traffic_makes_named_flow_records_that_filters_select_exactly() {
     let (a, b) = (Sandbox::create().unwrap(), Sandbox::create().unwrap());
     Sandbox::route_through_host(&a, &b).unwrap();
     let (ai, bi, ap, bp) = (a.host_if.clone(), b.host_if.clone(), a.peer_ip, b.peer_ip);
-    let spec = format!(
-        r#"apiVersion: bpfsync/v1
-kind: NodeSpec
-interfaces:
-  - {{ name: {ai}, mesh: {{ mode: skb }} }}
-  - {{ name: {bi}, mesh: {{ mode: skb }} }}
-routes:
-  - prefix: {bp}/32
-    via: {{ interface: {bi}, neighbor: {bp} }}
-  - prefix: {ap}/32
-    via: {{ interface: {ai}, neighbor: {ap} }}
-policies:
-  - name: edge
-    interfaces: [{ai}]
-    ingress:
-      - from: [{ap}/32]
-        ports: [{{ port: 8080, protocol: tcp }}]
-      - from: [{ap}/32]
-        ports: [{{ port: 9000, protocol: udp }}]
-      - from: [{ap}/32]
-        protocol: icmp
-"#
+    let spec = edge_spec(
+        &a,
+        &b,
+        &["ports: [{ port: 8080, protocol: tcp }]", "ports: [{ port: 9000, protocol: udp }]", "protocol: icmp"],
     );
     let dir = TempDir::create("bpfsync-flows-spec").unwrap();
     let path = write_spec(dir.path(), "spec.yaml", &spec);

@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use common::{Env, Sandbox, write_spec};
+use common::{Env, Sandbox, edge_spec, write_spec};
 use serde_json::Value;
 
 /// Counts UDP datagrams arriving on `port` until `quiet` passes without one.
@@ -38,31 +38,7 @@ fn routes_forward_udp_and_tcp_between_namespaces_and_policy_drops_a_port() {
     // A and B reach each other through R, which knows both as neighbours
     // (bpfsync reads their MACs from that table).
     Sandbox::route_through_host(&a, &b).unwrap();
-    let spec = format!(
-        r#"apiVersion: bpfsync/v1
-kind: NodeSpec
-interfaces:
-  - {{ name: {ai}, mesh: {{ mode: skb }} }}
-  - {{ name: {bi}, mesh: {{ mode: skb }} }}
-routes:
-  - prefix: {bp}/32
-    via: {{ interface: {bi}, neighbor: {bp} }}
-  - prefix: {ap}/32
-    via: {{ interface: {ai}, neighbor: {ap} }}
-policies:
-  - name: edge
-    interfaces: [{ai}]
-    ingress:
-      - from: [{ap}/32]
-        ports: [{{ port: 8080, protocol: tcp }}]
-      - from: [{ap}/32]
-        ports: [{{ port: 9000, protocol: udp }}]
-"#,
-        ai = a.host_if,
-        bi = b.host_if,
-        ap = a.peer_ip,
-        bp = b.peer_ip
-    );
+    let spec = edge_spec(&a, &b, &["ports: [{ port: 8080, protocol: tcp }]", "ports: [{ port: 9000, protocol: udp }]"]);
     let path = write_spec(env.state.path(), "spec.yaml", &spec);
     let out = env.run_ok(&["apply", &path, "--auto-approve"]);
     assert!(!out.contains("Conflicts"), "{out}");

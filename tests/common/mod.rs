@@ -193,3 +193,18 @@ pub fn wait(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(25));
     }
 }
+
+/// The spec of A — R — B (see `Sandbox::route_through_host`): the mesh
+/// datapath on both of R's ends, routes to A and B through them, and a
+/// policy `edge` on A's end whose ingress rules each allow A's address
+/// and what `allow` adds (`ports: [...]` or `protocol: ...`).
+pub fn edge_spec(a: &Sandbox, b: &Sandbox, allow: &[&str]) -> String {
+    let (ai, bi, ap, bp) = (&a.host_if, &b.host_if, a.peer_ip, b.peer_ip);
+    let mut spec = format!(
+        "apiVersion: bpfsync/v1\nkind: NodeSpec\ninterfaces:\n  - {{ name: {ai}, mesh: {{ mode: skb }} }}\n  - {{ name: {bi}, mesh: {{ mode: skb }} }}\nroutes:\n  - prefix: {bp}/32\n    via: {{ interface: {bi}, neighbor: {bp} }}\n  - prefix: {ap}/32\n    via: {{ interface: {ai}, neighbor: {ap} }}\npolicies:\n  - name: edge\n    interfaces: [{ai}]\n    ingress:\n"
+    );
+    for rule in allow {
+        spec.push_str(&format!("      - from: [{ap}/32]\n        {rule}\n"));
+    }
+    spec
+}
