@@ -129,10 +129,8 @@ impl Reader {
     /// Opens the ring buffer pinned under `bpffs_root` (the mesh datapath's).
     pub fn open(bpffs_root: &Path) -> Result<Reader, String> {
         let pin = mesh_map_pin(bpffs_root, "flow_events");
-        let fd = sys::obj_get(&pin).map_err(|e| format!("open `{}`: {e}", pin.display()))?;
-        let map_id = sys::map_info(fd.as_fd()).map_err(|e| format!("read info of `{}`: {e}", pin.display()))?.id;
-        drop(fd);
         let data = MapData::from_pin(&pin).map_err(|e| format!("open `{}`: {e}", pin.display()))?;
+        let map_id = data.info().map_err(|e| format!("read info of `{}`: {e}", pin.display()))?.id();
         let map = Map::from_map_data(data).map_err(|e| format!("`{}`: {e}", pin.display()))?;
         let ring = RingBuf::try_from(map).map_err(|e| format!("`{}` is not a ring buffer: {e}", pin.display()))?;
         Ok(Reader {
