@@ -65,6 +65,25 @@ pub fn program_digest(object_digest: &str, function: &str) -> String {
     object::digest(format!("{object_digest}\0{function}").as_bytes())
 }
 
+/// Loads, validates and compiles spec text, reporting the problems of
+/// every stage at once: a schema error does not hide a missing object.
+pub fn load_and_compile(
+    file: &std::path::Path,
+    source: &str,
+    loader: &mut ObjectLoader,
+) -> Result<(LoadedSpec, Desired), Diagnostics> {
+    let (loaded, mut diags) = crate::spec::load_partial(file, source);
+    let Some(loaded) = loaded else { return Err(crate::spec::diagnostics(diags)) };
+    match compile(&loaded, loader) {
+        Ok(desired) if diags.is_empty() => Ok((loaded, desired)),
+        Ok(_) => Err(crate::spec::diagnostics(diags)),
+        Err(more) => {
+            diags.extend(more.0);
+            Err(crate::spec::diagnostics(diags))
+        }
+    }
+}
+
 /// Compiles a validated spec into the desired state. Every problem is
 /// reported, as diagnostics pointing into the spec.
 pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, Diagnostics> {

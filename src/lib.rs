@@ -38,6 +38,7 @@ pub mod codec;
 pub mod compile;
 pub mod datapath;
 pub mod entries;
+pub mod fault;
 pub mod flows;
 pub mod kernel;
 pub mod mesh;

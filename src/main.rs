@@ -44,6 +44,8 @@ enum Command {
     Status(cli::status::Args),
     /// Remove everything bpfsync owns, nothing else.
     Down(cli::down::Args),
+    /// Roll back an interrupted apply, or drop its journal (`--discard`).
+    Recover(cli::recover::Args),
     /// Print the spec's JSON Schema.
     Schema,
     /// Run bpfsync in a throwaway sandbox of network namespaces.
@@ -73,6 +75,7 @@ fn main() -> ExitCode {
         Command::Apply(a) => cli::apply::run(&ctx, a),
         Command::Status(a) => cli::status::run(&ctx, a),
         Command::Down(a) => cli::down::run(&ctx, a),
+        Command::Recover(a) => cli::recover::run(&ctx, a),
         Command::Schema => cli::schema::run(),
         Command::Demo(a) => cli::demo::run(&ctx, a),
         Command::Agent(a) => cli::agent::run(&ctx, a),

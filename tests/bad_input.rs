@@ -7,8 +7,7 @@ mod common;
 use std::fs;
 use std::path::PathBuf;
 
-use bpfsync::compile::{ObjectLoader, compile};
-use bpfsync::spec;
+use bpfsync::compile::{ObjectLoader, load_and_compile};
 use common::Env;
 
 fn cases() -> Vec<PathBuf> {
@@ -23,7 +22,7 @@ fn cases() -> Vec<PathBuf> {
 
 fn diagnostics(path: &PathBuf) -> String {
     let source = fs::read_to_string(path).unwrap();
-    match spec::load(path, &source).and_then(|l| compile(&l, &mut ObjectLoader::default())) {
+    match load_and_compile(path, &source, &mut ObjectLoader::default()) {
         Ok(_) => panic!("{} should be rejected", path.display()),
         Err(d) => format!("{d}\n"),
     }

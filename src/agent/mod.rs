@@ -26,16 +26,16 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::apply::journal::FileJournal;
+use crate::apply::lock::NodeLock;
 use crate::apply::{self, ApplyError, Retry, error_chain, scope_for};
 use crate::cli::{self, Context};
-use crate::compile::{Desired, ObjectLoader, compile};
+use crate::compile::{Desired, ObjectLoader, load_and_compile};
 use crate::flows::export::{self, ExportPolicy, ExportQueue, FileSink, HttpSink, Sink};
 use crate::flows::hub::FlowHub;
 use crate::flows::reader;
 use crate::kernel::Kernel;
 use crate::kernel::real::RealKernel;
 use crate::plan;
-use crate::spec;
 use metrics::{KindLabel, Metrics};
 
 #[derive(Debug, Clone)]
@@ -146,7 +146,10 @@ pub enum Outcome {
     NotReady,
     /// A failure that may pass: retry after the backoff.
     Retry,
-    /// A failure that will not pass until the spec changes.
+    /// A failure the kernel will likely repeat (a refused program, a busy
+    /// hook): retried too, but starting at a long backoff, and at every
+    /// resync, so a condition that clears (a foreign program removed) is
+    /// repaired without a restart.
     Failed,
     Skipped,
 }
@@ -168,15 +171,17 @@ struct Reconciler {
     /// Digest of the spec last applied successfully: a later non-empty plan
     /// for the same spec is drift.
     applied_digest: Option<String>,
-    /// A permanent failure for this spec digest: not retried until it changes.
-    failed_digest: Option<String>,
-    recovered: bool,
+    lock: Option<NodeLock>,
 }
 
 impl Reconciler {
+    /// Opens the kernel and takes the node lock, held from then on: no CLI
+    /// write runs beside the agent. A busy lock is retried with backoff.
     fn kernel(&mut self) -> Result<&mut RealKernel, String> {
         if self.kernel.is_none() {
-            let k = RealKernel::open(&self.shared.config.ctx.bpffs_root).map_err(|e| error_chain(&e))?;
+            let ctx = &self.shared.config.ctx;
+            let k = RealKernel::open(&ctx.bpffs_root).map_err(|e| error_chain(&e))?;
+            self.lock = Some(NodeLock::acquire(k.root(), &ctx.state_dir, "agent").map_err(|e| error_chain(&e))?);
             self.kernel = Some(k);
         }
         Ok(self.kernel.as_mut().unwrap())
@@ -208,8 +213,8 @@ impl Reconciler {
         // disk) and give the rest back.
         let ctx = &self.shared.config.ctx;
         let compiled = (|| -> Result<(Desired, PathBuf), String> {
-            let loaded = spec::load(path, &text).map_err(|d| d.to_string())?;
-            let desired = compile(&loaded, &mut ObjectLoader::default()).map_err(|d| d.to_string())?;
+            let (loaded, desired) =
+                load_and_compile(path, &text, &mut ObjectLoader::default()).map_err(|d| d.to_string())?;
             let staged = cli::stage_last_applied(ctx, &loaded, &desired, "last-applied.next")
                 .map_err(|e| format!("cannot write to the state directory: {e}"))?;
             Ok((desired, staged))
@@ -251,9 +256,6 @@ impl Reconciler {
             return Outcome::NotReady;
         };
         let digest = good.digest.clone();
-        if trigger == Trigger::Resync && self.failed_digest.as_deref() == Some(digest.as_str()) {
-            return Outcome::Skipped;
-        }
         let outcome = self.reconcile_with(&digest);
         trim_heap(); // the observed state, plan and journal of big maps are transient
         let elapsed = started.elapsed();
@@ -277,18 +279,12 @@ impl Reconciler {
                 st.last_error = None;
                 self.shared.metrics.ready.set(1);
                 self.shared.metrics.last_success.set(now_unix());
-                self.failed_digest = None;
                 if n == 0 { Outcome::NoChange } else { Outcome::Applied }
             }
             Err((msg, retryable)) => {
                 tracing::error!(error = %msg, retryable, "reconcile failed");
                 st.last_error = Some(msg);
-                if retryable {
-                    Outcome::Retry
-                } else {
-                    self.failed_digest = Some(digest);
-                    Outcome::Failed
-                }
+                if retryable { Outcome::Retry } else { Outcome::Failed }
             }
         }
     }
@@ -297,15 +293,14 @@ impl Reconciler {
     fn reconcile_with(&mut self, digest: &str) -> Result<usize, (String, bool)> {
         let ctx = self.shared.config.ctx.clone();
         let mut journal = FileJournal::new(&ctx.state_dir);
-        let first = !self.recovered;
         let kernel = self.kernel().map_err(|e| (e, true))?;
-        if first {
-            let n = apply::recover(kernel, &mut journal, Retry::default()).map_err(|e| (error_chain(&e), true))?;
-            if n > 0 {
-                tracing::warn!(steps = n, "rolled back an interrupted apply");
-            }
+        // Before every apply, not only at start: an apply of ours whose
+        // rollback failed left its journal, to be rolled back before
+        // anything else is tried.
+        let n = apply::recover(kernel, &mut journal, Retry::default()).map_err(|e| (error_chain(&e), true))?;
+        if n > 0 {
+            tracing::warn!(steps = n, "rolled back an interrupted apply");
         }
-        self.recovered = true;
         let good = self.last_good.as_ref().unwrap();
         let kernel = self.kernel.as_mut().unwrap();
         let observed = kernel.observe(&scope_for(&good.desired.state)).map_err(|e| {
@@ -354,8 +349,9 @@ impl Reconciler {
             Err(e) => {
                 let retryable = match &e {
                     ApplyError::RolledBack { cause, .. } => cause.is_retryable(),
-                    ApplyError::Verify { .. } | ApplyError::Observe(_) | ApplyError::Journal(_) => true,
-                    _ => false,
+                    ApplyError::Refused { .. } => false,
+                    // The rest pass or are finished by the next run's recovery.
+                    _ => true,
                 };
                 Err((error_chain(&e), retryable))
             }
@@ -390,6 +386,11 @@ fn action_name(a: plan::Action) -> &'static str {
     }
 }
 
+/// The longest wait between retries of a failing reconcile.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// The first wait after a failure the kernel will likely repeat.
+const PERMANENT_FIRST_BACKOFF: Duration = Duration::from_secs(5);
+
 /// Runs the agent until `shutdown` completes. `on_listen` learns the bound
 /// address (useful with port 0).
 pub async fn run(
@@ -419,8 +420,7 @@ pub async fn run(
         last_good: None,
         seen_digest: None,
         applied_digest: None,
-        failed_digest: None,
-        recovered: false,
+        lock: None,
     }));
     let run_once = |trigger: Trigger| {
         let r = reconciler.clone();
@@ -440,7 +440,11 @@ pub async fn run(
         match outcome {
             Outcome::Retry | Outcome::NotReady if retry_at.is_none() => {
                 retry_at = Some(tokio::time::Instant::now() + backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(60));
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Outcome::Failed if retry_at.is_none() => {
+                backoff = (backoff * 2).max(PERMANENT_FIRST_BACKOFF).min(MAX_BACKOFF);
+                retry_at = Some(tokio::time::Instant::now() + backoff);
             }
             Outcome::Applied | Outcome::NoChange => {
                 backoff = Duration::from_millis(100);

@@ -6,6 +6,7 @@
 //! newest first; a failed rollback is reported beside the original error.
 
 pub mod journal;
+pub mod lock;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -130,16 +131,18 @@ pub enum ApplyError {
         #[source]
         cause: KernelError,
     },
-    #[error("step {index} ({what}) failed: {cause}; the rollback failed too: {}", rollback.join("; "))]
+    #[error("step {index} ({what}) failed: {cause}; the rollback failed too: {}; the journal is kept: run `bpfsync recover` to retry the rollback", rollback.join("; "))]
     RollbackFailed { index: usize, what: String, cause: KernelError, rollback: Vec<String> },
     #[error("verification after apply found {count} difference(s) (first: `{first}`); the apply was rolled back")]
     Verify { count: usize, first: String },
+    #[error("verification after apply found {count} difference(s) (first: `{first}`), and rolling back failed too: {}; the journal is kept: run `bpfsync recover` to retry the rollback", rollback.join("; "))]
+    VerifyRollbackFailed { count: usize, first: String, rollback: Vec<String> },
     #[error("failed to observe the kernel")]
     Observe(#[source] KernelError),
     #[error("failed to write the journal in the state directory")]
     Journal(#[source] std::io::Error),
-    #[error("an interrupted apply was found and could not be rolled back: {}", errors.join("; "))]
-    Recovery { errors: Vec<String> },
+    #[error("an interrupted apply ({} step(s) started: {}) could not be rolled back: {}; nothing else was changed. `bpfsync recover` retries the rollback; `bpfsync recover --discard` drops the journal and keeps what the kernel runs now, for the next apply to converge from", steps.len(), steps.join(", "), errors.join("; "))]
+    Recovery { errors: Vec<String>, steps: Vec<String> },
     #[error("the plan cannot be applied, nothing was changed: {}", errors.join("; "))]
     Refused { errors: Vec<String> },
 }
@@ -175,6 +178,10 @@ impl Retry {
 /// Builds the executor steps of a plan: consecutive entry writes (or
 /// deletes) of one map become one batched step.
 pub fn steps(plan: &Plan, desired: &Desired, observed: &State) -> Vec<Step> {
+    let is_array = |map: &MapRef| {
+        let shape = desired.state.maps.get(map).and_then(|m| m.shape).or_else(|| observed.maps.get(map)?.shape);
+        shape.is_some_and(|s| s.map_type == crate::object::BPF_MAP_TYPE_ARRAY)
+    };
     let digest_of = |state: &State, name: &str| state.programs.get(name).map(|p| p.digest.clone()).unwrap_or_default();
     let mut out: Vec<Step> = Vec::new();
     for c in &plan.changes {
@@ -197,6 +204,12 @@ pub fn steps(plan: &Plan, desired: &Desired, observed: &State) -> Vec<Step> {
                 undo: vec![KernelOp::RestoreProgram { program: program.clone(), digest: digest.clone() }],
             }),
             Op::WriteEntry { map, key, value, old } => {
+                // An array holds every index: a new entry is undone by
+                // writing zeroes back (arrays refuse deletes with EINVAL).
+                let old = match old {
+                    None if is_array(map) => Some(vec![0u8; value.len()]),
+                    other => other.clone(),
+                };
                 let merge = matches!(out.last(), Some(Step { forward, .. })
                     if matches!(forward.as_slice(), [KernelOp::WriteEntries { map: m, .. }] if m == map));
                 if !merge {
@@ -221,7 +234,7 @@ pub fn steps(plan: &Plan, desired: &Desired, observed: &State) -> Vec<Step> {
                     }
                     Some(o) => {
                         if let KernelOp::WriteEntries { entries, .. } = &mut step.undo[1] {
-                            entries.push((key.clone(), o.clone()));
+                            entries.push((key.clone(), o));
                         }
                     }
                 }
@@ -439,9 +452,13 @@ pub fn recover<K: Kernel + ?Sized>(
     journal: &mut dyn JournalStore,
     retry: Retry,
 ) -> Result<usize, ApplyError> {
-    let Some((steps, started)) = journal.pending().map_err(ApplyError::Journal)? else { return Ok(0) };
+    let Some((steps, started)) = journal.pending().map_err(ApplyError::Journal)? else {
+        // Objects set aside by a run killed after its journal was removed.
+        k.commit().map_err(|e| ApplyError::Recovery { errors: vec![error_chain(&e)], steps: vec![] })?;
+        return Ok(0);
+    };
     let Some(last) = started else {
-        journal.finish().map_err(ApplyError::Journal)?;
+        finish(k, journal)?;
         return Ok(0);
     };
     let undos: Vec<Vec<KernelOp>> =
@@ -449,11 +466,39 @@ pub fn recover<K: Kernel + ?Sized>(
     tracing::warn!(steps = undos.len(), "rolling back an interrupted apply");
     let errors = roll_back(k, &undos, retry);
     if !errors.is_empty() {
-        return Err(ApplyError::Recovery { errors });
+        let steps = steps[..undos.len()].iter().map(|s| s.what.clone()).collect();
+        return Err(ApplyError::Recovery { errors, steps });
     }
-    k.commit().map_err(|e| ApplyError::Recovery { errors: vec![error_chain(&e)] })?;
-    journal.finish().map_err(ApplyError::Journal)?;
+    finish(k, journal)?;
     Ok(undos.len())
+}
+
+/// Ends an apply or a rollback: the journal goes first, then the objects set
+/// aside. In the other order a kill between the two would leave undo steps
+/// that need objects already gone; in this one it leaves only set-aside
+/// objects no journal refers to, which the next [`recover`] removes.
+fn finish<K: Kernel + ?Sized>(k: &mut K, journal: &mut dyn JournalStore) -> Result<(), ApplyError> {
+    journal.finish().map_err(ApplyError::Journal)?;
+    crate::fault::point("journal-finished");
+    // The apply is done whether or not the set-aside objects could go now:
+    // they are only garbage, swept by the next run.
+    if let Err(e) = k.commit() {
+        tracing::warn!(error = %error_chain(&e), "could not remove objects set aside by the apply; the next run will");
+    }
+    Ok(())
+}
+
+/// Drops an interrupted apply's journal without rolling it back, and the
+/// objects it set aside: the way out when a rollback cannot succeed. The
+/// node keeps whatever the kernel runs now; the next apply plans from that.
+/// Returns the steps the journal held.
+pub fn discard_journal<K: Kernel + ?Sized>(
+    k: &mut K,
+    journal: &mut dyn JournalStore,
+) -> Result<Vec<String>, ApplyError> {
+    let Some((steps, _)) = journal.pending().map_err(ApplyError::Journal)? else { return Ok(Vec::new()) };
+    finish(k, journal)?;
+    Ok(steps.into_iter().map(|s| s.what).collect())
 }
 
 /// The scope to observe for a desired state.
@@ -495,6 +540,11 @@ pub fn apply<K: Kernel + ?Sized>(
     if !plan.errors.is_empty() {
         return Err(ApplyError::Refused { errors: plan.errors.clone() });
     }
+    if journal.pending().map_err(ApplyError::Journal)?.is_some() {
+        return Err(ApplyError::Refused {
+            errors: vec!["an interrupted apply must be recovered first (`bpfsync recover`)".into()],
+        });
+    }
     let writes_before = k.writes();
     let steps = steps(plan, desired, observed);
     if steps.is_empty() {
@@ -503,9 +553,11 @@ pub fn apply<K: Kernel + ?Sized>(
     let jsteps: Vec<JournalStep> =
         steps.iter().map(|s| JournalStep { what: s.what.clone(), undo: s.undo.clone() }).collect();
     journal.begin(&jsteps).map_err(ApplyError::Journal)?;
+    crate::fault::point("journal-written");
 
     for (i, step) in steps.iter().enumerate() {
         journal.started(i).map_err(ApplyError::Journal)?;
+        crate::fault::point("step-started");
         let mut failure = None;
         for op in &step.forward {
             if let Err(e) = with_retry(k, op, Some(desired), retry) {
@@ -518,13 +570,13 @@ pub fn apply<K: Kernel + ?Sized>(
             let undos: Vec<Vec<KernelOp>> = steps[..=i].iter().map(|s| s.undo.clone()).collect();
             let rollback = roll_back(k, &undos, retry);
             if rollback.is_empty() {
-                let _ = k.commit();
-                journal.finish().map_err(ApplyError::Journal)?;
+                finish(k, journal)?;
                 return Err(ApplyError::RolledBack { index: i + 1, what: step.what.clone(), cause });
             }
             return Err(ApplyError::RollbackFailed { index: i + 1, what: step.what.clone(), cause, rollback });
         }
         journal.done(i).map_err(ApplyError::Journal)?;
+        crate::fault::point("step-done");
     }
 
     // Verify: the kernel must now match the desired state.
@@ -533,14 +585,13 @@ pub fn apply<K: Kernel + ?Sized>(
         let undos: Vec<Vec<KernelOp>> = steps.iter().map(|s| s.undo.clone()).collect();
         let rollback = roll_back(k, &undos, retry);
         let first = format!("{} ({})", remaining[0].0, remaining[0].1);
-        if rollback.is_empty() {
-            let _ = k.commit();
-            journal.finish().map_err(ApplyError::Journal)?;
+        if !rollback.is_empty() {
+            return Err(ApplyError::VerifyRollbackFailed { count: remaining.len(), first, rollback });
         }
+        finish(k, journal)?;
         return Err(ApplyError::Verify { count: remaining.len(), first });
     }
-    k.commit().map_err(ApplyError::Observe)?;
-    journal.finish().map_err(ApplyError::Journal)?;
+    finish(k, journal)?;
     Ok(ApplyReport { steps: steps.len(), kernel_writes: k.writes() - writes_before, recovered_steps: 0 })
 }
 

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use super::{Context, Exit, Output, confirm, load_spec, lock_state, open_kernel, save_last_applied};
+use super::{Context, Exit, Output, confirm, load_spec, open_kernel_locked, save_last_applied};
 use crate::apply::journal::FileJournal;
 use crate::apply::{self, Retry, error_chain, scope_for};
 use crate::kernel::Kernel;
@@ -33,8 +33,7 @@ fn notes_on_xdp_modes(kernel: &mut crate::kernel::real::RealKernel, desired: &cr
 
 pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     let (loaded, desired) = load_spec(&args.spec)?;
-    let mut kernel = open_kernel(ctx)?;
-    let _lock = lock_state(ctx)?;
+    let (mut kernel, _lock) = open_kernel_locked(ctx, "apply")?;
     let mut journal = FileJournal::new(&ctx.state_dir);
     let recovered =
         apply::recover(&mut kernel, &mut journal, Retry::default()).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;

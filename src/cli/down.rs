@@ -2,7 +2,7 @@
 
 use std::fs;
 
-use super::{Context, Exit, clear_last_applied, confirm, lock_state, open_kernel};
+use super::{Context, Exit, clear_last_applied, confirm, open_kernel_locked};
 use crate::apply::journal::FileJournal;
 use crate::apply::{self, Retry, error_chain};
 use crate::compile::Desired;
@@ -17,8 +17,7 @@ pub struct Args {
 }
 
 pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
-    let mut kernel = open_kernel(ctx)?;
-    let _lock = lock_state(ctx)?;
+    let (mut kernel, _lock) = open_kernel_locked(ctx, "down")?;
     let mut journal = FileJournal::new(&ctx.state_dir);
     apply::recover(&mut kernel, &mut journal, Retry::default()).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     let observed = kernel.observe(&Scope::default()).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;

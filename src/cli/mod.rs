@@ -8,6 +8,7 @@ pub mod demo;
 pub mod down;
 pub mod flows;
 pub mod plan;
+pub mod recover;
 pub mod schema;
 pub mod stats;
 pub mod status;
@@ -15,15 +16,15 @@ pub mod validate;
 
 use std::fs;
 use std::io::IsTerminal;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::apply::lock::NodeLock;
 use crate::compile::{self, Desired, ObjectLoader};
 use crate::kernel::real::RealKernel;
-use crate::spec::{self, LoadedSpec};
+use crate::spec::LoadedSpec;
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/bpfsync";
 
@@ -52,15 +53,8 @@ pub struct InvalidSpec;
 /// Loads, validates and compiles a spec file, printing every diagnostic.
 pub fn load_spec(path: &Path) -> anyhow::Result<(LoadedSpec, Desired)> {
     let source = fs::read_to_string(path).with_context(|| format!("cannot read spec `{}`", path.display()))?;
-    let loaded = match spec::load(path, &source) {
-        Ok(l) => l,
-        Err(d) => {
-            eprintln!("{d}");
-            return Err(InvalidSpec.into());
-        }
-    };
-    match compile::compile(&loaded, &mut ObjectLoader::default()) {
-        Ok(desired) => Ok((loaded, desired)),
+    match compile::load_and_compile(path, &source, &mut ObjectLoader::default()) {
+        Ok(x) => Ok(x),
         Err(d) => {
             eprintln!("{d}");
             Err(InvalidSpec.into())
@@ -83,21 +77,19 @@ pub fn open_kernel(ctx: &Context) -> anyhow::Result<RealKernel> {
     RealKernel::open(&ctx.bpffs_root).map_err(|e| anyhow::anyhow!(crate::apply::error_chain(&e)))
 }
 
-/// An exclusive lock on the state directory: one apply at a time.
-pub struct StateLock {
-    _file: fs::File,
+/// For commands that only read (`plan`, `status`, `stats`): creates and
+/// mounts nothing.
+pub fn open_kernel_read_only(ctx: &Context) -> anyhow::Result<RealKernel> {
+    require_root()?;
+    RealKernel::open_read_only(&ctx.bpffs_root).map_err(|e| anyhow::anyhow!(crate::apply::error_chain(&e)))
 }
 
-pub fn lock_state(ctx: &Context) -> anyhow::Result<StateLock> {
-    fs::create_dir_all(&ctx.state_dir)
-        .with_context(|| format!("cannot create state directory `{}`", ctx.state_dir.display()))?;
-    let path = ctx.state_dir.join("lock");
-    let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        bail!("another bpfsync is applying changes (lock `{}` is held)", path.display());
-    }
-    Ok(StateLock { _file: file })
+/// Opens the kernel for changing it, holding the node lock (see
+/// [`NodeLock`]) for as long as the returned lock lives.
+pub fn open_kernel_locked(ctx: &Context, what: &str) -> anyhow::Result<(RealKernel, NodeLock)> {
+    let kernel = open_kernel(ctx)?;
+    let lock = NodeLock::acquire(kernel.root(), &ctx.state_dir, what)?;
+    Ok((kernel, lock))
 }
 
 /// Asks for confirmation on a terminal; elsewhere requires `--auto-approve`.
@@ -163,8 +155,10 @@ pub fn stage_last_applied(
         serde_yaml::to_string(&spec)?
     );
     fs::write(tmp.join("spec.yaml"), text)?;
+    // Absolute, so `status` finds the file from any directory.
+    let spec_path = fs::canonicalize(&loaded.file).or_else(|_| std::path::absolute(&loaded.file));
     let meta = AppliedMeta {
-        spec_path: loaded.file.display().to_string(),
+        spec_path: spec_path.as_deref().unwrap_or(&loaded.file).display().to_string(),
         spec_sha256: crate::object::digest(loaded.source.as_bytes()),
         applied_at_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

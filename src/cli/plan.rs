@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 
-use super::{Context, Exit, Output, load_spec, open_kernel};
+use super::{Context, Exit, Output, load_spec, open_kernel_read_only};
 use crate::apply::journal::{FileJournal, JournalStore};
 use crate::apply::scope_for;
 use crate::kernel::Kernel;
@@ -17,7 +17,8 @@ pub struct Args {
     pub spec: PathBuf,
     #[arg(short, long, value_enum, default_value = "text")]
     pub output: Output,
-    /// Exit 0 when there are no changes, 2 when there are, 1 on error.
+    /// Exit 0 when the node matches the spec, 2 when there are changes or
+    /// declared objects not in place (pending), 1 on error.
     #[arg(long)]
     pub detailed_exitcode: bool,
     /// Plan against an observed-state snapshot (`bpfsync status --snapshot`)
@@ -36,7 +37,7 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
                 .with_context(|| format!("invalid snapshot `{}`", path.display()))?
         }
         None => {
-            let mut kernel = open_kernel(ctx)?;
+            let mut kernel = open_kernel_read_only(ctx)?;
             if FileJournal::new(&ctx.state_dir).pending().ok().flatten().is_some() {
                 eprintln!("warning: an interrupted apply is pending; `bpfsync apply` rolls it back before planning");
             }
@@ -51,5 +52,7 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     if !plan.errors.is_empty() {
         return Ok(1);
     }
-    Ok(if args.detailed_exitcode && !plan.is_empty() { 2 } else { 0 })
+    // A declared object that is not in place (pending) is a difference too:
+    // a CI gate must not pass over a program attached nowhere.
+    Ok(if args.detailed_exitcode && !plan.is_converged() { 2 } else { 0 })
 }

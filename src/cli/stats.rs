@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::{Context, Exit, Output, open_kernel};
+use super::{Context, Exit, Output, open_kernel_read_only};
 use crate::apply::error_chain;
 use crate::datapath::ProtoStats;
 use crate::kernel::{Kernel, Scope};
@@ -68,7 +68,7 @@ pub fn drop_rate(before: &MeshCounters, after: &MeshCounters, secs: f64) -> (f64
 }
 
 fn read(ctx: &Context) -> anyhow::Result<MeshCounters> {
-    let mut kernel = open_kernel(ctx)?;
+    let mut kernel = open_kernel_read_only(ctx)?;
     let scope = Scope { map_names: COUNTER_MAPS.iter().map(|m| m.to_string()).collect(), ..Default::default() };
     let state = kernel.observe(&scope).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     MeshCounters::from_state(&state).ok_or_else(|| {

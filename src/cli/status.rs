@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
-use super::{Context, Exit, Output, load_last_applied, open_kernel};
+use super::{Context, Exit, Output, load_last_applied, open_kernel_read_only};
 use crate::apply::{error_chain, scope_for};
 use crate::datapath;
 use crate::kernel::real::probe_features;
@@ -27,7 +27,7 @@ pub struct Args {
 
 /// The status report, as `-o json` prints it (and the agent serves).
 pub fn report(ctx: &Context) -> anyhow::Result<(Value, State, Option<Plan>)> {
-    let mut kernel = open_kernel(ctx)?;
+    let mut kernel = open_kernel_read_only(ctx)?;
     let applied = load_last_applied(ctx)?;
     let mut scope = applied.as_ref().map(|(_, d)| scope_for(&d.state)).unwrap_or_else(Scope::default);
     scope.all_maps = true;
@@ -78,7 +78,8 @@ pub fn report(ctx: &Context) -> anyhow::Result<(Value, State, Option<Plan>)> {
     let mesh = mesh_counters(&observed);
     let drift_json = drift.as_ref().map(|p| {
         json!({
-            "in_sync": p.is_empty(),
+            "in_sync": p.is_converged(),
+            "pending": p.pending().collect::<Vec<_>>(),
             "summary": p.summary(),
             "changes": p.changes.iter().filter(|c| c.part_of.is_none()).map(|c| json!({"address": c.address, "action": c.action, "reason": c.reason})).collect::<Vec<_>>(),
             "conflicts": p.conflicts,
@@ -98,10 +99,21 @@ pub fn report(ctx: &Context) -> anyhow::Result<(Value, State, Option<Plan>)> {
             "detail": f.detail, "link_id": f.link_id,
         })).collect::<Vec<_>>(),
         "stray_programs": observed.stray_programs,
-        "last_applied": applied.as_ref().map(|(m, _)| json!({"spec": m.spec_path, "sha256": m.spec_sha256, "at_unix": m.applied_at_unix})),
+        "last_applied": applied.as_ref().map(|(m, _)| json!({"spec": m.spec_path, "sha256": m.spec_sha256,
+            "at_unix": m.applied_at_unix, "spec_now": spec_now(&m.spec_path, &m.spec_sha256)})),
         "drift": drift_json,
     });
     Ok((v, observed, drift))
+}
+
+/// Whether the spec file still holds what was applied: `unchanged`,
+/// `changed` or `unreadable` (moved, deleted, no permission).
+fn spec_now(path: &str, applied_sha256: &str) -> &'static str {
+    match std::fs::read(path) {
+        Ok(bytes) if crate::object::digest(&bytes) == applied_sha256 => "unchanged",
+        Ok(_) => "changed",
+        Err(_) => "unreadable",
+    }
 }
 
 /// The mesh datapath's counters by name (null when it is not loaded).
@@ -224,9 +236,32 @@ pub fn render_text(v: &Value, drift: Option<&Plan>) -> String {
         }
     }
     let _ = writeln!(o);
+    if let Some(meta) = v["last_applied"].as_object() {
+        match meta["spec_now"].as_str() {
+            Some("changed") => {
+                let _ = writeln!(
+                    o,
+                    "SPEC: {} changed since it was applied; `bpfsync plan {0}` shows what applying it would do",
+                    s(&meta["spec"])
+                );
+            }
+            Some("unreadable") => {
+                let _ = writeln!(o, "SPEC: {} cannot be read any more (moved or deleted?)", s(&meta["spec"]));
+            }
+            _ => {}
+        }
+    }
     match (drift, v["last_applied"].as_object()) {
-        (Some(p), Some(meta)) if p.is_empty() => {
+        (Some(p), Some(meta)) if p.is_converged() => {
             let _ = writeln!(o, "DRIFT: none — the kernel matches the spec applied from {}", s(&meta["spec"]));
+        }
+        (Some(p), Some(meta)) if p.is_empty() => {
+            let _ = writeln!(
+                o,
+                "DRIFT: {} declared object(s) of the spec applied from {} are not in place:",
+                p.pending().count(),
+                s(&meta["spec"])
+            );
         }
         (Some(p), Some(meta)) => {
             let _ = writeln!(o, "DRIFT against the spec applied from {}:", s(&meta["spec"]));
@@ -246,7 +281,8 @@ pub fn render_text(v: &Value, drift: Option<&Plan>) -> String {
     }
     if let Some(p) = drift {
         for c in &p.conflicts {
-            let _ = writeln!(o, "  ! {}: {}", c.hook, c.message);
+            let mark = if c.pending { "…" } else { "!" };
+            let _ = writeln!(o, "  {mark} {}: {}", c.hook, c.message);
         }
     }
     o

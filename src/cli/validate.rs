@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 
 use super::{Exit, InvalidSpec, Output};
-use crate::compile::{ObjectLoader, compile};
-use crate::spec;
+use crate::compile::{ObjectLoader, load_and_compile};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -21,8 +20,7 @@ pub struct Args {
 pub fn run(args: &Args) -> anyhow::Result<Exit> {
     let source =
         std::fs::read_to_string(&args.spec).with_context(|| format!("cannot read spec `{}`", args.spec.display()))?;
-    let result =
-        spec::load(&args.spec, &source).and_then(|l| compile(&l, &mut ObjectLoader::default()).map(|d| (l, d)));
+    let result = load_and_compile(&args.spec, &source, &mut ObjectLoader::default());
     let (loaded, desired) = match result {
         Ok(x) => x,
         Err(diags) => {

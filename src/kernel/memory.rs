@@ -269,6 +269,10 @@ impl Kernel for MemoryKernel {
         }
         self.gate("delete_entries")?;
         let m = self.maps.get_mut(map).ok_or_else(|| KernelError::NotFound { what: format!("no map `{map}`") })?;
+        // Arrays hold every index; the kernel refuses deletes with EINVAL.
+        if m.shape.is_some_and(|s| s.map_type == object::BPF_MAP_TYPE_ARRAY) {
+            return Err(KernelError::Unsupported { what: format!("delete entries of array map `{map}`: EINVAL") });
+        }
         for k in keys {
             m.entries.remove(k);
         }

@@ -103,13 +103,28 @@ impl KernelError {
     /// Whether trying again later may succeed (busy, out of memory,
     /// interrupted), as opposed to a request the kernel will always refuse.
     pub fn is_retryable(&self) -> bool {
-        let errno = match self {
+        matches!(self.errno(), Some(libc::EAGAIN) | Some(libc::EBUSY) | Some(libc::EINTR) | Some(libc::ENOMEM))
+            || matches!(self, KernelError::Injected { .. })
+    }
+
+    /// The kernel's errno behind this error, wherever it sits in the chain
+    /// (aya wraps the syscall's `io::Error` one or two levels down).
+    pub fn errno(&self) -> Option<i32> {
+        match self {
             KernelError::Sys { source, .. } => source.errno(),
             KernelError::Io { source, .. } => source.raw_os_error(),
-            KernelError::Injected { .. } => return true,
+            KernelError::Aya { source, .. } => {
+                let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
+                while let Some(e) = cur {
+                    if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                        return io.raw_os_error();
+                    }
+                    cur = e.source();
+                }
+                None
+            }
             _ => None,
-        };
-        matches!(errno, Some(libc::EAGAIN) | Some(libc::EBUSY) | Some(libc::EINTR) | Some(libc::ENOMEM))
+        }
     }
 
     pub fn sys(what: impl Into<String>, source: sys::SysError) -> Self {

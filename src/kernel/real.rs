@@ -237,8 +237,25 @@ impl RealKernel {
         Ok(RealKernel { root, writes: 0, map_fds: HashMap::new() })
     }
 
+    /// Opens bpfsync's root for reading only: nothing is created or
+    /// mounted (a root that does not exist holds nothing).
+    pub fn open_read_only(root: impl Into<PathBuf>) -> Result<Self, KernelError> {
+        let root = root.into();
+        if root.exists() && fs_magic(&root) != Some(BPF_FS_MAGIC) {
+            return Err(KernelError::Unsupported { what: format!("`{}` is not on a bpf filesystem", root.display()) });
+        }
+        Ok(RealKernel { root, writes: 0, map_fds: HashMap::new() })
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Counts a mutating kernel call that was just made (and is a kill
+    /// point for crash tests).
+    fn wrote(&mut self) {
+        self.writes += 1;
+        crate::fault::point("kernel-write");
     }
 
     fn prog_pin(&self, name: &str, digest: &str) -> PathBuf {
@@ -365,9 +382,9 @@ impl RealKernel {
                 })?
             }
         };
-        self.writes += 1;
+        self.wrote();
         fd_link.pin(pin).map_err(|e| KernelError::aya(format!("pin link at `{}`", pin.display()), e))?;
-        self.writes += 1;
+        self.wrote();
         Ok(())
     }
 
@@ -381,7 +398,7 @@ impl RealKernel {
             }
         }
         fs::remove_file(pin).map_err(|e| KernelError::io(format!("unpin `{}`", pin.display()), e))?;
-        self.writes += 1;
+        self.wrote();
         Ok(())
     }
 
@@ -457,6 +474,19 @@ impl RealKernel {
             .map(|(i, _)| sys::c_name(&i.name))
             .unwrap_or_else(|| format!("prog{id}"))
     }
+}
+
+/// The key after `key` in an LPM trie (None: there is none).
+///
+/// The kernel's `trie_get_next_key` walks the trie in postorder and, for a
+/// key that is not in the trie *exactly* (same prefix length and bits),
+/// returns the first key of that order
+/// (<https://github.com/torvalds/linux/blob/master/kernel/bpf/lpm_trie.c>).
+/// The key after a present key is never the first one, so
+/// `next(key) != next(None)` holds exactly when `key` is present.
+fn lpm_next(fd: &OwnedFd, key_size: usize, key: Option<&[u8]>) -> Result<Option<Vec<u8>>, sys::SysError> {
+    let mut next = vec![0u8; key_size];
+    Ok(sys::map_next_key(fd.as_fd(), key, &mut next)?.then_some(next))
 }
 
 fn remove_any(p: &Path) -> std::io::Result<()> {
@@ -720,7 +750,7 @@ impl Kernel for RealKernel {
             Ok(Err(e)) => Err(KernelError::aya(format!("pin `{}`", pin.display()), e)),
             Ok(Ok(())) => Ok(()),
         };
-        self.writes += 1;
+        self.wrote();
         res
     }
 
@@ -729,7 +759,7 @@ impl Kernel for RealKernel {
         let pin = self.prog_pin(name, digest);
         if pin.exists() {
             self.set_aside(&pin)?;
-            self.writes += 1;
+            self.wrote();
         }
         // The last version takes its maps along.
         let dir = self.root.join("programs").join(name);
@@ -756,7 +786,7 @@ impl Kernel for RealKernel {
         let pin = self.prog_pin(name, digest);
         if pin.exists() {
             fs::remove_file(&pin).map_err(|e| KernelError::io(format!("unpin `{}`", pin.display()), e))?;
-            self.writes += 1;
+            self.wrote();
         }
         // Maps set aside for this load come back.
         let trash = self.root.join("trash");
@@ -786,8 +816,9 @@ impl Kernel for RealKernel {
         if entries.len() > 1 && batchable {
             let keys: Vec<u8> = entries.iter().flat_map(|(k, _)| k.iter().copied()).collect();
             let values: Vec<u8> = entries.iter().flat_map(|(_, v)| v.iter().copied()).collect();
-            self.writes += 1;
-            match sys::map_update_batch(fd.as_fd(), &keys, &values, entries.len()) {
+            let res = sys::map_update_batch(fd.as_fd(), &keys, &values, entries.len());
+            self.wrote();
+            match res {
                 Ok(()) => return Ok(()),
                 Err((_, e)) if sys::batch_unsupported(&e) => {}
                 Err((done, e)) => {
@@ -799,9 +830,9 @@ impl Kernel for RealKernel {
             }
         }
         for (k, v) in entries {
-            self.writes += 1;
-            sys::map_update(fd.as_fd(), k, v)
-                .map_err(|e| KernelError::sys(format!("write an entry of map `{map}`"), e))?;
+            let res = sys::map_update(fd.as_fd(), k, v);
+            self.wrote();
+            res.map_err(|e| KernelError::sys(format!("write an entry of map `{map}`"), e))?;
         }
         Ok(())
     }
@@ -814,8 +845,9 @@ impl Kernel for RealKernel {
         let fd = fd.try_clone().map_err(|e| KernelError::io("duplicate map fd", e))?;
         if keys.len() > 1 && matches!(map_type, BPF_MAP_TYPE_HASH | BPF_MAP_TYPE_LRU_HASH) {
             let flat: Vec<u8> = keys.iter().flat_map(|k| k.iter().copied()).collect();
-            self.writes += 1;
-            match sys::map_delete_batch(fd.as_fd(), &flat, keys.len()) {
+            let res = sys::map_delete_batch(fd.as_fd(), &flat, keys.len());
+            self.wrote();
+            match res {
                 Ok(()) => return Ok(()),
                 // A missing key stops the batch: finish one by one (idempotent).
                 Err((_, e)) if sys::batch_unsupported(&e) || e.errno() == Some(libc::ENOENT) => {}
@@ -825,9 +857,9 @@ impl Kernel for RealKernel {
             }
         }
         for k in keys {
-            self.writes += 1;
-            sys::map_delete(fd.as_fd(), k)
-                .map_err(|e| KernelError::sys(format!("delete an entry of map `{map}`"), e))?;
+            let res = sys::map_delete(fd.as_fd(), k);
+            self.wrote();
+            res.map_err(|e| KernelError::sys(format!("delete an entry of map `{map}`"), e))?;
         }
         Ok(())
     }
@@ -866,7 +898,7 @@ impl Kernel for RealKernel {
         let prog = self.open_pin(&prog_pin, "program")?;
         sys::link_update(link.as_fd(), prog.as_fd(), None)
             .map_err(|e| KernelError::sys(format!("update the link on `{hook}` to `{program}`"), e))?;
-        self.writes += 1;
+        self.wrote();
         Ok(())
     }
 
@@ -899,7 +931,7 @@ impl Kernel for RealKernel {
                 Hook::Tracepoint { .. } => {}
             }
         }
-        self.writes += 1;
+        self.wrote();
         Ok(())
     }
 
@@ -912,7 +944,7 @@ impl Kernel for RealKernel {
                 let flags = if f.mode == Some(XdpMode::Driver) { XDP_FLAGS_DRV_MODE } else { XDP_FLAGS_SKB_MODE };
                 use std::os::fd::AsRawFd;
                 netlink::xdp_set(idx, prog.as_raw_fd(), flags).map_err(|e| KernelError::io(what, e))?;
-                self.writes += 1;
+                self.wrote();
                 Ok(())
             }
             _ => Err(KernelError::Unsupported { what: format!("cannot {what}: its owner's link was detached") }),
@@ -924,6 +956,7 @@ impl Kernel for RealKernel {
         for t in list_dir(&trash) {
             let p = trash.join(&t);
             remove_any(&p).map_err(|e| KernelError::io(format!("remove `{}`", p.display()), e))?;
+            crate::fault::point("trash-removed");
         }
         Ok(())
     }
@@ -931,11 +964,20 @@ impl Kernel for RealKernel {
     fn lookup_entries(&mut self, map: &MapRef, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, KernelError> {
         let (fd, map_type, value_size) = self.map_fd(map)?;
         let is_array = map_type == BPF_MAP_TYPE_ARRAY;
+        let lpm = map_type == BPF_MAP_TYPE_LPM_TRIE;
+        let failed = |e| KernelError::sys(format!("look up an entry of map `{map}`"), e);
+        // An LPM lookup answers with the longest match, not the key itself:
+        // a deleted /24 "reads back" as the /0 that still covers it. Whether
+        // the exact key is there is asked through get_next_key (below).
+        let key_size = keys.first().map_or(0, Vec::len);
+        let first = if lpm && key_size > 0 { Some(lpm_next(fd, key_size, None).map_err(failed)?) } else { None };
         let mut value = vec![0u8; value_size as usize];
         keys.iter()
             .map(|k| {
-                let found = sys::map_lookup(fd.as_fd(), k, &mut value)
-                    .map_err(|e| KernelError::sys(format!("look up an entry of map `{map}`"), e))?;
+                let mut found = sys::map_lookup(fd.as_fd(), k, &mut value).map_err(failed)?;
+                if found && let Some(first) = &first {
+                    found = lpm_next(fd, key_size, Some(k)).map_err(failed)? != *first;
+                }
                 Ok((found && !(is_array && value.iter().all(|b| *b == 0))).then(|| value.clone()))
             })
             .collect()

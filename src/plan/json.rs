@@ -3,25 +3,27 @@
 //! Format (versioned by `format_version`; additions bump the minor, any
 //! change to existing fields the major):
 //! ```json
-//! { "format_version": "1.1",
+//! { "format_version": "1.2",
 //!   "changes": [ { "address": "…", "kind": "program|attachment|map-entry",
 //!                  "action": "create|update|replace|delete", "reason": "…",
 //!                  "before": {…}|null, "after": {…}|null,
 //!                  "part_of": "…" (only on the old half of a replace),
 //!                  "operation": { "op": "…", … raw keys and values in hex } } ],
 //!   "summary": { "add": 0, "change": 0, "destroy": 0 },
-//!   "conflicts": [ { "hook": "…", "kind": "…", "message": "…", "program_id": 1 } ],
+//!   "conflicts": [ { "hook": "…", "kind": "…", "message": "…", "program_id": 1,
+//!                    "pending": true } ],
 //!   "policy_changes": [ { "rule": "api ingress[0]", "added": ["from 10.0.2.0/24 tcp/8080 on veth0"],
 //!                         "removed": [] } ],
 //!   "errors": [ "…" ] }
 //! ```
-//! 1.1 added `policy_changes` and `errors`.
+//! 1.1 added `policy_changes` and `errors`; 1.2 `pending` on conflicts (the
+//! declared object is not in place).
 
 use serde_json::{Value, json};
 
 use super::Plan;
 
-pub const FORMAT_VERSION: &str = "1.1";
+pub const FORMAT_VERSION: &str = "1.2";
 
 pub fn to_value(plan: &Plan) -> Value {
     let changes: Vec<Value> = plan

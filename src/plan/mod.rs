@@ -152,6 +152,10 @@ pub struct Conflict {
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub program_id: Option<u32>,
+    /// The declared object is not in place (attached nowhere, entries not
+    /// installed) until the condition clears: the node does not match the
+    /// spec even when there is nothing to do now.
+    pub pending: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -175,8 +179,20 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Nothing to do now (declared objects may still be pending).
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty()
+    }
+
+    /// Declared objects that are not in place and wait on something
+    /// outside bpfsync (an interface, a neighbour, a foreign program).
+    pub fn pending(&self) -> impl Iterator<Item = &Conflict> {
+        self.conflicts.iter().filter(|c| c.pending)
+    }
+
+    /// Everything declared is in place: no changes and nothing pending.
+    pub fn is_converged(&self) -> bool {
+        self.changes.is_empty() && self.pending().next().is_none()
     }
 
     /// Terraform's counting: a replace is one add and one destroy.
@@ -249,7 +265,13 @@ pub fn plan_skipping_entries(desired: &State, observed: &State, skip: &BTreeSet<
     let (desired, unresolved) = resolve_desired(desired, observed);
     let desired = desired.as_ref();
     for u in unresolved {
-        conflicts.push(Conflict { hook: u.what, kind: ConflictKind::Unresolved, message: u.message, program_id: None });
+        conflicts.push(Conflict {
+            hook: u.what,
+            kind: ConflictKind::Unresolved,
+            message: u.message,
+            program_id: None,
+            pending: true,
+        });
     }
     let names = desired.mesh.as_ref().map(|_| {
         fn rules(s: &State) -> Option<&crate::entries::Entries> {
@@ -418,8 +440,9 @@ pub fn plan_skipping_entries(desired: &State, observed: &State, skip: &BTreeSet<
             conflicts.push(Conflict {
                 hook: hook.to_string(),
                 kind: ConflictKind::MissingInterface,
-                message: format!("interface `{iface}` does not exist; `{}` is attached when it appears", d.program),
+                message: format!("waiting for interface `{iface}`: `{}` is attached when it appears", d.program),
                 program_id: None,
+                pending: true,
             });
             if let Some(o) = observed_att {
                 ph.detaches.push(detach_change(hook, o, "its interface is gone and the link is defunct"));
@@ -434,11 +457,15 @@ pub fn plan_skipping_entries(desired: &State, observed: &State, skip: &BTreeSet<
                 kind: ConflictKind::MissingTracepoint,
                 message: format!("tracepoint `{event}` does not exist on this kernel"),
                 program_id: None,
+                pending: true,
             });
             continue;
         }
         let foreign: Vec<ForeignProgram> =
             observed.foreign.iter().filter(|f| same_hook(&f.hook, hook)).cloned().collect();
+        // XDP has one slot per mode: a foreign program there blocks ours.
+        let blocked = matches!(hook, Hook::Xdp { .. }) && !foreign.is_empty() && !d.takeover;
+        let ours_in_place = observed_att.is_some_and(|o| !o.defunct);
         let mut evict = Vec::new();
         for f in &foreign {
             if d.takeover {
@@ -452,11 +479,10 @@ pub fn plan_skipping_entries(desired: &State, observed: &State, skip: &BTreeSet<
                         f.program_name, f.program_id, f.detail
                     ),
                     program_id: Some(f.program_id),
+                    pending: blocked && !ours_in_place,
                 });
             }
         }
-        // XDP has one slot per mode: a foreign program there blocks ours.
-        let blocked = matches!(hook, Hook::Xdp { .. }) && !foreign.is_empty() && !d.takeover;
         // Ours is already there: a takeover only removes the foreign ones.
         if observed_att.is_some() {
             for f in &evict {
@@ -477,6 +503,11 @@ pub fn plan_skipping_entries(desired: &State, observed: &State, skip: &BTreeSet<
         }
         match observed_att {
             None if blocked => {}
+            // Our link was detached and a foreign program took the slot:
+            // drop the dead link, leave the hook to its owner.
+            Some(o) if o.defunct && blocked => {
+                ph.detaches.push(detach_change(hook, o, "its link is defunct and a foreign program holds the hook"));
+            }
             None => {
                 let (action, reason) = if evict.is_empty() {
                     (Action::Create, "it is not attached".to_string())

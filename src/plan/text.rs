@@ -45,7 +45,11 @@ pub fn render(plan: &Plan, opts: TextOptions) -> String {
     let mut out = String::new();
     let shown: Vec<&Change> = plan.changes.iter().filter(|c| c.part_of.is_none()).collect();
 
-    if shown.is_empty() {
+    let pending = plan.pending().count();
+    if shown.is_empty() && pending > 0 {
+        out.push_str(&p.bold("No changes to make now,"));
+        let _ = writeln!(out, " but {pending} declared object(s) are not in place (see Pending below).");
+    } else if shown.is_empty() {
         out.push_str(&p.bold("No changes."));
         out.push_str(" The node matches the spec.\n");
     } else {
@@ -98,9 +102,15 @@ pub fn render(plan: &Plan, opts: TextOptions) -> String {
         }
     }
 
-    if !plan.conflicts.is_empty() {
+    if pending > 0 {
+        let _ = writeln!(out, "\n{}", p.bold("Pending (declared, not in place until the condition clears):"));
+        for c in plan.pending() {
+            let _ = writeln!(out, "  {} {}: {}", p.wrap("33", "…"), c.hook, c.message);
+        }
+    }
+    if plan.conflicts.iter().any(|c| !c.pending) {
         let _ = writeln!(out, "\n{}", p.bold("Conflicts (these hooks are left as they are):"));
-        for c in &plan.conflicts {
+        for c in plan.conflicts.iter().filter(|c| !c.pending) {
             let _ = writeln!(out, "  {} {}: {}", p.wrap("31", "!"), c.hook, c.message);
         }
     }

@@ -59,11 +59,34 @@ pub fn schema_validator() -> jsonschema::Validator {
 
 /// Parses and validates `source` (the contents of `file`).
 pub fn load(file: &Path, source: &str) -> Result<LoadedSpec, Diagnostics> {
+    match load_partial(file, source) {
+        (Some(loaded), diags) if diags.is_empty() => Ok(loaded),
+        (_, diags) => Err(sorted(diags)),
+    }
+}
+
+/// [`load`], also returning the spec when it deserialises despite its
+/// diagnostics, so that later stages (objects, maps) can report their own
+/// problems in the same run.
+pub fn load_partial(file: &Path, source: &str) -> (Option<LoadedSpec>, Vec<Diagnostic>) {
+    match load_inner(file, source) {
+        Ok(loaded) => (Some(loaded), Vec::new()),
+        Err((loaded, diags)) => (loaded, diags),
+    }
+}
+
+/// Sorts and de-duplicates diagnostics gathered from several stages.
+pub fn diagnostics(diags: Vec<Diagnostic>) -> Diagnostics {
+    sorted(diags)
+}
+
+#[allow(clippy::result_large_err, reason = "the error carries the partially valid spec on purpose")]
+fn load_inner(file: &Path, source: &str) -> Result<LoadedSpec, (Option<LoadedSpec>, Vec<Diagnostic>)> {
     let mut doc = match yaml::parse(source) {
         Ok(doc) => doc,
         Err(e) => {
             let d = Diagnostic::new(file, source, e.position, "", format!("invalid YAML: {}", e.message));
-            return Err(Diagnostics(vec![d]));
+            return Err((None, vec![d]));
         }
     };
     let mut diags: Vec<Diagnostic> =
@@ -72,18 +95,18 @@ pub fn load(file: &Path, source: &str) -> Result<LoadedSpec, Diagnostics> {
     // Positions live in `doc`'s indexes; the value itself is not needed again.
     let spec: NodeSpec = match serde_json::from_value(std::mem::take(&mut doc.value)) {
         Ok(spec) => spec,
-        Err(_) if !diags.is_empty() => return Err(sorted(diags)),
+        Err(_) if !diags.is_empty() => return Err((None, diags)),
         Err(e) => {
             // The schema should have caught this; report it rather than panic.
             let d = Diagnostic::new(file, source, Position { line: 1, col: 1 }, "", format!("invalid spec: {e}"));
-            return Err(Diagnostics(vec![d]));
+            return Err((None, vec![d]));
         }
     };
     // The shapes deserialise: check meaning too, so every problem is
     // reported in one go, not only the schema's.
     let loaded = LoadedSpec { spec, file: file.to_path_buf(), source: source.to_string(), doc };
     diags.extend(semantic_checks(&loaded));
-    if diags.is_empty() { Ok(loaded) } else { Err(sorted(diags)) }
+    if diags.is_empty() { Ok(loaded) } else { Err((Some(loaded), diags)) }
 }
 
 fn sorted(mut diags: Vec<Diagnostic>) -> Diagnostics {
