@@ -174,7 +174,14 @@ pub struct MapState {
     pub codec: MapCodec,
     /// Kernel map id (observed only).
     pub id: Option<u32>,
+    /// Observed only: the program still holds this map but its pin is gone
+    /// (removed by hand); it is keyed by the kernel's name for it, which is
+    /// cut to [`KERNEL_NAME_MAX`] bytes.
+    pub pin_missing: bool,
 }
+
+/// Longest object name the kernel keeps (`BPF_OBJ_NAME_LEN` minus the NUL).
+pub const KERNEL_NAME_MAX: usize = 15;
 
 /// A program on a declared hook that bpfsync does not own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

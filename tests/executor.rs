@@ -233,6 +233,12 @@ impl Kernel for FailDiscard<'_> {
     fn unevict(&mut self, f: &ForeignProgram) -> Result<(), KernelError> {
         self.0.unevict(f)
     }
+    fn pin_map(&mut self, m: &MapRef, id: u32) -> Result<(), KernelError> {
+        self.0.pin_map(m, id)
+    }
+    fn unpin_map(&mut self, m: &MapRef) -> Result<(), KernelError> {
+        self.0.unpin_map(m)
+    }
     fn commit(&mut self) -> Result<(), KernelError> {
         self.0.commit()
     }
@@ -307,6 +313,13 @@ impl Kernel for Crashing {
     }
     fn unevict(&mut self, f: &ForeignProgram) -> Result<(), KernelError> {
         self.inner.unevict(f)
+    }
+    fn pin_map(&mut self, m: &MapRef, id: u32) -> Result<(), KernelError> {
+        self.tick();
+        self.inner.pin_map(m, id)
+    }
+    fn unpin_map(&mut self, m: &MapRef) -> Result<(), KernelError> {
+        self.inner.unpin_map(m)
     }
     fn commit(&mut self) -> Result<(), KernelError> {
         self.tick();

@@ -150,6 +150,19 @@ fn every_kind_of_drift_is_repaired_within_one_resync() {
     wait("the XDP program re-attached", Duration::from_secs(5), || xdp_state(ifindex).unwrap().skb_prog.is_some());
     assert!(repairs("attachment-replace") >= 1.0);
 
+    // A map unpinned while its program still holds it: pinned again with
+    // its contents, and the agent goes on repairing afterwards.
+    std::fs::remove_file(ports).unwrap();
+    wait("the map pinned again", Duration::from_secs(5), || {
+        std::path::Path::new(ports).exists() && repairs("map-create") >= 1.0
+    });
+    assert_eq!(mark80(&env), Some(1), "the map kept its contents");
+    bt(&[
+        "map", "update", "pinned", ports, "key", "6", "0", "80", "0", "value", "7", "0", "0", "0", "0", "0", "0", "0",
+    ]);
+    wait("a later drift repaired too", Duration::from_secs(5), || mark80(&env) == Some(1));
+    assert!(!env.state.path().join("journal.json").exists(), "no journal left behind");
+
     // A link unpinned (and so released).
     let tc_pin = root.join(format!("links/tcx:{}:ingress:0", sb.host_if));
     std::fs::remove_file(&tc_pin).unwrap();
@@ -258,7 +271,7 @@ fn endpoints_serve_openmetrics_health_readiness_and_status() {
 }
 
 #[test]
-fn a_failure_that_cannot_pass_is_not_retried_until_the_spec_changes() {
+fn a_failure_the_kernel_repeats_is_retried_with_backoff_not_at_every_resync() {
     let env = Env::new();
     let dir = TempDir::create("bpfsync-agent-spec").unwrap();
     let path = dir.path().join("spec.yaml");
@@ -291,8 +304,12 @@ fn a_failure_that_cannot_pass_is_not_retried_until_the_spec_changes() {
         agent.metric("bpfsync_reconciles_total{result=\"error\"}") == Some(1.0)
     });
     std::thread::sleep(Duration::from_millis(1500)); // several resyncs
-    assert_eq!(agent.metric("bpfsync_reconciles_total{result=\"error\"}"), Some(1.0), "not retried");
+    assert_eq!(agent.metric("bpfsync_reconciles_total{result=\"error\"}"), Some(1.0), "not retried at every resync");
     assert_eq!(agent.get("/readyz").0, 503);
+    // …but retried after the backoff (5 s first): never deaf for good.
+    wait("the retry after the backoff", Duration::from_secs(10), || {
+        agent.metric("bpfsync_reconciles_total{result=\"error\"}").is_some_and(|n| n >= 2.0)
+    });
     let err = agent.status()["agent"]["last_error"].as_str().unwrap_or_default().to_string();
     assert!(err.contains("attach") && err.contains(&ifname), "{err}");
     assert!(xdp_state(sys::ifindex(&ifname).unwrap()).unwrap().drv_prog.is_none());
@@ -333,4 +350,120 @@ fn an_agent_started_on_an_invalid_spec_prunes_nothing() {
     assert_eq!(mark80(&env), Some(4), "what was running is still running");
     assert!(xdp_state(sys::ifindex(&sb.host_if).unwrap()).unwrap().skb_prog.is_some());
     agent.stop();
+}
+
+/// Attaches the built-in counter to `iface`'s generic XDP slot the way
+/// `ip link set … xdpgeneric` does (netlink, no bpf link): someone else's
+/// program.
+fn attach_foreign_xdp(iface: &str) {
+    use std::os::fd::{AsFd, AsRawFd};
+    let mut ebpf = aya::Ebpf::load(&std::fs::read(common::repo().join("bpf/counter.bpf.o")).unwrap()).unwrap();
+    let prog: &mut aya::programs::Xdp = ebpf.program_mut("xdp_counter").unwrap().try_into().unwrap();
+    prog.load().unwrap();
+    let fd = prog.fd().unwrap().as_fd().as_raw_fd();
+    let idx = sys::ifindex(iface).unwrap();
+    bpfsync::kernel::netlink::xdp_set(idx, fd, bpfsync::kernel::netlink::XDP_FLAGS_SKB_MODE).unwrap();
+}
+
+#[test]
+fn a_foreign_program_on_a_detached_hook_is_left_alone_and_ours_returns_once_it_goes() {
+    let env = Env::new();
+    let sb = Sandbox::create().unwrap();
+    let (_dir, path) = spec_file(&sb.host_if, 1);
+    env.run_ok(&["apply", path.to_str().unwrap(), "--auto-approve"]);
+    let ifindex = sys::ifindex(&sb.host_if).unwrap();
+    let ours = xdp_state(ifindex).unwrap().skb_prog.unwrap();
+    // Our link detached by hand, and someone else's program takes the slot.
+    let xdp_pin = env.bpffs.root().join(format!("links/xdp:{}:skb", sb.host_if));
+    let out = Command::new("bpftool").args(["link", "detach", "pinned", xdp_pin.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success());
+    attach_foreign_xdp(&sb.host_if);
+    let foreign = xdp_state(ifindex).unwrap().skb_prog.unwrap();
+    assert_ne!(foreign, ours);
+
+    let plan = env.run(&["plan", path.to_str().unwrap(), "--detailed-exitcode"]);
+    assert_eq!(plan.status.code(), Some(2), "{}", common::stdout(&plan));
+    assert!(common::stdout(&plan).contains("Pending"), "{}", common::stdout(&plan));
+
+    let agent = Agent::start(&env, &path, "1s");
+    wait("the conflict reported", Duration::from_secs(5), || agent.metric("bpfsync_conflicts ") == Some(1.0));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(xdp_state(ifindex).unwrap().skb_prog, Some(foreign), "the foreign program is left alone");
+    let errors = agent.metric("bpfsync_reconciles_total{result=\"error\"}").unwrap_or(0.0);
+    assert_eq!(errors, 0.0, "no attach was tried");
+    let st = agent.status();
+    assert_eq!(st["drift"]["in_sync"], false, "{}", st["drift"]);
+    assert_eq!(st["drift"]["pending"].as_array().map(Vec::len), Some(1), "{}", st["drift"]);
+
+    // The foreign program goes: ours is attached again without a restart.
+    bpfsync::kernel::netlink::xdp_set(ifindex, -1, bpfsync::kernel::netlink::XDP_FLAGS_SKB_MODE).unwrap();
+    wait("ours attached again", Duration::from_secs(5), || {
+        xdp_state(ifindex).unwrap().skb_prog.is_some_and(|id| id != foreign)
+    });
+    wait("in sync", Duration::from_secs(5), || agent.status()["drift"]["in_sync"] == true);
+    agent.stop();
+}
+
+#[test]
+fn a_hook_on_a_missing_interface_is_pending_and_attached_as_soon_as_it_appears() {
+    let env = Env::new();
+    let name = format!("bsp{}", std::process::id() % 100_000);
+    let (_dir, path) = spec_file(&name, 1);
+    let p = path.to_str().unwrap();
+    let out = env.run_ok(&["apply", p, "--auto-approve"]);
+    assert!(out.contains("pending") && !out.contains("Apply complete!"), "{out}");
+    let plan = env.run(&["plan", p, "--detailed-exitcode"]);
+    assert_eq!(plan.status.code(), Some(2), "a CI gate does not pass over it");
+    assert!(common::stdout(&plan).contains(&format!("waiting for interface `{name}`")));
+    let status = env.run_ok(&["status"]);
+    assert!(status.contains("are not in place") && !status.contains("DRIFT: none"), "{status}");
+
+    // A long resync: only the interface event can attach it in time.
+    let agent = Agent::start(&env, &path, "60s");
+    assert_eq!(agent.status()["drift"]["in_sync"], false);
+    struct Veth(String);
+    impl Drop for Veth {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+        }
+    }
+    let veth = Veth(name.clone());
+    let peer = format!("{name}p");
+    let ok = Command::new("ip").args(["link", "add", &veth.0, "type", "veth", "peer", "name", &peer]).status().unwrap();
+    assert!(ok.success());
+    wait("the hook attached on the new interface", Duration::from_secs(5), || {
+        sys::ifindex(&name).and_then(|i| xdp_state(i).ok()).and_then(|x| x.skb_prog).is_some()
+    });
+    wait("in sync", Duration::from_secs(5), || agent.status()["drift"]["in_sync"] == true);
+    let plan = env.run(&["plan", p, "--detailed-exitcode"]);
+    assert_eq!(plan.status.code(), Some(0), "{}", common::stdout(&plan));
+    agent.stop();
+}
+
+#[test]
+fn no_cli_write_runs_beside_the_agent_even_from_another_state_directory() {
+    let env = Env::new();
+    let sb = Sandbox::create().unwrap();
+    let (_dir, path) = spec_file(&sb.host_if, 1);
+    let agent = Agent::start(&env, &path, "30s");
+    let p = path.to_str().unwrap();
+    let out = env.run(&["apply", p, "--auto-approve"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = common::stderr(&out);
+    assert!(err.contains("another bpfsync is changing this node") && err.contains("agent"), "{err}");
+    // Another state directory on the same bpffs root: the root's lock.
+    let other = TempDir::create("bpfsync-other-state").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bpfsync"))
+        .args(["--bpffs-root", env.bpffs.root().to_str().unwrap(), "--state-dir", other.path().to_str().unwrap()])
+        .args(["down", "--auto-approve"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", common::stdout(&out));
+    assert!(common::stderr(&out).contains(env.bpffs.root().to_str().unwrap()), "{}", common::stderr(&out));
+    // Read-only commands still work beside it.
+    env.run_ok(&["plan", p]);
+    env.run_ok(&["status"]);
+    agent.stop();
+    // The agent gone, the lock is free.
+    env.run_ok(&["apply", p, "--auto-approve"]);
 }

@@ -100,6 +100,9 @@ pub struct Shared {
     pub metrics: Metrics,
     pub config: AgentConfig,
     pub flows: Arc<FlowHub>,
+    /// Interfaces the spec names: an event on one of them reconciles at once
+    /// (a declared hook whose interface appears is attached then).
+    pub watched_interfaces: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Shared {
@@ -135,6 +138,8 @@ pub enum Trigger {
     SpecChanged,
     Resync,
     Retry,
+    /// An interface the spec names appeared, went or changed.
+    Interface,
 }
 
 /// What one reconcile did.
@@ -303,7 +308,9 @@ impl Reconciler {
         }
         let good = self.last_good.as_ref().unwrap();
         let kernel = self.kernel.as_mut().unwrap();
-        let observed = kernel.observe(&scope_for(&good.desired.state)).map_err(|e| {
+        let scope = scope_for(&good.desired.state);
+        *self.shared.watched_interfaces.lock().unwrap() = scope.interfaces.clone();
+        let observed = kernel.observe(&scope).map_err(|e| {
             let retry = e.is_retryable();
             (error_chain(&e), retry)
         })?;
@@ -374,6 +381,7 @@ fn kind_name(k: plan::Kind) -> &'static str {
         plan::Kind::Program => "program",
         plan::Kind::Attachment => "attachment",
         plan::Kind::MapEntry => "map-entry",
+        plan::Kind::Map => "map",
     }
 }
 
@@ -409,11 +417,14 @@ pub async fn run(
         metrics: Metrics::new(config.ctx.bpffs_root.clone(), hub.clone()),
         config: config.clone(),
         flows: hub,
+        watched_interfaces: Mutex::default(),
     });
     let http = tokio::spawn(http::serve(listener, shared.clone()));
 
     let (tx, mut rx) = mpsc::channel::<()>(1);
     let _watcher = watch::watch(&config.spec, tx).map_err(|e| anyhow::anyhow!("cannot watch the spec: {e}"))?;
+    let (link_tx, mut link_rx) = mpsc::channel::<()>(1);
+    let link_thread = watch::watch_links(shared.clone(), link_tx, flow_stop.clone());
     let reconciler = Arc::new(Mutex::new(Reconciler {
         shared: shared.clone(),
         kernel: None,
@@ -466,12 +477,24 @@ pub async fn run(
                 retry_at = None;
                 Trigger::SpecChanged
             }
+            Some(()) = link_rx.recv() => {
+                // Interfaces come up in bursts (a veth pair, its settings).
+                tokio::time::sleep(config.debounce).await;
+                while link_rx.try_recv().is_ok() {}
+                Trigger::Interface
+            }
             _ = resync.tick() => Trigger::Resync,
             _ = async { tokio::time::sleep_until(retry_at.unwrap()).await }, if retry_at.is_some() => {
                 retry_at = None;
                 Trigger::Retry
             }
         };
+        // While a failure backs off, resyncs wait for the retry (spec edits
+        // and interface events do not): a failing repair is retried at the
+        // backoff's pace, not at every tick.
+        if trigger == Trigger::Resync && retry_at.is_some() {
+            continue;
+        }
         outcome = run_once(trigger).await;
         if trigger == Trigger::SpecChanged && outcome == Outcome::NotReady {
             retry_at = None;
@@ -481,7 +504,7 @@ pub async fn run(
     http.abort();
     flow_stop.store(true, Ordering::Relaxed);
     tokio::task::spawn_blocking(move || {
-        for t in flow_threads {
+        for t in flow_threads.into_iter().chain(link_thread) {
             let _ = t.join();
         }
     })

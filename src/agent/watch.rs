@@ -1,4 +1,4 @@
-//! Watching the spec file.
+//! Watching the spec file, and the interfaces the spec names.
 //!
 //! The directory holding the spec is watched, not the file: an editor's
 //! atomic save renames a new file over the old one, and a Kubernetes
@@ -9,6 +9,9 @@
 //! compares digests, so a spurious hint costs one read.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
@@ -44,4 +47,42 @@ pub fn watch(spec: &Path, tx: mpsc::Sender<()>) -> notify::Result<RecommendedWat
         let _ = watcher.watch(real_dir, RecursiveMode::NonRecursive);
     }
     Ok(watcher)
+}
+
+/// Follows rtnetlink link events on a thread until `stop`: an event on an
+/// interface the spec names sends a hint on `tx`, so a declared hook is
+/// attached as soon as its interface appears (not at the next resync).
+/// Lost events (socket overflow) send a hint too. Without rtnetlink the
+/// resync alone repairs, and this says so once.
+pub fn watch_links(
+    shared: Arc<super::Shared>,
+    tx: mpsc::Sender<()>,
+    stop: Arc<AtomicBool>,
+) -> Option<std::thread::JoinHandle<()>> {
+    let mut events = match crate::kernel::netlink::LinkEvents::subscribe(Duration::from_millis(200)) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot follow interface events; interfaces that appear are attached at the next resync");
+            return None;
+        }
+    };
+    let thread = std::thread::Builder::new().name("bpfsync-links".into()).spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let relevant = match events.recv() {
+                Ok(names) => {
+                    let watched = shared.watched_interfaces.lock().unwrap_or_else(|p| p.into_inner());
+                    names.iter().any(|n| watched.contains(n))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "interface events were lost; reconciling");
+                    std::thread::sleep(Duration::from_millis(200));
+                    true
+                }
+            };
+            if relevant {
+                let _ = tx.try_send(()); // a hint already queued is enough
+            }
+        }
+    });
+    thread.ok()
 }

@@ -72,6 +72,13 @@ pub enum KernelOp {
     Unevict {
         foreign: ForeignProgram,
     },
+    PinMap {
+        map: MapRef,
+        id: u32,
+    },
+    UnpinMap {
+        map: MapRef,
+    },
 }
 
 mod hex_list {
@@ -331,6 +338,11 @@ pub fn steps(plan: &Plan, desired: &Desired, observed: &State) -> Vec<Step> {
                     undo: vec![KernelOp::Detach { hook: hook.clone() }],
                 });
             }
+            Op::PinMap { map, id } => out.push(Step {
+                what: format!("pin map `{map}` again"),
+                forward: vec![KernelOp::PinMap { map: map.clone(), id: *id }],
+                undo: vec![KernelOp::UnpinMap { map: map.clone() }],
+            }),
             Op::Detach { hook, program, mode, defunct } => out.push(Step {
                 what: format!("detach `{hook}`"),
                 forward: vec![KernelOp::Detach { hook: hook.clone() }],
@@ -393,6 +405,8 @@ fn run_op<K: Kernel + ?Sized>(k: &mut K, op: &KernelOp, desired: Option<&Desired
         KernelOp::Detach { hook } => k.detach(hook),
         KernelOp::Evict { foreign } => k.evict(foreign),
         KernelOp::Unevict { foreign } => k.unevict(foreign),
+        KernelOp::PinMap { map, id } => k.pin_map(map, *id),
+        KernelOp::UnpinMap { map } => k.unpin_map(map),
     }
 }
 
@@ -422,8 +436,16 @@ fn roll_back<K: Kernel + ?Sized>(k: &mut K, undos: &[Vec<KernelOp>], retry: Retr
     let mut errors = Vec::new();
     for ops in undos.iter().rev() {
         for op in ops {
-            if let Err(e) = with_retry(k, op, None, retry) {
-                errors.push(error_chain(&e));
+            match with_retry(k, op, None, retry) {
+                Ok(()) => {}
+                // A map that is gone has no entries to put back (the step
+                // failed to open it, or its pin was removed meanwhile).
+                Err(e @ KernelError::NotFound { .. })
+                    if matches!(op, KernelOp::WriteEntries { .. } | KernelOp::DeleteEntries { .. }) =>
+                {
+                    tracing::warn!(error = %e, "nothing to undo: the map is gone");
+                }
+                Err(e) => errors.push(error_chain(&e)),
             }
         }
     }

@@ -49,8 +49,14 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     if !plan.errors.is_empty() {
         anyhow::bail!("the plan cannot be applied, nothing was changed: {}", plan.errors.join("; "));
     }
+    let pending = plan.pending().count();
     if plan.is_empty() {
         save_last_applied(ctx, &loaded, &desired)?;
+        if text && pending > 0 {
+            println!(
+                "\nNothing to apply now; {pending} declared object(s) are pending (see above). `bpfsync agent` puts them in place as soon as they can be."
+            );
+        }
         if !text {
             println!(
                 "{}",
@@ -69,12 +75,20 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     notes_on_xdp_modes(&mut kernel, &desired);
     let s = plan.summary();
     if text {
-        println!(
-            "\nApply complete! {} added, {} changed, {} destroyed ({} steps, {} kernel writes, verified).",
+        let counts = format!(
+            "{} added, {} changed, {} destroyed ({} steps, {} kernel writes, verified)",
             s.add, s.change, s.destroy, report.steps, report.kernel_writes
         );
-        if !plan.conflicts.is_empty() {
-            println!("{} conflict(s) left unresolved (see above).", plan.conflicts.len());
+        if pending > 0 {
+            println!(
+                "\nApplied what could be applied: {counts}. {pending} declared object(s) are pending (see above); `bpfsync agent` puts them in place as soon as they can be."
+            );
+        } else {
+            println!("\nApply complete! {counts}.");
+        }
+        let others = plan.conflicts.len() - pending;
+        if others > 0 {
+            println!("{others} conflict(s) left unresolved (see above).");
         }
     } else {
         println!("{}", serde_json::json!({ "plan": plan::json::to_value(&plan), "applied": report }));

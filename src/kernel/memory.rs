@@ -328,6 +328,22 @@ impl Kernel for MemoryKernel {
         Ok(())
     }
 
+    fn pin_map(&mut self, map: &MapRef, _id: u32) -> Result<(), KernelError> {
+        self.gate("pin_map")?;
+        if let Some(m) = self.maps.get_mut(map) {
+            m.pin_missing = false;
+        }
+        Ok(())
+    }
+
+    fn unpin_map(&mut self, map: &MapRef) -> Result<(), KernelError> {
+        self.gate("unpin_map")?;
+        if let Some(m) = self.maps.get_mut(map) {
+            m.pin_missing = true;
+        }
+        Ok(())
+    }
+
     fn commit(&mut self) -> Result<(), KernelError> {
         self.aside_programs.clear();
         self.aside_maps.clear();

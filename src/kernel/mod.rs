@@ -188,6 +188,12 @@ pub trait Kernel {
     /// Puts an evicted foreign program back, where the kernel allows.
     fn unevict(&mut self, foreign: &ForeignProgram) -> Result<(), KernelError>;
 
+    /// Pins again a map whose pin was removed while its program still holds
+    /// it (`id`: the kernel's map id), at `map`'s place.
+    fn pin_map(&mut self, map: &MapRef, id: u32) -> Result<(), KernelError>;
+    /// Removes a map's pin (the undo of [`Kernel::pin_map`]).
+    fn unpin_map(&mut self, map: &MapRef) -> Result<(), KernelError>;
+
     /// Makes set-aside objects go away for good.
     fn commit(&mut self) -> Result<(), KernelError>;
 

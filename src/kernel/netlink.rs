@@ -284,3 +284,109 @@ pub fn xdp_set(ifindex: u32, prog_fd: i32, mode_flags: u32) -> io::Result<()> {
     let reply = roundtrip(&request(RTM_SETLINK, NLM_F_REQUEST | NLM_F_ACK, ifindex, &outer))?;
     check_error(&reply)
 }
+
+const RTM_DELLINK: u16 = 17;
+const IFLA_IFNAME: u16 = 3;
+/// `RTMGRP_LINK`: multicast group of link (interface) changes.
+const RTMGRP_LINK: u32 = 1;
+
+/// A subscription to the kernel's interface events (created, deleted,
+/// changed), for reacting at once instead of at the next poll.
+pub struct LinkEvents(Socket);
+
+impl LinkEvents {
+    /// Subscribes to link events of this network namespace. `recv` waits at
+    /// most `timeout` for events.
+    pub fn subscribe(timeout: std::time::Duration) -> io::Result<LinkEvents> {
+        let s = socket()?;
+        // SAFETY: zeroed sockaddr_nl is valid; we fill family and groups.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        addr.nl_groups = RTMGRP_LINK;
+        // SAFETY: `addr` is a valid sockaddr_nl of the given size.
+        let rc = unsafe {
+            libc::bind(s.0, &addr as *const _ as *const libc::sockaddr, size_of::<libc::sockaddr_nl>() as u32)
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let tv = libc::timeval { tv_sec: timeout.as_secs() as _, tv_usec: timeout.subsec_micros() as _ };
+        // SAFETY: `tv` is a valid timeval of the given size.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.0,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const _ as *const libc::c_void,
+                size_of::<libc::timeval>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(LinkEvents(s))
+    }
+
+    /// Names of the interfaces that changed since the last call (empty after
+    /// the timeout). ENOBUFS (events were lost: the socket overflowed) is
+    /// reported as an error so the caller can resynchronise.
+    pub fn recv(&mut self) -> io::Result<Vec<String>> {
+        let mut buf = vec![0u8; 1 << 16];
+        // SAFETY: `buf` is writable for its whole length.
+        let n = unsafe { libc::recv(self.0.0, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(Vec::new()),
+                _ => Err(e),
+            };
+        }
+        Ok(link_names(&buf[..n as usize]))
+    }
+}
+
+/// Interface names in a batch of RTM_NEWLINK / RTM_DELLINK messages.
+fn link_names(b: &[u8]) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut off = 0;
+    while off + 16 <= b.len() {
+        let len = u32_at(b, off) as usize;
+        if len < 16 || off + len > b.len() {
+            break;
+        }
+        let m = &b[off..off + len];
+        if matches!(u16_at(m, 4), RTM_NEWLINK | RTM_DELLINK) && m.len() >= 32 {
+            for (k, p) in attrs(&m[32..]) {
+                if k == IFLA_IFNAME {
+                    let p = p.split(|c| *c == 0).next().unwrap_or_default();
+                    names.push(String::from_utf8_lossy(p).into_owned());
+                }
+            }
+        }
+        off += (len + 3) & !3;
+    }
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_names_are_read_from_newlink_and_dellink_and_nothing_else() {
+        let msg = |kind: u16, name: &str| {
+            let mut attrs = Vec::new();
+            push_attr(&mut attrs, IFLA_IFNAME, format!("{name}\0").as_bytes());
+            let mut m = request(kind, 0, 7, &attrs);
+            let len = m.len() as u32;
+            m[..4].copy_from_slice(&len.to_ne_bytes());
+            m
+        };
+        let mut batch = msg(RTM_NEWLINK, "veth0");
+        batch.extend(msg(RTM_DELLINK, "mesh1"));
+        batch.extend(msg(RTM_GETLINK, "other"));
+        assert_eq!(link_names(&batch), vec!["veth0".to_string(), "mesh1".to_string()]);
+        // Truncated input ends the walk without panicking.
+        assert!(link_names(&batch[..20]).is_empty());
+    }
+}

@@ -325,7 +325,15 @@ impl RealKernel {
     fn map_fd(&mut self, map: &MapRef) -> Result<(&OwnedFd, u32, u32), KernelError> {
         if !self.map_fds.contains_key(map) {
             let path = self.map_pin(&map.program, &map.map);
-            let fd = self.open_pin(&path, &format!("map `{map}`"))?;
+            let fd = match sys::obj_get(&path) {
+                Ok(fd) => fd,
+                Err(e) if e.errno() == Some(libc::ENOENT) => {
+                    return Err(KernelError::NotFound {
+                        what: format!("map `{map}` is not pinned at `{}`", path.display()),
+                    });
+                }
+                Err(e) => return Err(KernelError::sys(format!("open map `{map}` pinned at `{}`", path.display()), e)),
+            };
             let info =
                 sys::map_info(fd.as_fd()).map_err(|e| KernelError::sys(format!("read info of map `{map}`"), e))?;
             self.map_fds.insert(map.clone(), (fd, info.type_, info.value_size));
@@ -443,6 +451,52 @@ impl RealKernel {
         Ok(Entries::from_columns(ks, vs, &keys, &values, |_| true))
     }
 
+    /// Records a map that `owner`'s program holds but whose pin is gone, under
+    /// the kernel's (possibly cut) name for it. Maps without a pin by design
+    /// (`.rodata`, `.bss`: aya does not pin them) are left out.
+    fn observe_unpinned_map(&self, owner: &str, id: u32, scope: &Scope, state: &mut State) -> Result<(), KernelError> {
+        let fd = match sys::map_fd_by_id(id) {
+            Ok(fd) => fd,
+            // Freed between reading the program and now: nothing to repair.
+            Err(e) if e.errno() == Some(libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(KernelError::sys(format!("open map id {id} of program `{owner}`"), e)),
+        };
+        let info = sys::map_info(fd.as_fd()).map_err(|e| KernelError::sys(format!("read info of map id {id}"), e))?;
+        let name = sys::c_name(&info.name);
+        if name.is_empty() || name.starts_with('.') {
+            return Ok(());
+        }
+        let shape = MapShape {
+            map_type: info.type_,
+            key_size: info.key_size,
+            value_size: info.value_size,
+            max_entries: info.max_entries,
+            flags: info.map_flags,
+        };
+        let cut = |m: &str| m.get(..crate::model::KERNEL_NAME_MAX).unwrap_or(m).to_string();
+        let read = scope.all_maps
+            || scope.maps.iter().any(|r| r.program == owner && cut(&r.map) == name)
+            || scope.map_names.iter().any(|m| cut(m) == name);
+        let r = MapRef { program: owner.to_string(), map: name };
+        let entries = if read {
+            self.read_map(&fd, &shape).map_err(|e| KernelError::sys(format!("read map `{r}`"), e))?
+        } else {
+            Default::default()
+        };
+        state.maps.insert(
+            r,
+            MapState {
+                shape: Some(shape),
+                managed: read,
+                entries,
+                codec: Default::default(),
+                id: Some(id),
+                pin_missing: true,
+            },
+        );
+        Ok(())
+    }
+
     /// Finds the bpf link that holds `prog_id` on `ifindex` (any owner).
     fn find_link(&self, link_type: u32, ifindex: u32, prog_id: u32) -> Option<u32> {
         let mut id = 0;
@@ -529,6 +583,7 @@ impl Kernel for RealKernel {
                         entries,
                         codec: Default::default(),
                         id: Some(info.id),
+                        pin_missing: false,
                     },
                 );
             }
@@ -538,6 +593,8 @@ impl Kernel for RealKernel {
         struct Version {
             digest: String,
             program: Program,
+            /// Ids of maps it holds that have no pin of ours.
+            unpinned_maps: Vec<u32>,
         }
         let mut versions: BTreeMap<String, Vec<Version>> = BTreeMap::new();
         let mut by_prog_id: HashMap<u32, (String, String)> = HashMap::new();
@@ -548,6 +605,7 @@ impl Kernel for RealKernel {
                 let (info, map_ids) = sys::prog_info(fd.as_fd())
                     .map_err(|e| KernelError::sys(format!("read info of program `{name}`"), e))?;
                 let owner = map_ids.iter().find_map(|id| map_owner_by_id.get(id)).cloned();
+                let unpinned_maps = map_ids.iter().filter(|id| !map_owner_by_id.contains_key(id)).copied().collect();
                 let program = Program {
                     name: name.clone(),
                     program_type: prog_type_of(info.type_).unwrap_or(ProgramType::Xdp),
@@ -559,7 +617,7 @@ impl Kernel for RealKernel {
                     tag: Some(tag_hex(&info.tag)),
                 };
                 by_prog_id.insert(info.id, (name.clone(), digest.clone()));
-                versions.entry(name.clone()).or_default().push(Version { digest, program });
+                versions.entry(name.clone()).or_default().push(Version { digest, program, unpinned_maps });
             }
         }
 
@@ -624,6 +682,11 @@ impl Kernel for RealKernel {
             let current = vs.swap_remove(pick);
             for v in vs {
                 state.stray_programs.push((name.clone(), v.digest));
+            }
+            if current.program.share_maps.is_none() {
+                for id in &current.unpinned_maps {
+                    self.observe_unpinned_map(&name, *id, scope, &mut state)?;
+                }
             }
             state.programs.insert(name, current.program);
         }
@@ -948,6 +1011,35 @@ impl Kernel for RealKernel {
                 Ok(())
             }
             _ => Err(KernelError::Unsupported { what: format!("cannot {what}: its owner's link was detached") }),
+        }
+    }
+
+    fn pin_map(&mut self, map: &MapRef, id: u32) -> Result<(), KernelError> {
+        self.map_fds.clear();
+        let pin = self.map_pin(&map.program, &map.map);
+        if pin.exists() {
+            return Ok(());
+        }
+        let fd = sys::map_fd_by_id(id).map_err(|e| KernelError::sys(format!("open map `{map}` (id {id})"), e))?;
+        if let Some(dir) = pin.parent() {
+            fs::create_dir_all(dir).map_err(|e| KernelError::io(format!("create `{}`", dir.display()), e))?;
+        }
+        sys::obj_pin(fd.as_fd(), &pin)
+            .map_err(|e| KernelError::sys(format!("pin map `{map}` at `{}`", pin.display()), e))?;
+        self.wrote();
+        Ok(())
+    }
+
+    fn unpin_map(&mut self, map: &MapRef) -> Result<(), KernelError> {
+        self.map_fds.clear();
+        let pin = self.map_pin(&map.program, &map.map);
+        match fs::remove_file(&pin) {
+            Ok(()) => {
+                self.wrote();
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(KernelError::io(format!("unpin `{}`", pin.display()), e)),
         }
     }
 

@@ -21,6 +21,7 @@ const BPF_OBJ_PIN: u32 = 6;
 const BPF_OBJ_GET: u32 = 7;
 const BPF_PROG_DETACH: u32 = 9;
 const BPF_PROG_GET_FD_BY_ID: u32 = 13;
+const BPF_MAP_GET_FD_BY_ID: u32 = 14;
 const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
 const BPF_MAP_LOOKUP_BATCH: u32 = 24;
 const BPF_MAP_UPDATE_BATCH: u32 = 26;
@@ -315,6 +316,11 @@ struct GetFdByIdAttr {
 pub fn prog_fd_by_id(id: u32) -> SysResult<OwnedFd> {
     let mut a = GetFdByIdAttr { id, next_id: 0, open_flags: 0 };
     bpf(BPF_PROG_GET_FD_BY_ID, &mut a, "BPF_PROG_GET_FD_BY_ID").map(fd_result)
+}
+
+pub fn map_fd_by_id(id: u32) -> SysResult<OwnedFd> {
+    let mut a = GetFdByIdAttr { id, next_id: 0, open_flags: 0 };
+    bpf(BPF_MAP_GET_FD_BY_ID, &mut a, "BPF_MAP_GET_FD_BY_ID").map(fd_result)
 }
 
 pub fn link_fd_by_id(id: u32) -> SysResult<OwnedFd> {

@@ -94,6 +94,8 @@ pub enum Op {
     Evict { hook: Hook, foreign: ForeignProgram },
     /// Remove a link.
     Detach { hook: Hook, program: String, mode: Option<XdpMode>, defunct: bool },
+    /// Pin again a map whose pin was removed while its program holds it.
+    PinMap { map: MapRef, id: u32 },
 }
 
 fn ser_hex<S: serde::Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
@@ -113,6 +115,8 @@ pub enum Kind {
     Program,
     Attachment,
     MapEntry,
+    /// A map's pin (its contents are map entries).
+    Map,
 }
 
 /// One change to one object.
@@ -260,6 +264,9 @@ pub fn plan(desired: &State, observed: &State) -> Plan {
 /// verifies those key by key).
 pub fn plan_skipping_entries(desired: &State, observed: &State, skip: &BTreeSet<MapRef>) -> Plan {
     let mut ph = Phases::default();
+    let (observed, repins) = adopt_unpinned_maps(desired, observed);
+    let observed = observed.as_ref();
+    ph.loads.extend(repins);
     let mut conflicts = Vec::new();
     let mut errors = Vec::new();
     let (desired, unresolved) = resolve_desired(desired, observed);
@@ -582,6 +589,44 @@ pub fn plan_skipping_entries(desired: &State, observed: &State, skip: &BTreeSet<
     changes.extend(ph.detaches);
     changes.extend(ph.unloads);
     Plan { changes, conflicts, policy_changes, errors }
+}
+
+/// Maps whose pin was removed while their program still holds them (drift
+/// made by hand): each is pinned again where the spec wants it, keeping its
+/// contents, and is from then on diffed like any other map. Runs first, so
+/// a program load in the same plan reuses the map instead of creating an
+/// empty one.
+fn adopt_unpinned_maps<'a>(desired: &State, observed: &'a State) -> (std::borrow::Cow<'a, State>, Vec<Change>) {
+    if !observed.maps.values().any(|m| m.pin_missing) {
+        return (std::borrow::Cow::Borrowed(observed), Vec::new());
+    }
+    let cut = |m: &str| m.get(..crate::model::KERNEL_NAME_MAX).unwrap_or(m).to_string();
+    let mut o = observed.clone();
+    let mut changes = Vec::new();
+    let lost: Vec<MapRef> = observed.maps.iter().filter(|(_, m)| m.pin_missing).map(|(r, _)| r.clone()).collect();
+    for r in lost {
+        let wanted = desired.maps.keys().find(|d| {
+            d.program == r.program && cut(&d.map) == r.map && observed.maps.get(*d).is_none_or(|m| m.pin_missing)
+        });
+        let (Some(wanted), Some(mut m)) = (wanted.cloned(), o.maps.remove(&r)) else { continue };
+        m.pin_missing = false;
+        let id = m.id.unwrap_or_default();
+        o.maps.insert(wanted.clone(), m);
+        changes.push(Change {
+            address: format!("map.{wanted}"),
+            kind: Kind::Map,
+            action: Action::Create,
+            reason: format!(
+                "its pin is gone while program `{}` still holds it (id {id}): it is pinned again, contents kept",
+                r.program
+            ),
+            before: None,
+            after: Some(json!({ "id": id })),
+            part_of: None,
+            op: Op::PinMap { map: wanted, id },
+        });
+    }
+    (std::borrow::Cow::Owned(o), changes)
 }
 
 /// The desired state with the mesh maps' entries resolved against the

@@ -218,6 +218,7 @@ fn headline(c: &Change) -> String {
         Kind::Program => format!("program {name}"),
         Kind::Attachment => format!("attachment {name}"),
         Kind::MapEntry => format!("map entry {name}"),
+        Kind::Map => format!("map {name}"),
     }
 }
 
