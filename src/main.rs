@@ -85,12 +85,41 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
-            if e.downcast_ref::<cli::InvalidSpec>().is_none() {
-                eprintln!("error: {}", bpfsync::apply::error_chain(e.as_ref()));
-            } else {
-                eprintln!("error: {e}");
-            }
+            report_error(&e, wants_json(&cli.command));
             ExitCode::from(1)
         }
     }
+}
+
+/// Whether the command was asked for JSON: then errors are JSON on stdout
+/// too, so a tool reading it never gets text instead.
+fn wants_json(command: &Command) -> bool {
+    let json = cli::Output::Json;
+    match command {
+        Command::Validate(a) => a.output == json,
+        Command::Plan(a) => a.output == json,
+        Command::Apply(a) => a.output == json,
+        Command::Status(a) => a.output == json,
+        Command::Recover(a) => a.output == json,
+        Command::Stats(a) => a.output == json,
+        Command::Flows(a) => matches!(a.output, cli::flows::FlowOutput::Json),
+        _ => false,
+    }
+}
+
+fn report_error(e: &anyhow::Error, json: bool) {
+    let invalid = e.downcast_ref::<cli::InvalidSpec>();
+    let message = match invalid {
+        Some(_) => e.to_string(),
+        None => bpfsync::apply::error_chain(e.as_ref()),
+    };
+    if json {
+        let mut v = invalid.map_or_else(|| serde_json::json!({}), |i| i.0.to_json());
+        v["error"] = serde_json::json!(message);
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    }
+    if let Some(i) = invalid {
+        eprintln!("{}", i.0);
+    }
+    eprintln!("error: {message}");
 }

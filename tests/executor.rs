@@ -7,7 +7,7 @@ mod common;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use bpfsync::apply::journal::MemJournal;
+use bpfsync::apply::journal::{JournalStore, MemJournal};
 use bpfsync::apply::{self, ApplyError, Retry, scope_for};
 use bpfsync::compile::Desired;
 use bpfsync::kernel::memory::MemoryKernel;
@@ -251,7 +251,7 @@ impl Kernel for FailDiscard<'_> {
 }
 
 /// A kernel that "dies" (panics, like a `kill -9`) at a given call, and
-/// one that silently ignores a write (for verification).
+/// one that silently ignores the next one-entry write (for verification).
 struct Crashing {
     inner: MemoryKernel,
     crash_at: u64,
@@ -287,7 +287,8 @@ impl Kernel for Crashing {
     fn write_entries(&mut self, m: &MapRef, e: &[(Vec<u8>, Vec<u8>)]) -> Result<(), KernelError> {
         self.tick();
         if self.drop_writes && e.len() == 1 {
-            return Ok(()); // claims success, writes nothing
+            self.drop_writes = false;
+            return Ok(()); // claims success, writes nothing (once)
         }
         self.inner.write_entries(m, e)
     }
@@ -394,6 +395,32 @@ fn a_kernel_that_does_not_take_a_write_fails_verification_and_rolls_back() {
     let err = apply::apply(&mut c, &p, &changed, &observed, &mut MemJournal::default(), Retry::none()).unwrap_err();
     assert!(matches!(err, ApplyError::Verify { count: 1, .. }), "{err}");
     assert_eq!(normal(&mut c.inner), start);
+}
+
+#[test]
+fn a_failed_verification_whose_rollback_fails_reports_both_and_keeps_the_journal() {
+    let mut base = kernel();
+    let a = desired(SPEC_A);
+    converge(&mut base, &a);
+    let changed = desired(&SPEC_A.replace("{ key: 1, value: 1 }", "{ key: 1, value: 2 }"));
+    // The one-entry write is dropped, so verification fails; then every
+    // write fails, so the rollback's write of the old value does too.
+    let mut c = Crashing { inner: base, crash_at: u64::MAX, drop_writes: true };
+    let observed = c.observe(&scope_for(&changed.state)).unwrap();
+    let p = plan::plan(&changed.state, &observed);
+    c.inner.fail_op = Some("write_entries".into());
+    let mut journal = MemJournal::default();
+    let err = apply::apply(&mut c, &p, &changed, &observed, &mut journal, Retry::none()).unwrap_err();
+    match &err {
+        ApplyError::VerifyRollbackFailed { count: 1, rollback, .. } => {
+            assert!(rollback.iter().any(|r| r.contains("write_entries")), "{rollback:?}");
+        }
+        other => panic!("expected VerifyRollbackFailed, got {other}"),
+    }
+    let text = err.to_string();
+    assert!(text.contains("verification") && text.contains("rolling back failed too"), "{text}");
+    assert!(!text.contains("was rolled back"), "it does not claim a rollback that did not happen: {text}");
+    assert!(journal.pending().unwrap().is_some(), "the journal is kept for `bpfsync recover`");
 }
 
 #[test]

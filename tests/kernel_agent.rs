@@ -142,6 +142,22 @@ fn every_kind_of_drift_is_repaired_within_one_resync() {
     });
     assert!(repairs("map-entry-update") >= 1.0);
 
+    // An entry the spec does not have, added by hand.
+    bt(&[
+        "map", "update", "pinned", ports, "key", "17", "0", "53", "0", "value", "5", "0", "0", "0", "0", "0", "0", "0",
+    ]);
+    wait("the extra entry removed", Duration::from_secs(5), || repairs("map-entry-delete") >= 1.0);
+
+    // A program's pin removed while its link still runs it: loaded again and
+    // the link pointed at it.
+    let prog_dir = root.join("programs/counter");
+    for p in std::fs::read_dir(&prog_dir).unwrap() {
+        std::fs::remove_file(p.unwrap().path()).unwrap();
+    }
+    wait("the program pinned again", Duration::from_secs(5), || {
+        std::fs::read_dir(&prog_dir).is_ok_and(|d| d.count() == 1) && repairs("program-create") >= 1.0
+    });
+
     // The XDP link detached by hand (its program is no longer attached).
     let ifindex = sys::ifindex(&sb.host_if).unwrap();
     let xdp_pin = root.join(format!("links/xdp:{}:skb", sb.host_if));

@@ -150,6 +150,44 @@ fn the_demo_runs_end_to_end_and_leaves_nothing_behind() {
 }
 
 #[test]
+fn every_command_asked_for_json_answers_json_on_its_error_paths_too() {
+    let env = Env::new();
+    let bad = write_spec(env.state.path(), "bad.yaml", "apiVersion: bpfsync/v1\nkind: NodeSpec\nprograms: 3\n");
+    let outside = env.state.path().join("not-bpffs");
+    std::fs::create_dir_all(&outside).unwrap();
+    let outside = outside.to_str().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let nobody = format!("127.0.0.1:{port}");
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["validate", "/nonexistent/spec.yaml", "-o", "json"],
+        vec!["validate", &bad, "-o", "json"],
+        vec!["plan", &bad, "-o", "json"],
+        vec!["plan", "/nonexistent/spec.yaml", "-o", "json"],
+        vec!["apply", &bad, "--auto-approve", "-o", "json"],
+        vec!["--bpffs-root", outside, "status", "-o", "json"],
+        vec!["--bpffs-root", outside, "recover", "-o", "json"],
+        vec!["flows", "--agent", &nobody, "-o", "json"],
+        vec!["--bpffs-root", outside, "stats", "-o", "json"],
+    ];
+    for args in cases {
+        let out = if args[0] == "--bpffs-root" {
+            let state = ["--state-dir", env.state.path().to_str().unwrap()];
+            Command::new(env!("CARGO_BIN_EXE_bpfsync")).args(state).args(&args).output().unwrap()
+        } else {
+            env.run(&args)
+        };
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: stdout is not JSON ({e}): {}", stdout(&out)));
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{args:?}: {v}");
+        if args.contains(&bad.as_str()) {
+            assert_eq!(v["valid"], false, "{args:?}: {v}");
+            assert!(v["errors"][0]["path"].is_string(), "{args:?}: the diagnostics are included: {v}");
+        }
+    }
+}
+
+#[test]
 fn validate_reports_errors_as_json_for_tools() {
     let out = Command::new(env!("CARGO_BIN_EXE_bpfsync"))
         .args(["validate", "tests/bad-specs/dangling-reference.yaml", "-o", "json"])

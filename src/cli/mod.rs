@@ -45,21 +45,16 @@ pub enum Output {
 /// Exit status: 0 ok / no changes, 1 error, 2 changes (`--detailed-exitcode`).
 pub type Exit = i32;
 
-/// A spec that failed validation: the diagnostics are already printed.
+/// A spec that failed validation, with every diagnostic; `main` prints
+/// them (as text on stderr, or as JSON under `-o json`).
 #[derive(Debug, thiserror::Error)]
 #[error("the spec is invalid; nothing was changed")]
-pub struct InvalidSpec;
+pub struct InvalidSpec(pub crate::spec::Diagnostics);
 
 /// Loads, validates and compiles a spec file, printing every diagnostic.
 pub fn load_spec(path: &Path) -> anyhow::Result<(LoadedSpec, Desired)> {
     let source = fs::read_to_string(path).with_context(|| format!("cannot read spec `{}`", path.display()))?;
-    match compile::load_and_compile(path, &source, &mut ObjectLoader::default()) {
-        Ok(x) => Ok(x),
-        Err(d) => {
-            eprintln!("{d}");
-            Err(InvalidSpec.into())
-        }
-    }
+    compile::load_and_compile(path, &source, &mut ObjectLoader::default()).map_err(|d| InvalidSpec(d).into())
 }
 
 pub fn require_root() -> anyhow::Result<()> {

@@ -23,13 +23,7 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
     let result = load_and_compile(&args.spec, &source, &mut ObjectLoader::default());
     let (loaded, desired) = match result {
         Ok(x) => x,
-        Err(diags) => {
-            match args.output {
-                Output::Text => eprintln!("{diags}"),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&diags.to_json())?),
-            }
-            return Err(InvalidSpec.into());
-        }
+        Err(diags) => return Err(InvalidSpec(diags).into()),
     };
     let s = &desired.state;
     let entries: usize = s.maps.values().filter(|m| m.managed).map(|m| m.entries.len()).sum();

@@ -205,3 +205,29 @@ pub trait Kernel {
     /// Mutating kernel calls made so far (for minimality tests).
     fn writes(&self) -> u64;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// aya's attach errors wrap the syscall's `io::Error` a level or two
+    /// down; EBUSY there is worth retrying like a raw EBUSY.
+    #[test]
+    fn errno_is_found_through_aya_error_chains() {
+        let busy = std::io::Error::from_raw_os_error(libc::EBUSY);
+        let wrapped = aya::sys::SyscallError { call: "bpf_link_create", io_error: busy };
+        let e = KernelError::aya("attach `counter` to `xdp/veth0`", aya::programs::ProgramError::SyscallError(wrapped));
+        assert_eq!(e.errno(), Some(libc::EBUSY));
+        assert!(e.is_retryable());
+        let refused = std::io::Error::from_raw_os_error(libc::EINVAL);
+        let e = KernelError::aya(
+            "attach",
+            aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_link_create",
+                io_error: refused,
+            }),
+        );
+        assert!(!e.is_retryable());
+        assert!(!KernelError::NotFound { what: "x".into() }.is_retryable());
+    }
+}
