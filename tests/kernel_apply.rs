@@ -300,7 +300,7 @@ fn a_foreign_program_is_a_conflict_until_the_spec_takes_the_hook_over() {
     let spec = write_spec(env.state.path(), "spec.yaml", &full_spec(&sb.host_if, "skb", BUILTIN_COUNTER));
 
     let out = env.run_ok(&["plan", &spec]);
-    assert!(out.contains("Conflicts"), "{out}");
+    assert!(out.contains("Pending"), "the blocked hook is pending: {out}");
     assert!(out.contains(&format!("id {foreign}")), "{out}");
     assert!(!out.contains(&format!("attachment.xdp/{}", sb.host_if)), "no attach is planned: {out}");
     env.run_ok(&["apply", &spec, "--auto-approve"]);
@@ -309,6 +309,9 @@ fn a_foreign_program_is_a_conflict_until_the_spec_takes_the_hook_over() {
     let json: Value = serde_json::from_str(&env.run_ok(&["plan", &spec, "-o", "json"])).unwrap();
     assert_eq!(json["conflicts"][0]["kind"], "foreign-program");
     assert_eq!(json["conflicts"][0]["program_id"].as_u64(), Some(foreign as u64));
+    assert_eq!(json["conflicts"][0]["pending"], true);
+    let gate = env.run(&["plan", &spec, "--detailed-exitcode"]);
+    assert_eq!(gate.status.code(), Some(2), "ours is attached nowhere: the gate does not pass");
 
     let takeover = full_spec(&sb.host_if, "skb", BUILTIN_COUNTER).replace("mode: skb }", "mode: skb, takeover: true }");
     let spec2 = write_spec(env.state.path(), "takeover.yaml", &takeover);

@@ -72,6 +72,25 @@ fn mount(source: &str, target: &Path, fstype: &str) -> std::io::Result<()> {
 /// Makes sure `root` lives on a bpf filesystem: mounts bpffs on
 /// `/sys/fs/bpf` when that is where it should be and nothing is mounted.
 pub fn ensure_bpffs(root: &Path) -> Result<(), KernelError> {
+    match bpffs_state(root)? {
+        BpffsState::Mounted => Ok(()),
+        BpffsState::Unmounted => {
+            mount("bpf", Path::new(SYS_BPF), "bpf").map_err(|e| KernelError::io("mount bpffs on `/sys/fs/bpf`", e))
+        }
+    }
+}
+
+const SYS_BPF: &str = "/sys/fs/bpf";
+
+enum BpffsState {
+    Mounted,
+    /// `/sys/fs/bpf` holds the root but nothing is mounted there yet.
+    Unmounted,
+}
+
+/// Whether `root` lies on bpffs; an error (with the `mount` command to run)
+/// when it cannot.
+fn bpffs_state(root: &Path) -> Result<BpffsState, KernelError> {
     let mut existing = root.to_path_buf();
     while !existing.exists() {
         if !existing.pop() {
@@ -79,12 +98,11 @@ pub fn ensure_bpffs(root: &Path) -> Result<(), KernelError> {
         }
     }
     if fs_magic(&existing) == Some(BPF_FS_MAGIC) {
-        return Ok(());
+        return Ok(BpffsState::Mounted);
     }
-    let sys_bpf = Path::new("/sys/fs/bpf");
+    let sys_bpf = Path::new(SYS_BPF);
     if root.starts_with(sys_bpf) && fs_magic(sys_bpf) != Some(BPF_FS_MAGIC) {
-        mount("bpf", sys_bpf, "bpf").map_err(|e| KernelError::io("mount bpffs on `/sys/fs/bpf`", e))?;
-        return Ok(());
+        return Ok(BpffsState::Unmounted);
     }
     Err(KernelError::Unsupported {
         what: format!(
@@ -241,9 +259,9 @@ impl RealKernel {
     /// mounted (a root that does not exist holds nothing).
     pub fn open_read_only(root: impl Into<PathBuf>) -> Result<Self, KernelError> {
         let root = root.into();
-        if root.exists() && fs_magic(&root) != Some(BPF_FS_MAGIC) {
-            return Err(KernelError::Unsupported { what: format!("`{}` is not on a bpf filesystem", root.display()) });
-        }
+        // Unmounted `/sys/fs/bpf`: nothing can be pinned there, so nothing
+        // is owned; reading it needs no mount.
+        bpffs_state(&root)?;
         Ok(RealKernel { root, writes: 0, map_fds: HashMap::new() })
     }
 
