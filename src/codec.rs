@@ -226,11 +226,13 @@ pub fn unhex(s: &str) -> Option<Vec<u8>> {
 }
 
 fn parse_hex(s: &str) -> Option<Vec<u8>> {
-    let s: String = s.chars().filter(|c| *c != '_').collect();
-    if s.is_empty() || !s.len().is_multiple_of(2) {
+    // Digits only: slicing by byte pairs must never cut a multi-byte char.
+    let s: Vec<u8> = s.bytes().filter(|c| *c != b'_').collect();
+    if s.is_empty() || !s.len().is_multiple_of(2) || !s.iter().all(u8::is_ascii_hexdigit) {
         return None;
     }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    s.chunks(2).map(|p| Some(digit(p[0])? << 4 | digit(p[1])?)).collect()
 }
 
 pub fn hex(bytes: &[u8]) -> String {

@@ -65,3 +65,29 @@ fn broken_specs_change_nothing_in_the_kernel() {
     }
     assert!(!env.state.path().join("last-applied").exists());
 }
+
+/// Inputs outside the spec that once panicked fail with a message instead:
+/// a snapshot digest that is not ASCII, a size flag that overflows.
+#[test]
+fn snapshots_and_flags_that_once_panicked_are_refused_or_planned() {
+    let dir = common::TempDir::create("bpfsync-odd-inputs").unwrap();
+    let snapshot = std::fs::read_to_string("golden/no-op/observed.yaml").unwrap().replacen(
+        "digest: \"@desired\"",
+        "digest: \"ééééééééééééééééé\"",
+        1,
+    );
+    let snap = dir.path().join("observed.yaml");
+    fs::write(&snap, snapshot).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bpfsync"))
+        .args(["plan", "golden/no-op/spec.yaml", "--observed", snap.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", common::stderr(&out));
+    assert!(common::stdout(&out).contains("ééééééééééé"), "{}", common::stdout(&out));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bpfsync"))
+        .args(["agent", "--spec", "golden/no-op/spec.yaml", "--flow-export-file-max-size", "99999999999999G"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "a usage error: {}", common::stderr(&out));
+    assert!(common::stderr(&out).contains("is not a size"), "{}", common::stderr(&out));
+}

@@ -58,7 +58,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
         "G" | "GiB" => 1 << 30,
         _ => return Err(format!("`{s}` is not a size: use e.g. `1048576`, `512k`, `100M`, `1G`")),
     };
-    num.parse::<u64>().map(|n| n * mult).map_err(|_| format!("`{s}` is not a size"))
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("`{s}` is not a size (at most 2^64 bytes)"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

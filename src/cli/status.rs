@@ -168,7 +168,7 @@ pub fn render_text(v: &Value, drift: Option<&Plan>) -> String {
             s(&p["type"]),
             s(&p["id"]),
             s(&p["tag"]),
-            &s(&p["digest"])[..12.min(s(&p["digest"]).len())],
+            s(&p["digest"]).chars().take(12).collect::<String>(),
             s(&p["function"])
         );
     }

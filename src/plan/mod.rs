@@ -217,8 +217,9 @@ impl Plan {
     }
 }
 
+/// The first 12 characters of a digest (snapshots may hold any text).
 fn short(digest: &str) -> &str {
-    &digest[..digest.len().min(12)]
+    digest.char_indices().nth(12).map_or(digest, |(i, _)| &digest[..i])
 }
 
 fn program_value(p: &crate::model::Program) -> Value {

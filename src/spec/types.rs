@@ -370,11 +370,12 @@ impl DurationSpec {
                 let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
                 let (n, unit) = t.split_at(split);
                 let n: u64 = n.parse().ok()?;
+                // Overflow is "not a duration", never a panic.
                 match unit {
                     "" | "s" => Some(Duration::from_secs(n)),
                     "ms" => Some(Duration::from_millis(n)),
-                    "m" => Some(Duration::from_secs(n * 60)),
-                    "h" => Some(Duration::from_secs(n * 3600)),
+                    "m" => n.checked_mul(60).map(Duration::from_secs),
+                    "h" => n.checked_mul(3600).map(Duration::from_secs),
                     _ => None,
                 }
             }
