@@ -483,3 +483,30 @@ fn no_cli_write_runs_beside_the_agent_even_from_another_state_directory() {
     // The agent gone, the lock is free.
     env.run_ok(&["apply", p, "--auto-approve"]);
 }
+
+#[test]
+fn a_panicking_reconcile_is_caught_counted_and_the_next_one_runs() {
+    let env = Env::new();
+    let sb = Sandbox::create().unwrap();
+    let (_dir, path) = spec_file(&sb.host_if, 3);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new(env!("CARGO_BIN_EXE_bpfsync"))
+        .args(["--bpffs-root", env.bpffs.root().to_str().unwrap(), "--state-dir", env.state.path().to_str().unwrap()])
+        .args(["agent", "--spec", path.to_str().unwrap(), "--resync", "30s", "--debounce", "50ms"])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("BPFSYNC_PANIC_AT", "reconcile:1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let agent = Agent { child, port };
+    // The first reconcile panics; the retry applies the spec.
+    wait("ready after the panic", Duration::from_secs(10), || agent.get("/readyz").0 == 200);
+    assert_eq!(mark80(&env), Some(3));
+    assert_eq!(agent.metric("bpfsync_reconciles_total{result=\"panic\"}"), Some(1.0));
+    assert_eq!(agent.get("/healthz").0, 200);
+    // Later edits are still followed: nothing stayed poisoned.
+    std::fs::write(&path, spec(&sb.host_if, 8)).unwrap();
+    wait("the edit after the panic", Duration::from_secs(10), || mark80(&env) == Some(8));
+    agent.stop();
+}

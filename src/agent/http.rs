@@ -98,9 +98,12 @@ async fn route(path: &str, shared: &Arc<Shared>) -> (u16, &'static str, String) 
             let text = tokio::task::spawn_blocking(move || s.metrics.encode()).await.unwrap_or_default();
             (200, OPENMETRICS, text)
         }
-        "/healthz" => (200, "text/plain", "ok\n".into()),
+        "/healthz" => match shared.unhealthy() {
+            None => (200, "text/plain", "ok\n".into()),
+            Some(why) => (503, "text/plain", format!("unhealthy: {why}\n")),
+        },
         "/readyz" => {
-            if shared.state.lock().unwrap().ready {
+            if shared.state().ready {
                 (200, "text/plain", "ready\n".into())
             } else {
                 (503, "text/plain", "not ready: no successful reconcile yet\n".into())

@@ -92,6 +92,12 @@ pub struct AgentState {
     pub spec_error: Option<String>,
     pub last_duration_ms: Option<f64>,
     pub listen: Option<SocketAddr>,
+    /// When the reconcile that is running now started (None: idle). A
+    /// reconcile running far longer than a resync interval means the loop
+    /// is stuck: `/healthz` says so.
+    pub reconcile_started: Option<Instant>,
+    /// Panics caught in reconciles (each also logged with the spec digest).
+    pub panics: u64,
 }
 
 /// State shared between the reconcile loop and the HTTP listener.
@@ -106,12 +112,33 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The agent's own state. A panic elsewhere never leaves it unusable:
+    /// the data is plain values, valid whatever was interrupted.
+    pub fn state(&self) -> std::sync::MutexGuard<'_, AgentState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Why the reconcile loop is not healthy, if it is not: a reconcile
+    /// running longer than three resync intervals (at least a minute).
+    pub fn unhealthy(&self) -> Option<String> {
+        let started = self.state().reconcile_started?;
+        let limit = (self.config.resync * 3).max(Duration::from_secs(60));
+        let running = started.elapsed();
+        (running > limit).then(|| {
+            format!(
+                "a reconcile has been running for {:.0} s (limit {:.0} s)",
+                running.as_secs_f64(),
+                limit.as_secs_f64()
+            )
+        })
+    }
+
     fn status_json(&self) -> Value {
         let mut v = match cli::status::report(&self.config.ctx) {
             Ok((v, _, _)) => v,
             Err(e) => json!({ "error": error_chain(e.as_ref()) }),
         };
-        let s = self.state.lock().unwrap();
+        let s = self.state();
         v["agent"] = json!({
             "spec": self.config.spec,
             "spec_sha256": s.spec_digest,
@@ -202,7 +229,7 @@ impl Reconciler {
             Err(e) => {
                 let msg = format!("cannot read spec `{}`: {e}; keeping the last good state", path.display());
                 tracing::warn!("{msg}");
-                self.shared.state.lock().unwrap().spec_error = Some(msg);
+                self.shared.state().spec_error = Some(msg);
                 // Re-read whatever comes back, even the same text.
                 self.seen_digest = None;
                 return None;
@@ -229,7 +256,7 @@ impl Reconciler {
         match compiled {
             Ok((desired, staged)) => {
                 self.shared.metrics.spec_valid.set(1);
-                let mut st = self.shared.state.lock().unwrap();
+                let mut st = self.shared.state();
                 st.spec_digest = Some(digest.clone());
                 st.spec_error = None;
                 drop(st);
@@ -241,13 +268,14 @@ impl Reconciler {
                 self.shared.metrics.spec_validation_errors.inc();
                 let msg = format!("the new spec is invalid; keeping the last good state:\n{diags}");
                 tracing::error!("{msg}");
-                self.shared.state.lock().unwrap().spec_error = Some(msg);
+                self.shared.state().spec_error = Some(msg);
                 Some(false)
             }
         }
     }
 
     fn reconcile(&mut self, trigger: Trigger) -> Outcome {
+        crate::fault::point("reconcile");
         let started = Instant::now();
         let refreshed = self.refresh_spec();
         if trigger == Trigger::SpecChanged && refreshed.is_none() {
@@ -274,7 +302,7 @@ impl Reconciler {
             Err(_) => "error",
         };
         self.shared.metrics.count_reconcile(result);
-        let mut st = self.shared.state.lock().unwrap();
+        let mut st = self.shared.state();
         st.last_reconcile_unix = Some(now_unix());
         st.last_result = Some(result.to_string());
         st.last_duration_ms = Some(elapsed.as_secs_f64() * 1e3);
@@ -366,6 +394,37 @@ impl Reconciler {
     }
 }
 
+/// Runs one reconcile; a panic in it is caught, logged with the spec
+/// digest, counted (`bpfsync_reconciles_total{result="panic"}`) and retried
+/// with backoff like any failure. The reconciler forgets the spec text it
+/// saw, so the next run reads and compiles it again; no lock stays poisoned.
+fn reconcile_catching_panics(r: &Mutex<Reconciler>, trigger: Trigger) -> Outcome {
+    let mut guard = r.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let shared = guard.shared.clone();
+    shared.state().reconcile_started = Some(Instant::now());
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| guard.reconcile(trigger)));
+    shared.state().reconcile_started = None;
+    match outcome {
+        Ok(outcome) => outcome,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            let digest = guard.last_good.as_ref().map(|g| g.digest.clone()).unwrap_or_default();
+            tracing::error!(panic = %what, spec_sha256 = %digest, "a reconcile panicked; it will be retried");
+            guard.seen_digest = None;
+            shared.metrics.count_reconcile("panic");
+            let mut st = shared.state();
+            st.panics += 1;
+            st.last_result = Some("panic".into());
+            st.last_error = Some(format!("the reconcile panicked: {what}"));
+            Outcome::Retry
+        }
+    }
+}
+
 /// Returns freed heap memory to the system: parsing a big spec or reading a
 /// big map leaves the allocator holding pages the idle agent never reuses.
 fn trim_heap() {
@@ -436,7 +495,7 @@ pub async fn run(
     let run_once = |trigger: Trigger| {
         let r = reconciler.clone();
         async move {
-            tokio::task::spawn_blocking(move || r.lock().unwrap().reconcile(trigger)).await.unwrap_or(Outcome::Retry)
+            tokio::task::spawn_blocking(move || reconcile_catching_panics(&r, trigger)).await.unwrap_or(Outcome::Retry)
         }
     };
 
