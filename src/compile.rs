@@ -39,8 +39,7 @@ impl ObjectLoader {
         self.cache
             .entry(path.clone())
             .or_insert_with(|| {
-                let bytes =
-                    std::fs::read(&path).map_err(|e| format!("cannot read object `{}`: {e}", path.display()))?;
+                let bytes = read_object(&path)?;
                 let info = object::inspect(&bytes).map_err(|e| format!("`{}`: {e}", path.display()))?;
                 Ok((Arc::from(bytes), Arc::new(info)))
             })
@@ -60,6 +59,25 @@ impl ObjectLoader {
     }
 }
 
+/// The largest eBPF object read (the built-ins are under 100 KiB).
+pub const MAX_OBJECT_BYTES: u64 = 64 << 20;
+
+/// An object file's bytes: a regular file of at most [`MAX_OBJECT_BYTES`].
+fn read_object(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let cannot = |e: std::io::Error| format!("cannot read object `{}`: {e}", path.display());
+    let meta = std::fs::metadata(path).map_err(cannot)?;
+    if !meta.is_file() {
+        return Err(format!("object `{}` is not a regular file", path.display()));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path).map_err(cannot)?.take(MAX_OBJECT_BYTES + 1).read_to_end(&mut bytes).map_err(cannot)?;
+    if bytes.len() as u64 > MAX_OBJECT_BYTES {
+        return Err(format!("object `{}` is larger than {MAX_OBJECT_BYTES} bytes", path.display()));
+    }
+    Ok(bytes)
+}
+
 /// Program digest: the object's bytes and the function loaded from it.
 pub fn program_digest(object_digest: &str, function: &str) -> String {
     object::digest(format!("{object_digest}\0{function}").as_bytes())
@@ -73,13 +91,15 @@ pub fn load_and_compile(
     loader: &mut ObjectLoader,
 ) -> Result<(LoadedSpec, Desired), Diagnostics> {
     let (loaded, mut diags) = crate::spec::load_partial(file, source);
-    let Some(loaded) = loaded else { return Err(crate::spec::diagnostics(diags)) };
+    let Some(loaded) = loaded else { return Err(crate::spec::diagnostics(diags, source)) };
     match compile(&loaded, loader) {
         Ok(desired) if diags.is_empty() => Ok((loaded, desired)),
-        Ok(_) => Err(crate::spec::diagnostics(diags)),
+        Ok(_) => Err(crate::spec::diagnostics(diags, source)),
         Err(more) => {
-            diags.extend(more.0);
-            Err(crate::spec::diagnostics(diags))
+            diags.extend(more.items);
+            let mut all = crate::spec::diagnostics(diags, source);
+            all.omitted += more.omitted;
+            Err(all)
         }
     }
 }
@@ -365,12 +385,7 @@ pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, 
         desired.state.attachments.insert(hook, att);
     }
 
-    if diags.is_empty() {
-        Ok(desired)
-    } else {
-        diags.sort_by_key(|d| d.position);
-        Err(Diagnostics(diags))
-    }
+    if diags.is_empty() { Ok(desired) } else { Err(crate::spec::diagnostics(diags, &spec.source)) }
 }
 
 /// The spec's programs, plus the mesh datapath's when the spec uses it.

@@ -19,6 +19,9 @@ struct Cli {
     /// Never colour the output (colour is used on terminals only).
     #[arg(long, global = true)]
     no_color: bool,
+    /// The largest spec or snapshot read (bytes; k, M, G suffixes).
+    #[arg(long, env = "BPFSYNC_MAX_SPEC_SIZE", value_parser = cli::parse_size, default_value = "16M", global = true)]
+    max_spec_size: u64,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text", global = true)]
     log_format: LogFormat,
@@ -67,10 +70,14 @@ fn main() -> ExitCode {
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init(),
         LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init(),
     }
-    let ctx =
-        Context { bpffs_root: cli.bpffs_root, state_dir: cli.state_dir, color: cli::color_for_stdout(cli.no_color) };
+    let ctx = Context {
+        bpffs_root: cli.bpffs_root,
+        state_dir: cli.state_dir,
+        color: cli::color_for_stdout(cli.no_color),
+        max_spec_bytes: cli.max_spec_size,
+    };
     let result = match &cli.command {
-        Command::Validate(a) => cli::validate::run(a),
+        Command::Validate(a) => cli::validate::run(&ctx, a),
         Command::Plan(a) => cli::plan::run(&ctx, a),
         Command::Apply(a) => cli::apply::run(&ctx, a),
         Command::Status(a) => cli::status::run(&ctx, a),

@@ -91,3 +91,26 @@ fn snapshots_and_flags_that_once_panicked_are_refused_or_planned() {
     assert_eq!(out.status.code(), Some(2), "a usage error: {}", common::stderr(&out));
     assert!(common::stderr(&out).contains("is not a size"), "{}", common::stderr(&out));
 }
+
+/// What arrives where a spec should be: a FIFO (reading it would block
+/// forever), a device (`/dev/zero` never ends), a file over the size limit,
+/// a file with a byte-order mark (accepted).
+#[test]
+fn only_regular_files_of_bounded_size_are_read_as_specs() {
+    let dir = common::TempDir::create("bpfsync-spec-files").unwrap();
+    let run = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_bpfsync")).args(args).output().unwrap();
+    let fifo = dir.path().join("fifo.yaml");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let out = run(&["validate", fifo.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(common::stderr(&out).contains("is not a regular file (a FIFO)"), "{}", common::stderr(&out));
+    let out = run(&["validate", "/dev/zero"]);
+    assert!(common::stderr(&out).contains("(a device)"), "{}", common::stderr(&out));
+    let out = run(&["--max-spec-size", "1k", "validate", "examples/mesh-node.yaml"]);
+    assert!(common::stderr(&out).contains("is larger than 1024 bytes"), "{}", common::stderr(&out));
+    let bom = dir.path().join("bom.yaml");
+    fs::write(&bom, format!("\u{feff}{}", fs::read_to_string("examples/counter.yaml").unwrap())).unwrap();
+    let out = run(&["validate", bom.to_str().unwrap()]);
+    assert!(out.status.success(), "a BOM is accepted: {}", common::stderr(&out));
+}

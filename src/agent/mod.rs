@@ -224,10 +224,10 @@ impl Reconciler {
     /// whether the new text is valid (and now the last good spec).
     fn refresh_spec(&mut self) -> Option<bool> {
         let path = &self.shared.config.spec;
-        let text = match std::fs::read_to_string(path) {
+        let text = match crate::spec::read_limited(path, self.shared.config.ctx.max_spec_bytes) {
             Ok(t) => t,
             Err(e) => {
-                let msg = format!("cannot read spec `{}`: {e}; keeping the last good state", path.display());
+                let msg = format!("{}; keeping the last good state", error_chain(&e));
                 tracing::warn!("{msg}");
                 self.shared.state().spec_error = Some(msg);
                 // Re-read whatever comes back, even the same text.

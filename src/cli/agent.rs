@@ -29,7 +29,7 @@ pub struct Args {
     #[arg(long)]
     pub flow_export_file: Option<PathBuf>,
     /// Rotate the export file past this size (bytes; k, M, G suffixes).
-    #[arg(long, value_parser = parse_size, default_value = "100M")]
+    #[arg(long, value_parser = super::parse_size, default_value = "100M")]
     pub flow_export_file_max_size: u64,
     /// Rotated export files kept (`FILE.1` is the newest).
     #[arg(long, default_value_t = 3)]
@@ -44,24 +44,6 @@ pub struct Args {
     /// Records per export batch.
     #[arg(long, default_value_t = 500)]
     pub flow_export_batch: usize,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => (&s[..i], &s[i..]),
-        None => (s, ""),
-    };
-    let mult: u64 = match mult {
-        "" => 1,
-        "k" | "K" | "KiB" => 1 << 10,
-        "M" | "MiB" => 1 << 20,
-        "G" | "GiB" => 1 << 30,
-        _ => return Err(format!("`{s}` is not a size: use e.g. `1048576`, `512k`, `100M`, `1G`")),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("`{s}` is not a size (at most 2^64 bytes)"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

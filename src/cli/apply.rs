@@ -32,7 +32,7 @@ fn notes_on_xdp_modes(kernel: &mut crate::kernel::real::RealKernel, desired: &cr
 }
 
 pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
-    let (loaded, desired) = load_spec(&args.spec)?;
+    let (loaded, desired) = load_spec(ctx, &args.spec)?;
     let (mut kernel, _lock) = open_kernel_locked(ctx, "apply")?;
     let mut journal = FileJournal::new(&ctx.state_dir);
     let recovered =

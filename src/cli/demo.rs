@@ -69,7 +69,7 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
         sandbox.peer_ip,
         bpffs.root().display()
     );
-    let demo_ctx = Context { bpffs_root: bpffs.root(), state_dir: state.path().to_path_buf(), color: ctx.color };
+    let demo_ctx = Context { bpffs_root: bpffs.root(), state_dir: state.path().to_path_buf(), ..ctx.clone() };
     let spec_path = state.path().join("demo.yaml");
     std::fs::write(&spec_path, DEMO_SPEC)?;
     let result = run_in_sandbox(&demo_ctx, &spec_path, &sandbox, args);
@@ -102,7 +102,7 @@ fn teardown(ctx: &Context) -> anyhow::Result<()> {
 
 fn run_in_sandbox(ctx: &Context, spec_path: &std::path::Path, sandbox: &Sandbox, args: &Args) -> anyhow::Result<()> {
     section("bpfsync validate examples/demo.yaml");
-    let (loaded, desired) = load_spec(spec_path)?;
+    let (loaded, desired) = load_spec(ctx, spec_path)?;
     println!("valid: {} programs, {} attachments", desired.state.programs.len(), desired.state.attachments.len());
 
     section("bpfsync plan examples/demo.yaml");

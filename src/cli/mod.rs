@@ -34,6 +34,8 @@ pub struct Context {
     pub bpffs_root: PathBuf,
     pub state_dir: PathBuf,
     pub color: bool,
+    /// The largest spec (and snapshot) read, in bytes.
+    pub max_spec_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -52,8 +54,8 @@ pub type Exit = i32;
 pub struct InvalidSpec(pub crate::spec::Diagnostics);
 
 /// Loads, validates and compiles a spec file, printing every diagnostic.
-pub fn load_spec(path: &Path) -> anyhow::Result<(LoadedSpec, Desired)> {
-    let source = fs::read_to_string(path).with_context(|| format!("cannot read spec `{}`", path.display()))?;
+pub fn load_spec(ctx: &Context, path: &Path) -> anyhow::Result<(LoadedSpec, Desired)> {
+    let source = crate::spec::read_limited(path, ctx.max_spec_bytes)?;
     compile::load_and_compile(path, &source, &mut ObjectLoader::default()).map_err(|d| InvalidSpec(d).into())
 }
 
@@ -179,12 +181,31 @@ pub fn load_last_applied(ctx: &Context) -> anyhow::Result<Option<(AppliedMeta, D
         return Ok(None);
     }
     let meta: AppliedMeta = serde_json::from_str(&fs::read_to_string(dir.join("meta.json"))?)?;
-    let (_, desired) = load_spec(&spec_path).context("the last applied spec no longer compiles")?;
+    let (_, desired) = load_spec(ctx, &spec_path).context("the last applied spec no longer compiles")?;
     Ok(Some((meta, desired)))
 }
 
 pub fn clear_last_applied(ctx: &Context) {
     let _ = fs::remove_dir_all(applied_dir(ctx));
+}
+
+/// A size in bytes: `1048576`, `512k`, `100M`, `1G` (binary multiples).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => (&s[..i], &s[i..]),
+        None => (s, ""),
+    };
+    let mult: u64 = match mult {
+        "" => 1,
+        "k" | "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        _ => return Err(format!("`{s}` is not a size: use e.g. `1048576`, `512k`, `100M`, `1G`")),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("`{s}` is not a size (at most 2^64 bytes)"))
 }
 
 pub fn color_for_stdout(no_color: bool) -> bool {

@@ -28,10 +28,11 @@ pub struct Args {
 }
 
 pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
-    let (_, desired) = load_spec(&args.spec)?;
+    let (_, desired) = load_spec(ctx, &args.spec)?;
     let observed = match &args.observed {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read `{}`", path.display()))?;
+            let text = crate::spec::read_limited(path, ctx.max_spec_bytes)
+                .with_context(|| format!("cannot read snapshot `{}`", path.display()))?;
             Snapshot::parse(&text)
                 .and_then(|s| s.to_state(&desired.state))
                 .with_context(|| format!("invalid snapshot `{}`", path.display()))?

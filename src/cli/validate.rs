@@ -3,8 +3,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context as _;
-
 use super::{Exit, InvalidSpec, Output};
 use crate::compile::{ObjectLoader, load_and_compile};
 
@@ -17,9 +15,8 @@ pub struct Args {
     pub output: Output,
 }
 
-pub fn run(args: &Args) -> anyhow::Result<Exit> {
-    let source =
-        std::fs::read_to_string(&args.spec).with_context(|| format!("cannot read spec `{}`", args.spec.display()))?;
+pub fn run(ctx: &super::Context, args: &Args) -> anyhow::Result<Exit> {
+    let source = crate::spec::read_limited(&args.spec, ctx.max_spec_bytes)?;
     let result = load_and_compile(&args.spec, &source, &mut ObjectLoader::default());
     let (loaded, desired) = match result {
         Ok(x) => x,

@@ -5,6 +5,7 @@
 //! that need the ELF objects (functions, map sizes) live in `compile`.
 
 mod diag;
+mod source;
 pub mod types;
 pub mod yaml;
 
@@ -13,6 +14,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 pub use diag::{Diagnostic, Diagnostics, pointer_to_path};
+pub use source::{MAX_SPEC_BYTES, SourceError, read_limited};
 pub use types::*;
 use yaml::{MarkedDocument, Position};
 
@@ -61,7 +63,7 @@ pub fn schema_validator() -> jsonschema::Validator {
 pub fn load(file: &Path, source: &str) -> Result<LoadedSpec, Diagnostics> {
     match load_partial(file, source) {
         (Some(loaded), diags) if diags.is_empty() => Ok(loaded),
-        (_, diags) => Err(sorted(diags)),
+        (_, diags) => Err(diag::finish(diags, source)),
     }
 }
 
@@ -75,9 +77,9 @@ pub fn load_partial(file: &Path, source: &str) -> (Option<LoadedSpec>, Vec<Diagn
     }
 }
 
-/// Sorts and de-duplicates diagnostics gathered from several stages.
-pub fn diagnostics(diags: Vec<Diagnostic>) -> Diagnostics {
-    sorted(diags)
+/// Sorts, limits and locates diagnostics gathered from several stages.
+pub fn diagnostics(diags: Vec<Diagnostic>, source: &str) -> Diagnostics {
+    diag::finish(diags, source)
 }
 
 #[allow(clippy::result_large_err, reason = "the error carries the partially valid spec on purpose")]
@@ -107,12 +109,6 @@ fn load_inner(file: &Path, source: &str) -> Result<LoadedSpec, (Option<LoadedSpe
     let loaded = LoadedSpec { spec, file: file.to_path_buf(), source: source.to_string(), doc };
     diags.extend(semantic_checks(&loaded));
     if diags.is_empty() { Ok(loaded) } else { Err((Some(loaded), diags)) }
-}
-
-fn sorted(mut diags: Vec<Diagnostic>) -> Diagnostics {
-    diags.sort_by(|a, b| (a.position, &a.path, &a.message).cmp(&(b.position, &b.path, &b.message)));
-    diags.dedup();
-    Diagnostics(diags)
 }
 
 fn schema_diagnostics(file: &Path, source: &str, doc: &MarkedDocument) -> Vec<Diagnostic> {

@@ -8,6 +8,12 @@
 //! Scalars resolve as in the YAML 1.2 core schema, with one exception:
 //! plain `0x…` scalars stay strings, because map keys and values use them as
 //! literal bytes.
+//!
+//! Limits, checked while the events stream in, so that no input costs more
+//! than its size: nesting at most [`MAX_DEPTH`] deep, aliases at most
+//! [`MAX_ALIASES`] and together expanding to at most [`MAX_ALIAS_NODES`]
+//! nodes (a 370-byte "billion laughs" once took 2.4 GiB), and one document
+//! per file (a second `---` is an error, never silently ignored).
 
 use std::collections::HashMap;
 
@@ -78,7 +84,8 @@ pub fn parse(text: &str) -> Result<MarkedDocument, SyntaxError> {
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(text);
     parser
-        .load(&mut builder, false)
+        // Every document, so that a second one is seen and refused.
+        .load(&mut builder, true)
         .map_err(|e| SyntaxError { position: Position::from_marker(*e.marker()), message: e.info().to_string() })?;
     if let Some(e) = builder.error {
         return Err(e);
@@ -88,16 +95,40 @@ pub fn parse(text: &str) -> Result<MarkedDocument, SyntaxError> {
     Ok(doc)
 }
 
+/// Deepest nesting of sequences and mappings.
+pub const MAX_DEPTH: usize = 64;
+/// Most alias uses in one document.
+pub const MAX_ALIASES: usize = 10_000;
+/// Most nodes all aliases may expand to, together.
+pub const MAX_ALIAS_NODES: usize = 100_000;
+
 enum Frame {
-    Seq { pointer: String, items: Vec<Value>, anchor: usize },
-    Map { pointer: String, map: Map<String, Value>, pending_key: Option<(String, Position)>, anchor: usize },
+    Seq {
+        pointer: String,
+        items: Vec<Value>,
+        anchor: usize,
+        first_node: usize,
+    },
+    Map {
+        pointer: String,
+        map: Map<String, Value>,
+        pending_key: Option<(String, Position)>,
+        anchor: usize,
+        first_node: usize,
+    },
 }
 
 #[derive(Default)]
 struct Builder {
     stack: Vec<Frame>,
     root: Option<Value>,
-    anchors: HashMap<usize, Value>,
+    /// Anchored values and how many nodes each holds.
+    anchors: HashMap<usize, (Value, usize)>,
+    /// Nodes made so far, aliases expanded.
+    nodes: usize,
+    aliases: usize,
+    alias_nodes: usize,
+    documents: usize,
     doc: MarkedDocument,
     error: Option<SyntaxError>,
     /// Depth of a complex (non-scalar) mapping key being skipped.
@@ -105,6 +136,10 @@ struct Builder {
 }
 
 impl Builder {
+    fn fail(&mut self, position: Position, message: String) {
+        self.error = Some(SyntaxError { position, message });
+    }
+
     /// Pointer of the node about to be produced in the current container.
     fn child_pointer(&self) -> Option<String> {
         match self.stack.last() {
@@ -191,48 +226,77 @@ impl MarkedEventReceiver for Builder {
                 } else {
                     Value::String(text)
                 };
+                self.nodes += 1;
                 if anchor > 0 {
-                    self.anchors.insert(anchor, value.clone());
+                    self.anchors.insert(anchor, (value.clone(), 1));
                 }
                 self.push_value(value);
             }
             Event::Alias(id) => {
                 let ptr = self.child_pointer().unwrap_or_default();
                 self.doc.values.insert(ptr, pos);
-                match self.anchors.get(&id).cloned() {
-                    Some(v) => self.push_value(v),
-                    None => self.error = Some(SyntaxError { position: pos, message: "unknown alias".into() }),
+                let Some((value, size)) = self.anchors.get(&id) else {
+                    return self.fail(pos, "unknown alias".into());
+                };
+                self.aliases += 1;
+                self.alias_nodes += size;
+                if self.aliases > MAX_ALIASES || self.alias_nodes > MAX_ALIAS_NODES {
+                    return self.fail(
+                        pos,
+                        format!(
+                            "aliases expand too far (at most {MAX_ALIASES} aliases expanding to {MAX_ALIAS_NODES} nodes in all): write the values out"
+                        ),
+                    );
                 }
+                let (value, size) = (value.clone(), *size);
+                self.nodes += size;
+                self.push_value(value);
+            }
+            Event::SequenceStart(..) | Event::MappingStart(..) if self.stack.len() >= MAX_DEPTH => {
+                self.fail(pos, format!("nesting deeper than {MAX_DEPTH} levels"));
             }
             Event::SequenceStart(anchor, _) => {
                 let ptr = self.child_pointer().unwrap_or_default();
                 self.doc.values.insert(ptr.clone(), pos);
-                self.stack.push(Frame::Seq { pointer: ptr, items: Vec::new(), anchor });
+                self.nodes += 1;
+                let first_node = self.nodes;
+                self.stack.push(Frame::Seq { pointer: ptr, items: Vec::new(), anchor, first_node });
             }
             Event::MappingStart(anchor, _) => {
                 let ptr = self.child_pointer().unwrap_or_default();
                 self.doc.values.insert(ptr.clone(), pos);
-                self.stack.push(Frame::Map { pointer: ptr, map: Map::new(), pending_key: None, anchor });
+                self.nodes += 1;
+                let first_node = self.nodes;
+                self.stack.push(Frame::Map { pointer: ptr, map: Map::new(), pending_key: None, anchor, first_node });
             }
             Event::SequenceEnd => {
-                if let Some(Frame::Seq { items, anchor, .. }) = self.stack.pop() {
+                if let Some(Frame::Seq { items, anchor, first_node, .. }) = self.stack.pop() {
                     let v = Value::Array(items);
                     if anchor > 0 {
-                        self.anchors.insert(anchor, v.clone());
+                        self.anchors.insert(anchor, (v.clone(), self.nodes - first_node + 1));
                     }
                     self.push_value(v);
                 }
             }
             Event::MappingEnd => {
-                if let Some(Frame::Map { map, anchor, .. }) = self.stack.pop() {
+                if let Some(Frame::Map { map, anchor, first_node, .. }) = self.stack.pop() {
                     let v = Value::Object(map);
                     if anchor > 0 {
-                        self.anchors.insert(anchor, v.clone());
+                        self.anchors.insert(anchor, (v.clone(), self.nodes - first_node + 1));
                     }
                     self.push_value(v);
                 }
             }
-            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentStart | Event::DocumentEnd => {}
+            Event::DocumentStart => {
+                self.documents += 1;
+                if self.documents > 1 {
+                    self.fail(
+                        pos,
+                        "a second YAML document starts here: a spec is one document (remove the `---`)".into(),
+                    );
+                }
+            }
+            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentEnd => {}
         }
     }
 }
@@ -283,6 +347,34 @@ mod tests {
         let doc = parse("a: 1\na: 2\n").unwrap();
         assert_eq!(doc.problems.len(), 1);
         assert!(doc.problems[0].2.contains("duplicate key `a`"));
+    }
+
+    #[test]
+    fn an_alias_bomb_is_refused_quickly_and_small() {
+        let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+        let mut prev = 'a';
+        for name in 'b'..='j' {
+            let refs = vec![format!("*{prev}"); 10].join(", ");
+            bomb.push_str(&format!("{name}: &{name} [{refs}]\n"));
+            prev = name;
+        }
+        let started = std::time::Instant::now();
+        let err = parse(&bomb).unwrap_err();
+        assert!(err.message.contains("aliases expand too far"), "{}", err.message);
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        // A few aliases are fine.
+        let doc = parse("a: &x [1, 2]\nb: *x\nc: *x\n").unwrap();
+        assert_eq!(doc.value["c"], serde_json::json!([1, 2]));
+    }
+
+    #[test]
+    fn deep_nesting_and_second_documents_are_errors_with_positions() {
+        let deep = format!("{}1{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+        assert!(parse(&deep).unwrap_err().message.contains("nesting deeper"));
+        let two = parse("a: 1\n---\nb: 2\n").unwrap_err();
+        assert!(two.message.contains("second YAML document"), "{}", two.message);
+        assert_eq!(two.position.line, 2);
+        assert!(parse("---\na: 1\n...\n").is_ok(), "one document with markers is fine");
     }
 
     #[test]
