@@ -222,11 +222,31 @@ fn link_pin_name(hook: &Hook, mode: Option<XdpMode>) -> String {
 }
 
 fn list_dir(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
+    read_pins(dir).unwrap_or_default()
+}
+
+/// The names in a pin directory, sorted; a directory that does not exist
+/// holds nothing. Any other failure (EMFILE, ENOMEM, EACCES) is an error:
+/// observing must never take "could not look" for "nothing is pinned",
+/// which would plan to load everything again.
+fn read_pins(dir: &Path) -> Result<Vec<String>, KernelError> {
+    let failed = |e| KernelError::io(format!("list `{}`", dir.display()), e);
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(failed(e)),
+    };
+    let mut names = Vec::new();
+    for e in rd {
+        names.push(e.map_err(failed)?.file_name().to_string_lossy().into_owned());
+    }
     names.sort();
-    names
+    Ok(names)
+}
+
+/// An interface's index while observing: absent only when the kernel says so.
+fn observed_ifindex(name: &str) -> Result<Option<u32>, KernelError> {
+    sys::ifindex_checked(name).map_err(|e| KernelError::sys(format!("look up interface `{name}`"), e))
 }
 
 fn tag_hex(tag: &[u8; 8]) -> String {
@@ -572,8 +592,8 @@ impl Kernel for RealKernel {
 
         // Maps first: program→owner resolution needs their ids.
         let mut map_owner_by_id: HashMap<u32, String> = HashMap::new();
-        for owner in list_dir(&self.root.join("maps")) {
-            for map in list_dir(&self.root.join("maps").join(&owner)) {
+        for owner in read_pins(&self.root.join("maps"))? {
+            for map in read_pins(&self.root.join("maps").join(&owner))? {
                 let path = self.map_pin(&owner, &map);
                 let fd = self.open_pin(&path, "map")?;
                 let info = sys::map_info(fd.as_fd())
@@ -616,8 +636,8 @@ impl Kernel for RealKernel {
         }
         let mut versions: BTreeMap<String, Vec<Version>> = BTreeMap::new();
         let mut by_prog_id: HashMap<u32, (String, String)> = HashMap::new();
-        for name in list_dir(&self.root.join("programs")) {
-            for digest in list_dir(&self.root.join("programs").join(&name)) {
+        for name in read_pins(&self.root.join("programs"))? {
+            for digest in read_pins(&self.root.join("programs").join(&name))? {
                 let path = self.prog_pin(&name, &digest);
                 let fd = self.open_pin(&path, "program")?;
                 let (info, map_ids) = sys::prog_info(fd.as_fd())
@@ -642,7 +662,7 @@ impl Kernel for RealKernel {
         // Links.
         let mut linked_versions: BTreeMap<String, String> = BTreeMap::new();
         let mut our_prog_ids_on_if: HashMap<String, Vec<u32>> = HashMap::new();
-        for pin_name in list_dir(&self.links_dir()) {
+        for pin_name in read_pins(&self.links_dir())? {
             let Some((hook, mode)) = parse_link_pin(&pin_name) else { continue };
             let path = self.links_dir().join(&pin_name);
             let fd = self.open_pin(&path, "link")?;
@@ -656,7 +676,10 @@ impl Kernel for RealKernel {
                     _ => None,
                 }
             };
-            let expected_if = hook.interface().and_then(sys::ifindex);
+            let expected_if = match hook.interface() {
+                Some(i) => observed_ifindex(i)?,
+                None => None,
+            };
             let defunct = match (hook.interface(), link_if) {
                 (Some(_), Some(idx)) => idx == 0 || Some(idx) != expected_if,
                 (Some(_), None) => true,
@@ -712,7 +735,7 @@ impl Kernel for RealKernel {
         if !scope.neighbors.is_empty() {
             let table = netlink::neighbors().map_err(|e| KernelError::io("read the neighbour table", e))?;
             for (iface, addr) in &scope.neighbors {
-                let Some(idx) = sys::ifindex(iface) else { continue };
+                let Some(idx) = observed_ifindex(iface)? else { continue };
                 if let Some(n) = table.iter().find(|n| n.ifindex == idx && n.addr == *addr) {
                     state.neighbors.insert((iface.clone(), *addr), n.mac);
                 }
@@ -722,7 +745,7 @@ impl Kernel for RealKernel {
         // Interfaces and foreign programs on them.
         let tcx = kernel_version().1 >= (6, 6);
         for iface in &scope.interfaces {
-            let Some(idx) = sys::ifindex(iface) else { continue };
+            let Some(idx) = observed_ifindex(iface)? else { continue };
             state.interfaces.insert(iface.clone(), idx);
             if let Some(mac) =
                 netlink::link_mac(idx).map_err(|e| KernelError::io(format!("query the MAC of `{iface}`"), e))?
@@ -776,14 +799,15 @@ impl Kernel for RealKernel {
         if !scope.events.is_empty() {
             let _ = ensure_tracefs();
             let dir = tracefs_dir();
-            state.events = Some(
-                scope
-                    .events
-                    .iter()
-                    .filter(|e| dir.as_ref().is_some_and(|d| d.join("events").join(e).join("id").exists()))
-                    .cloned()
-                    .collect(),
-            );
+            let mut events = Vec::new();
+            for e in &scope.events {
+                let Some(d) = &dir else { break };
+                let id = d.join("events").join(e).join("id");
+                if id.try_exists().map_err(|err| KernelError::io(format!("look for tracepoint `{e}`"), err))? {
+                    events.push(e.clone());
+                }
+            }
+            state.events = Some(events);
         }
         Ok(state)
     }

@@ -390,10 +390,25 @@ pub fn c_name(raw: &[libc::c_char]) -> String {
 }
 
 pub fn ifindex(name: &str) -> Option<u32> {
-    let c = CString::new(name).ok()?;
+    ifindex_checked(name).ok().flatten()
+}
+
+/// The index of interface `name`: `Ok(None)` only when the kernel says it
+/// does not exist (ENODEV). A lookup that could not be made (EMFILE: no
+/// descriptor for its socket, ENOMEM, EPERM, EINTR) is an error, never
+/// "the interface is gone".
+pub fn ifindex_checked(name: &str) -> SysResult<Option<u32>> {
+    let Ok(c) = CString::new(name) else { return Ok(None) };
     // SAFETY: `c` is a valid NUL-terminated string.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (idx != 0).then_some(idx)
+    if idx != 0 {
+        return Ok(Some(idx));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENODEV) | Some(libc::ENXIO) => Ok(None),
+        _ => Err(SysError { call: "if_nametoindex", source: e }),
+    }
 }
 
 pub fn ifname(index: u32) -> Option<String> {
