@@ -241,7 +241,8 @@ fn endpoints_serve_openmetrics_health_readiness_and_status() {
     let (dir, path) = spec_file(&sb.host_if, 1);
     let agent = Agent::start(&env, &path, "30s");
     sb.send_udp(9, 20, Duration::ZERO).unwrap();
-    let (code, text) = agent.get("/metrics");
+    let openmetrics = "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: application/openmetrics-text; version=1.0.0\r\n\r\n";
+    let (code, text) = agent.request(openmetrics);
     assert_eq!(code, 200);
     assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
     for name in [
@@ -263,8 +264,11 @@ fn endpoints_serve_openmetrics_health_readiness_and_status() {
         .output()
         .unwrap();
     assert!(out.status.success(), "OpenMetrics parse failed: {}", String::from_utf8_lossy(&out.stderr));
-    // …and promtool parses it (exit 3 = lint notes on `_total` HELP names of
-    // the classic format, 1 = a parse error).
+    // …and a scraper that does not ask for OpenMetrics gets the classic text
+    // format, which promtool checks clean (exit 0: no lint notes either).
+    let (code, classic) = agent.get("/metrics");
+    assert_eq!(code, 200);
+    assert!(!classic.contains("# EOF") && classic.contains("# TYPE bpfsync_reconciles_total counter"), "{classic}");
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -272,9 +276,15 @@ fn endpoints_serve_openmetrics_health_readiness_and_status() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child.stdin.take().unwrap().write_all(classic.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    assert_ne!(out.status.code(), Some(1), "promtool: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     assert_eq!(agent.get("/healthz"), (200, "ok\n".into()));
     assert_eq!(agent.get("/readyz").0, 200);
@@ -508,5 +518,52 @@ fn a_panicking_reconcile_is_caught_counted_and_the_next_one_runs() {
     // Later edits are still followed: nothing stayed poisoned.
     std::fs::write(&path, spec(&sb.host_if, 8)).unwrap();
     wait("the edit after the panic", Duration::from_secs(10), || mark80(&env) == Some(8));
+    agent.stop();
+}
+
+#[test]
+fn slow_floods_and_oversized_requests_cannot_take_the_listener() {
+    use std::io::Read;
+    let env = Env::new();
+    let sb = Sandbox::create().unwrap();
+    let (_dir, path) = spec_file(&sb.host_if, 1);
+    let agent = Agent::start(&env, &path, "30s");
+    // A client sending a byte now and then is cut off once the head timeout
+    // (5 s) passes, whatever it sends.
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", agent.port)).unwrap();
+    slow.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let started = std::time::Instant::now();
+    let closed = std::thread::spawn(move || {
+        for b in b"GET /metrics HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+            if slow.write_all(&[*b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(700));
+            let mut buf = [0u8; 256];
+            match slow.read(&mut buf) {
+                Ok(0) => return,
+                Err(e) if !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return,
+                _ => {}
+            }
+        }
+    });
+    // A flood of idle connections, far past the limit: the agent's own
+    // descriptors stay bounded and probes are still answered.
+    let flood: Vec<_> = (0..300).filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", agent.port)).ok()).collect();
+    let fds = || std::fs::read_dir(format!("/proc/{}/fd", agent.child.id())).unwrap().count();
+    assert!(fds() < 300 + 100, "the agent holds {} descriptors", fds());
+    let probe = std::time::Instant::now();
+    assert_eq!(agent.get("/healthz").0, 200);
+    assert!(probe.elapsed() < Duration::from_secs(2), "probe took {:?}", probe.elapsed());
+    drop(flood);
+    closed.join().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(12), "the slow client was held {:?}", started.elapsed());
+
+    // Oversized heads, bodies and other methods are refused with their codes.
+    let huge = format!("GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(64 << 10));
+    assert_eq!(agent.request(&huge).0, 431);
+    assert_eq!(agent.request("GET /status HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello").0, 413);
+    assert_eq!(agent.request("POST /status HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").0, 405);
+    assert_eq!(agent.get("/readyz").0, 200, "still serving");
     agent.stop();
 }

@@ -132,6 +132,47 @@ impl Metrics {
     }
 }
 
+/// The classic Prometheus text format (0.0.4) of an OpenMetrics exposition,
+/// for scrapers that do not ask for OpenMetrics: counters are named by
+/// their `_total` sample, `_created` samples, `# UNIT` lines and `# EOF`
+/// go (the classic format has none of them).
+pub fn to_classic_text(openmetrics: &str) -> String {
+    let (mut counters, mut with_created) = (std::collections::HashSet::new(), std::collections::HashSet::new());
+    for line in openmetrics.lines() {
+        if let Some((name, kind)) = line.strip_prefix("# TYPE ").and_then(|r| r.split_once(' ')) {
+            if kind == "counter" {
+                counters.insert(name.to_string());
+            }
+            if matches!(kind, "counter" | "histogram" | "summary") {
+                with_created.insert(name.to_string());
+            }
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = line
+            .strip_prefix("# HELP ")
+            .map(|r| ("# HELP ", r))
+            .or(line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
+        if let Some((kind, rest)) = meta {
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            let name = if counters.contains(name) { format!("{name}_total") } else { name.to_string() };
+            out.push_str(&format!("{kind}{name} {tail}\n"));
+            continue;
+        }
+        let sample = line.split(['{', ' ']).next().unwrap_or("");
+        if sample.strip_suffix("_created").is_some_and(|family| with_created.contains(family)) {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 /// Families the [`DatapathCollector`] adds at scrape time when the programs
 /// they count are loaded (without the `bpfsync_` prefix and type suffixes).
 pub const DATAPATH_FAMILIES: [&str; 14] = [

@@ -453,6 +453,22 @@ fn action_name(a: plan::Action) -> &'static str {
     }
 }
 
+/// Raises the soft descriptor limit to the hard one (at most 65,536), as
+/// Go's runtime does: systemd's default soft limit of 1,024 is what HTTP
+/// clients exhausted before the listener had a connection limit.
+fn raise_descriptor_limit() {
+    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain getrlimit/setrlimit on a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max.min(65_536) {
+            let want = libc::rlimit { rlim_cur: l.rlim_max.min(65_536), rlim_max: l.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+                tracing::warn!("cannot raise the descriptor limit from {}", l.rlim_cur);
+            }
+        }
+    }
+}
+
 /// The longest wait between retries of a failing reconcile.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// The first wait after a failure the kernel will likely repeat.
@@ -465,6 +481,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     on_listen: impl FnOnce(SocketAddr),
 ) -> anyhow::Result<()> {
+    raise_descriptor_limit();
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let flow_stop = Arc::new(AtomicBool::new(false));

@@ -2,7 +2,7 @@
 //! Hubble's flags, as compact lines, JSON lines or a table.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::Exit;
@@ -148,25 +148,23 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
     // them: the filter is read from the command line in order.
     let tokens: Vec<String> = std::env::args().collect();
     let target = request_target(args, &tokens, time::now_unix_ns()).map_err(|e| anyhow::anyhow!(e))?;
-    let mut stream = TcpStream::connect_timeout(&args.agent, Duration::from_secs(3)).map_err(|e| {
-        anyhow::anyhow!("cannot reach the agent at `{}`: {e} (is `bpfsync agent` running? see --agent)", args.agent)
-    })?;
-    write!(stream, "GET {target} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", args.agent)?;
-    let mut reader = BufReader::new(stream);
-    let mut status = String::new();
-    reader.read_line(&mut status)?;
-    let code: u16 = status.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h)? == 0 || h == "\r\n" {
-            break;
+    // A stream (`--follow`) may stay quiet for long: no read timeout then.
+    let mut client = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(3)).redirects(0);
+    if !args.follow {
+        client = client.timeout_read(Duration::from_secs(30));
+    }
+    let url = format!("http://{}{target}", args.agent);
+    let response = match client.build().get(&url).call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(code, r)) => {
+            let body = r.into_string().unwrap_or_default();
+            anyhow::bail!("the agent refused the query ({code}): {}", body.trim());
         }
-    }
-    if code != 200 {
-        let mut body = String::new();
-        let _ = std::io::Read::read_to_string(&mut reader, &mut body);
-        anyhow::bail!("the agent refused the query ({code}): {}", body.trim());
-    }
+        Err(e) => {
+            anyhow::bail!("cannot reach the agent at `{}`: {e} (is `bpfsync agent` running? see --agent)", args.agent)
+        }
+    };
+    let reader = BufReader::new(response.into_reader());
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut table = Vec::new();

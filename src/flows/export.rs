@@ -5,8 +5,7 @@
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -247,62 +246,41 @@ impl Sink for FileSink {
     }
 }
 
-/// POSTs each batch as JSON lines (`application/x-ndjson`) to an `http://`
-/// URL; any 2xx answer is success.
+/// POSTs batches as JSON lines to an `http://` collector (ureq: a
+/// maintained HTTP client, chunked responses, redirects and timeouts
+/// handled). `https://` is refused: put a TLS proxy in front.
 #[derive(Debug)]
 pub struct HttpSink {
-    host: String,
-    port: u16,
-    path: String,
-    timeout: Duration,
+    url: String,
+    agent: ureq::Agent,
 }
 
 impl HttpSink {
     pub fn new(url: &str) -> Result<HttpSink, String> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| format!("collector URL `{url}`: only http:// is supported (put a TLS proxy in front)"))?;
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
-                h.trim_start_matches('[').trim_end_matches(']'),
-                p.parse().map_err(|_| format!("collector URL `{url}`: bad port"))?,
-            ),
-            _ => (authority.trim_start_matches('[').trim_end_matches(']'), 80),
-        };
-        if host.is_empty() {
+        let parsed = url::Url::parse(url).map_err(|e| format!("collector URL `{url}`: {e}"))?;
+        if parsed.scheme() != "http" {
+            return Err(format!("collector URL `{url}`: only http:// is supported (put a TLS proxy in front)"));
+        }
+        if parsed.host_str().is_none_or(str::is_empty) {
             return Err(format!("collector URL `{url}` has no host"));
         }
-        Ok(HttpSink { host: host.to_string(), port, path: path.to_string(), timeout: Duration::from_secs(5) })
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(5))
+            .timeout(Duration::from_secs(10))
+            .redirects(0)
+            .build();
+        Ok(HttpSink { url: parsed.to_string(), agent })
     }
 }
 
 impl Sink for HttpSink {
     fn send(&mut self, batch: &[Arc<FlowRecord>]) -> io::Result<()> {
-        let addr = (self.host.as_str(), self.port)
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("cannot resolve `{}`", self.host)))?;
-        let mut s = TcpStream::connect_timeout(&addr, self.timeout)?;
-        s.set_read_timeout(Some(self.timeout))?;
-        s.set_write_timeout(Some(self.timeout))?;
         let body = json_lines(batch);
-        let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
-        let head = format!(
-            "POST {} HTTP/1.1\r\nHost: {host}:{}\r\nContent-Type: application/x-ndjson\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            self.path,
-            self.port,
-            body.len()
-        );
-        s.write_all(head.as_bytes())?;
-        s.write_all(&body)?;
-        let mut status = [0u8; 12];
-        s.read_exact(&mut status)?;
-        let code = std::str::from_utf8(&status[9..12]).ok().and_then(|c| c.parse::<u16>().ok()).unwrap_or(0);
-        if (200..300).contains(&code) { Ok(()) } else { Err(io::Error::other(format!("collector answered {code}"))) }
+        match self.agent.post(&self.url).set("Content-Type", "application/x-ndjson").send_bytes(&body) {
+            Ok(_) => Ok(()),
+            Err(ureq::Error::Status(code, _)) => Err(io::Error::other(format!("collector answered {code}"))),
+            Err(e) => Err(io::Error::other(e.to_string())),
+        }
     }
 }
 
@@ -349,10 +327,10 @@ mod tests {
 
     #[test]
     fn collector_urls_are_checked() {
-        let s = HttpSink::new("http://127.0.0.1:9000/ingest").unwrap();
-        assert_eq!((s.host.as_str(), s.port, s.path.as_str()), ("127.0.0.1", 9000, "/ingest"));
-        let s = HttpSink::new("http://[::1]:8080").unwrap();
-        assert_eq!((s.host.as_str(), s.port, s.path.as_str()), ("::1", 8080, "/"));
+        assert_eq!(HttpSink::new("http://127.0.0.1:9000/ingest").unwrap().url, "http://127.0.0.1:9000/ingest");
+        assert_eq!(HttpSink::new("http://[::1]:8080").unwrap().url, "http://[::1]:8080/");
         assert!(HttpSink::new("https://x").unwrap_err().contains("only http://"));
+        assert!(HttpSink::new("http://").is_err());
+        assert!(HttpSink::new("http://h:99999/").is_err());
     }
 }

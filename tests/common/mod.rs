@@ -150,8 +150,14 @@ impl Agent {
     }
 
     pub fn get(&self, path: &str) -> (u16, String) {
+        self.request(&format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n"))
+    }
+
+    /// Sends `raw` as the whole request; the status code and body.
+    pub fn request(&self, raw: &str) -> (u16, String) {
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else { return (0, String::new()) };
-        let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
+        let _ = s.write_all(raw.as_bytes());
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
         let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
