@@ -31,12 +31,14 @@
 //! - [`cli`]: one module per subcommand; `main.rs` only parses arguments.
 
 pub mod agent;
+pub mod applied;
 pub mod apply;
 pub mod builtin;
 pub mod cli;
 pub mod codec;
 pub mod compile;
 pub mod datapath;
+pub mod engine;
 pub mod entries;
 pub mod fault;
 pub mod flows;
@@ -50,3 +52,4 @@ pub mod plan;
 pub mod sandbox;
 pub mod snapshot;
 pub mod spec;
+pub mod status;

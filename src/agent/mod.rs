@@ -25,10 +25,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use crate::applied::{self, Context};
 use crate::apply::journal::FileJournal;
 use crate::apply::lock::NodeLock;
 use crate::apply::{self, ApplyError, Retry, error_chain, scope_for};
-use crate::cli::{self, Context};
 use crate::compile::{Desired, ObjectLoader, load_and_compile};
 use crate::flows::export::{self, ExportPolicy, ExportQueue, FileSink, HttpSink, Sink};
 use crate::flows::hub::FlowHub;
@@ -134,9 +134,9 @@ impl Shared {
     }
 
     fn status_json(&self) -> Value {
-        let mut v = match cli::status::report(&self.config.ctx) {
+        let mut v = match crate::status::report(&self.config.ctx) {
             Ok((v, _, _)) => v,
-            Err(e) => json!({ "error": error_chain(e.as_ref()) }),
+            Err(e) => json!({ "error": error_chain(&e) }),
         };
         let s = self.state();
         v["agent"] = json!({
@@ -247,7 +247,7 @@ impl Reconciler {
         let compiled = (|| -> Result<(Desired, PathBuf), String> {
             let (loaded, desired) =
                 load_and_compile(path, &text, &mut ObjectLoader::default()).map_err(|d| d.to_string())?;
-            let staged = cli::stage_last_applied(ctx, &loaded, &desired, "last-applied.next")
+            let staged = applied::stage(ctx, &loaded, &desired, "last-applied.next")
                 .map_err(|e| format!("cannot write to the state directory: {e}"))?;
             Ok((desired, staged))
         })();
@@ -355,7 +355,7 @@ impl Reconciler {
         m.managed_objects.get_or_create(&KindLabel { kind: "map_entry".into() }).set(entries as i64);
         if p.is_empty() {
             if self.applied_digest.as_deref() != Some(digest) {
-                let _ = cli::commit_last_applied(&ctx, &good.staged);
+                let _ = applied::commit(&ctx, &good.staged);
                 self.applied_digest = Some(digest.to_string());
             }
             return Ok(0);
@@ -376,7 +376,7 @@ impl Reconciler {
             Ok(report) => {
                 tracing::info!(steps = report.steps, kernel_writes = report.kernel_writes, "applied");
                 if self.applied_digest.as_deref() != Some(digest) {
-                    let _ = cli::commit_last_applied(&ctx, &good.staged);
+                    let _ = applied::commit(&ctx, &good.staged);
                 }
                 self.applied_digest = Some(digest.to_string());
                 Ok(shown.len())

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use super::{Context, Exit, Output, confirm, load_spec, open_kernel_locked, save_last_applied};
 use crate::apply::journal::FileJournal;
-use crate::apply::{self, Retry, error_chain, scope_for};
+use crate::apply::{Retry, error_chain, scope_for};
+use crate::engine;
 use crate::kernel::Kernel;
 use crate::plan::{self, text::TextOptions};
 
@@ -35,16 +36,15 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     let (loaded, desired) = load_spec(ctx, &args.spec)?;
     let (mut kernel, _lock) = open_kernel_locked(ctx, "apply")?;
     let mut journal = FileJournal::new(&ctx.state_dir);
-    let recovered =
-        apply::recover(&mut kernel, &mut journal, Retry::default()).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
-    if recovered > 0 {
-        eprintln!("Rolled back {recovered} step(s) of an interrupted apply.");
+    let prepared = engine::prepare(&mut kernel, &mut journal, &desired, Retry::default())
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    if prepared.recovered > 0 {
+        eprintln!("Rolled back {} step(s) of an interrupted apply.", prepared.recovered);
     }
-    let observed = kernel.observe(&scope_for(&desired.state)).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
-    let plan = plan::plan(&desired.state, &observed);
+    let plan = &prepared.plan;
     let text = args.output == Output::Text;
     if text {
-        print!("{}", plan::text::render(&plan, TextOptions { color: ctx.color }));
+        print!("{}", plan::text::render(plan, TextOptions { color: ctx.color }));
     }
     if !plan.errors.is_empty() {
         anyhow::bail!("the plan cannot be applied, nothing was changed: {}", plan.errors.join("; "));
@@ -60,7 +60,7 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
         if !text {
             println!(
                 "{}",
-                serde_json::json!({ "plan": plan::json::to_value(&plan), "applied": { "steps": 0, "kernel_writes": 0 } })
+                serde_json::json!({ "plan": plan::json::to_value(plan), "applied": { "steps": 0, "kernel_writes": 0 } })
             );
         }
         return Ok(0);
@@ -69,7 +69,7 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
         println!("Apply cancelled.");
         return Ok(1);
     }
-    let report = apply::apply(&mut kernel, &plan, &desired, &observed, &mut journal, Retry::default())
+    let report = engine::execute(&mut kernel, &mut journal, &desired, &prepared, Retry::default())
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     save_last_applied(ctx, &loaded, &desired)?;
     notes_on_xdp_modes(&mut kernel, &desired);
@@ -91,7 +91,7 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
             println!("{others} conflict(s) left unresolved (see above).");
         }
     } else {
-        println!("{}", serde_json::json!({ "plan": plan::json::to_value(&plan), "applied": report }));
+        println!("{}", serde_json::json!({ "plan": plan::json::to_value(plan), "applied": report }));
     }
     tracing::info!(add = s.add, change = s.change, destroy = s.destroy, steps = report.steps, "applied");
     Ok(0)

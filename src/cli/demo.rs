@@ -11,9 +11,10 @@ use anyhow::Context as _;
 
 use super::{Context, Exit, load_spec, require_root};
 use crate::apply::journal::FileJournal;
-use crate::apply::{self, Retry, error_chain, scope_for};
+use crate::apply::{Retry, error_chain, scope_for};
 use crate::compile::Desired;
 use crate::datapath;
+use crate::engine;
 use crate::kernel::real::RealKernel;
 use crate::kernel::{Kernel, Scope};
 use crate::model::MapRef;
@@ -90,13 +91,11 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
 
 fn teardown(ctx: &Context) -> anyhow::Result<()> {
     let mut kernel = RealKernel::open(&ctx.bpffs_root).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
-    let observed = kernel.observe(&Scope::default()).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
-    let desired = Desired::default();
-    let p = plan::plan(&desired.state, &observed);
     let mut journal = FileJournal::new(&ctx.state_dir);
-    let report = apply::apply(&mut kernel, &p, &desired, &observed, &mut journal, Retry::default())
+    let done = engine::reconcile(&mut kernel, &mut journal, &Desired::default(), Retry::default())
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
-    println!("`bpfsync down`: {} steps, everything bpfsync owned is gone", report.steps);
+    let steps = done.report.map_or(0, |r| r.steps);
+    println!("`bpfsync down`: {steps} steps, everything bpfsync owned is gone");
     Ok(())
 }
 
@@ -107,17 +106,17 @@ fn run_in_sandbox(ctx: &Context, spec_path: &std::path::Path, sandbox: &Sandbox,
 
     section("bpfsync plan examples/demo.yaml");
     let mut kernel = RealKernel::open(&ctx.bpffs_root).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
-    let observed = kernel.observe(&scope_for(&desired.state)).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
-    let p = plan::plan(&desired.state, &observed);
-    print!("{}", plan::text::render(&p, TextOptions { color: ctx.color }));
+    let mut journal = FileJournal::new(&ctx.state_dir);
+    let prepared = engine::prepare(&mut kernel, &mut journal, &desired, Retry::default())
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    print!("{}", plan::text::render(&prepared.plan, TextOptions { color: ctx.color }));
     if interrupted() {
         return Ok(());
     }
 
     section("bpfsync apply examples/demo.yaml --auto-approve");
-    let mut journal = FileJournal::new(&ctx.state_dir);
     let t = Instant::now();
-    let report = apply::apply(&mut kernel, &p, &desired, &observed, &mut journal, Retry::default())
+    let report = engine::execute(&mut kernel, &mut journal, &desired, &prepared, Retry::default())
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     super::save_last_applied(ctx, &loaded, &desired)?;
     println!(
@@ -128,7 +127,7 @@ fn run_in_sandbox(ctx: &Context, spec_path: &std::path::Path, sandbox: &Sandbox,
     );
 
     section("bpfsync status");
-    let (v, _, drift) = super::status::report(ctx)?;
+    let (v, _, drift) = crate::status::report(ctx)?;
     print!("{}", super::status::render_text(&v, drift.as_ref()));
 
     section(&format!("live counters: UDP from {} to {} for {}s", sandbox.peer_ip, sandbox.host_ip, args.seconds));

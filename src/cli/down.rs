@@ -4,9 +4,9 @@ use std::fs;
 
 use super::{Context, Exit, clear_last_applied, confirm, open_kernel_locked};
 use crate::apply::journal::FileJournal;
-use crate::apply::{self, Retry, error_chain};
+use crate::apply::{Retry, error_chain};
 use crate::compile::Desired;
-use crate::kernel::{Kernel, Scope};
+use crate::engine;
 use crate::plan::{self, text::TextOptions};
 
 #[derive(Debug, clap::Args)]
@@ -19,17 +19,17 @@ pub struct Args {
 pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     let (mut kernel, _lock) = open_kernel_locked(ctx, "down")?;
     let mut journal = FileJournal::new(&ctx.state_dir);
-    apply::recover(&mut kernel, &mut journal, Retry::default()).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
-    let observed = kernel.observe(&Scope::default()).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    // Nothing desired: the plan removes everything bpfsync owns.
     let desired = Desired::default();
-    let plan = plan::plan(&desired.state, &observed);
-    print!("{}", plan::text::render(&plan, TextOptions { color: ctx.color }));
-    if !plan.is_empty() {
+    let prepared = engine::prepare(&mut kernel, &mut journal, &desired, Retry::default())
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    print!("{}", plan::text::render(&prepared.plan, TextOptions { color: ctx.color }));
+    if !prepared.plan.is_empty() {
         if !confirm(args.auto_approve, "Remove everything bpfsync owns on this node?")? {
             println!("Cancelled.");
             return Ok(1);
         }
-        let report = apply::apply(&mut kernel, &plan, &desired, &observed, &mut journal, Retry::default())
+        let report = engine::execute(&mut kernel, &mut journal, &desired, &prepared, Retry::default())
             .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
         println!("\nDown complete: {} steps, {} kernel writes.", report.steps, report.kernel_writes);
     }

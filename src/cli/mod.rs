@@ -14,12 +14,10 @@ pub mod stats;
 pub mod status;
 pub mod validate;
 
-use std::fs;
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use anyhow::{Context as _, bail};
-use serde::{Deserialize, Serialize};
+use anyhow::bail;
 
 use crate::apply::lock::NodeLock;
 use crate::compile::{self, Desired, ObjectLoader};
@@ -28,15 +26,7 @@ use crate::spec::LoadedSpec;
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/bpfsync";
 
-/// Where bpfsync keeps its pins and its records.
-#[derive(Debug, Clone)]
-pub struct Context {
-    pub bpffs_root: PathBuf,
-    pub state_dir: PathBuf,
-    pub color: bool,
-    /// The largest spec (and snapshot) read, in bytes.
-    pub max_spec_bytes: u64,
-}
+pub use crate::applied::Context;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {
@@ -106,87 +96,17 @@ pub fn confirm(auto_approve: bool, question: &str) -> anyhow::Result<bool> {
     Ok(answer.trim() == "yes")
 }
 
-/// What `status` compares against: the last spec applied, with copies of
-/// the objects it named.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct AppliedMeta {
-    pub spec_path: String,
-    pub spec_sha256: String,
-    pub applied_at_unix: u64,
-}
-
-fn applied_dir(ctx: &Context) -> PathBuf {
-    ctx.state_dir.join("last-applied")
-}
-
+/// Records `loaded` as the last applied spec (see [`crate::applied`]).
 pub fn save_last_applied(ctx: &Context, loaded: &LoadedSpec, desired: &Desired) -> anyhow::Result<()> {
-    let staged = stage_last_applied(ctx, loaded, desired, "last-applied.tmp")?;
-    commit_last_applied(ctx, &staged)
+    Ok(crate::applied::save(ctx, loaded, desired)?)
 }
 
-/// Makes the last-applied record as `name` in the state directory, to be
-/// committed once the apply succeeds (the agent stages when a spec loads,
-/// so it need not keep the parsed spec in memory).
-pub fn stage_last_applied(
-    ctx: &Context,
-    loaded: &LoadedSpec,
-    desired: &Desired,
-    name: &str,
-) -> anyhow::Result<PathBuf> {
-    let tmp = ctx.state_dir.join(name);
-    let _ = fs::remove_dir_all(&tmp);
-    fs::create_dir_all(tmp.join("objects"))?;
-    let mut spec = loaded.spec.clone();
-    for p in &mut spec.programs {
-        if p.object.is_some()
-            && let Some(bytes) = desired.objects.get(&p.name)
-        {
-            let name = format!("{}.bpf.o", p.name);
-            fs::write(tmp.join("objects").join(&name), bytes)?;
-            p.object = Some(format!("objects/{name}"));
-        }
-    }
-    let text = format!(
-        "# The spec bpfsync last applied (from `{}`); object paths point at copies.\n{}",
-        loaded.file.display(),
-        serde_yaml::to_string(&spec)?
-    );
-    fs::write(tmp.join("spec.yaml"), text)?;
-    // Absolute, so `status` finds the file from any directory.
-    let spec_path = fs::canonicalize(&loaded.file).or_else(|_| std::path::absolute(&loaded.file));
-    let meta = AppliedMeta {
-        spec_path: spec_path.as_deref().unwrap_or(&loaded.file).display().to_string(),
-        spec_sha256: crate::object::digest(loaded.source.as_bytes()),
-        applied_at_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-    };
-    fs::write(tmp.join("meta.json"), serde_json::to_string_pretty(&meta)?)?;
-    Ok(tmp)
-}
-
-/// Makes a staged record the last-applied one.
-pub fn commit_last_applied(ctx: &Context, staged: &Path) -> anyhow::Result<()> {
-    let dir = applied_dir(ctx);
-    let _ = fs::remove_dir_all(&dir);
-    fs::rename(staged, &dir)?;
-    Ok(())
-}
-
-pub fn load_last_applied(ctx: &Context) -> anyhow::Result<Option<(AppliedMeta, Desired)>> {
-    let dir = applied_dir(ctx);
-    let spec_path = dir.join("spec.yaml");
-    if !spec_path.exists() {
-        return Ok(None);
-    }
-    let meta: AppliedMeta = serde_json::from_str(&fs::read_to_string(dir.join("meta.json"))?)?;
-    let (_, desired) = load_spec(ctx, &spec_path).context("the last applied spec no longer compiles")?;
-    Ok(Some((meta, desired)))
+pub fn load_last_applied(ctx: &Context) -> anyhow::Result<Option<(crate::applied::AppliedMeta, Desired)>> {
+    Ok(crate::applied::load(ctx)?)
 }
 
 pub fn clear_last_applied(ctx: &Context) {
-    let _ = fs::remove_dir_all(applied_dir(ctx));
+    crate::applied::clear(ctx)
 }
 
 /// A size in bytes: `1048576`, `512k`, `100M`, `1G` (binary multiples).
