@@ -360,3 +360,59 @@ impl Kernel for MemoryKernel {
         self.writes
     }
 }
+
+/// A memory kernel shared between an agent under test and the test itself,
+/// which injects drift and faults into it while the agent runs.
+impl Kernel for std::sync::Arc<std::sync::Mutex<MemoryKernel>> {
+    fn observe(&mut self, scope: &Scope) -> Result<State, KernelError> {
+        self.lock().unwrap_or_else(std::sync::PoisonError::into_inner).observe(scope)
+    }
+    fn load_program(&mut self, req: &LoadRequest) -> Result<(), KernelError> {
+        self.lock().unwrap_or_else(std::sync::PoisonError::into_inner).load_program(req)
+    }
+    fn unload_program(&mut self, name: &str, digest: &str) -> Result<(), KernelError> {
+        self.lock().unwrap_or_else(std::sync::PoisonError::into_inner).unload_program(name, digest)
+    }
+    fn restore_program(&mut self, name: &str, digest: &str) -> Result<(), KernelError> {
+        self.lock().unwrap_or_else(std::sync::PoisonError::into_inner).restore_program(name, digest)
+    }
+    fn discard_program(&mut self, name: &str, digest: &str) -> Result<(), KernelError> {
+        self.lock().unwrap_or_else(std::sync::PoisonError::into_inner).discard_program(name, digest)
+    }
+    fn write_entries(&mut self, map: &MapRef, entries: &[(Vec<u8>, Vec<u8>)]) -> Result<(), KernelError> {
+        self.lock().unwrap_or_else(std::sync::PoisonError::into_inner).write_entries(map, entries)
+    }
+    fn delete_entries(&mut self, map: &MapRef, keys: &[Vec<u8>]) -> Result<(), KernelError> {
+        self.lock().unwrap_or_else(std::sync::PoisonError::into_inner).delete_entries(map, keys)
+    }
+    fn attach(&mut self, hook: &Hook, program: &str, digest: &str, mode: Option<XdpMode>) -> Result<(), KernelError> {
+        self.lock().unwrap_or_else(std::sync::PoisonError::into_inner).attach(hook, program, digest, mode)
+    }
+    fn update_link(&mut self, hook: &Hook, program: &str, digest: &str) -> Result<(), KernelError> {
+        self.lock().unwrap_or_else(std::sync::PoisonError::into_inner).update_link(hook, program, digest)
+    }
+    fn detach(&mut self, hook: &Hook) -> Result<(), KernelError> {
+        self.lock().unwrap_or_else(std::sync::PoisonError::into_inner).detach(hook)
+    }
+    fn evict(&mut self, foreign: &ForeignProgram) -> Result<(), KernelError> {
+        self.lock().unwrap_or_else(std::sync::PoisonError::into_inner).evict(foreign)
+    }
+    fn unevict(&mut self, foreign: &ForeignProgram) -> Result<(), KernelError> {
+        self.lock().unwrap_or_else(std::sync::PoisonError::into_inner).unevict(foreign)
+    }
+    fn pin_map(&mut self, map: &MapRef, id: u32) -> Result<(), KernelError> {
+        self.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pin_map(map, id)
+    }
+    fn unpin_map(&mut self, map: &MapRef) -> Result<(), KernelError> {
+        self.lock().unwrap_or_else(std::sync::PoisonError::into_inner).unpin_map(map)
+    }
+    fn commit(&mut self) -> Result<(), KernelError> {
+        self.lock().unwrap_or_else(std::sync::PoisonError::into_inner).commit()
+    }
+    fn lookup_entries(&mut self, map: &MapRef, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, KernelError> {
+        self.lock().unwrap_or_else(std::sync::PoisonError::into_inner).lookup_entries(map, keys)
+    }
+    fn writes(&self) -> u64 {
+        self.lock().unwrap_or_else(std::sync::PoisonError::into_inner).writes()
+    }
+}
