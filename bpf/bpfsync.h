@@ -26,9 +26,16 @@ struct proto_stats {
 
 /* Keys of `counter_config`. */
 enum counter_config_key {
-	CONFIG_ENABLED = 0, /* 0 = stop counting, anything else = count */
+	CONFIG_COUNTING = 0, /* COUNTING_DEFAULT (0, unset) or COUNTING_ON = count; COUNTING_OFF = do not */
 	CONFIG_DROP_NON_IP = 1, /* non-zero = XDP_DROP frames that are not IP */
 	CONFIG_MAX = 2,
+};
+
+/* Values of counter_config[CONFIG_COUNTING]: an empty spec counts. */
+enum counting {
+	COUNTING_DEFAULT = 0,
+	COUNTING_ON = 1,
+	COUNTING_OFF = 2,
 };
 
 /* Key of `class_ports`: a transport protocol and a destination port. */

@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: GPL-2.0
 /* `counter`: XDP per-protocol packet and byte counter.
  *
- * Counts every frame into `packet_stats[proto]` and passes it, unless
- * `counter_config[CONFIG_DROP_NON_IP]` asks to drop frames that are not IP. */
+ * Counts every frame into `packet_stats[proto]` (unless
+ * `counter_config[CONFIG_COUNTING]` is COUNTING_OFF: an empty spec counts)
+ * and passes it, unless `counter_config[CONFIG_DROP_NON_IP]` asks to drop
+ * frames that are not IP. */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
@@ -69,7 +71,7 @@ int xdp_counter(struct xdp_md *ctx)
 	void *data_end = (void *)(long)ctx->data_end;
 	__u32 proto = classify(data, data_end);
 
-	if (config(CONFIG_ENABLED)) {
+	if (config(CONFIG_COUNTING) != COUNTING_OFF) {
 		struct proto_stats *s = bpf_map_lookup_elem(&packet_stats, &proto);
 		if (s) {
 			__sync_fetch_and_add(&s->packets, 1);

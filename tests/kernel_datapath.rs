@@ -79,12 +79,23 @@ fn the_counter_counts_every_protocol_and_drops_non_ip_only_when_asked() {
     assert_eq!(run_pinned(&counter, ProgramType::Xdp, &arp(), 1).unwrap().return_value, XDP_DROP);
     assert_eq!(run_pinned(&counter, ProgramType::Xdp, &cases[0].1, 1).unwrap().return_value, XDP_PASS);
 
-    // Counting off: packets pass uncounted.
-    let path = write_spec(env.state.path(), "spec.yaml", &spec(0, 0));
+    // Counting off (2): packets pass uncounted.
+    let path = write_spec(env.state.path(), "spec.yaml", &spec(2, 0));
     env.run_ok(&["apply", &path, "--auto-approve"]);
     let before = counters(&env, "counter", "packet_stats");
     run_pinned(&counter, ProgramType::Xdp, &cases[1].1, 10).unwrap();
     assert_eq!(counters(&env, "counter", "packet_stats"), before);
+}
+
+#[test]
+fn the_counter_counts_with_an_empty_spec() {
+    let env = Env::new();
+    let text = "apiVersion: bpfsync/v1\nkind: NodeSpec\nprograms:\n  - { name: counter, builtin: counter, type: xdp }\n";
+    let path = write_spec(env.state.path(), "spec.yaml", text);
+    env.run_ok(&["apply", &path, "--auto-approve"]);
+    let udp = Packet::new(ip("10.0.0.1"), ip("10.0.0.2"), Transport::Udp { sport: 1000, dport: 53 }).build();
+    run_pinned(&pin(&env, "counter"), ProgramType::Xdp, &udp, 3).unwrap();
+    assert_eq!(counters(&env, "counter", "packet_stats").get("udp").map(|c| c.0), Some(3));
 }
 
 #[test]
