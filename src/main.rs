@@ -1,3 +1,4 @@
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -66,8 +67,12 @@ fn main() -> ExitCode {
     // The agent logs every apply and repair; one-shot commands only warnings.
     let default_level = if matches!(cli.command, Command::Agent(_)) { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("BPFSYNC_LOG").unwrap_or_else(|_| default_level.into());
+    // Colour only on a terminal (not in files, pipes or journald).
+    let ansi = !cli.no_color && std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     match cli.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init(),
+        LogFormat::Text => {
+            tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init()
+        }
         LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init(),
     }
     let ctx = Context {

@@ -188,9 +188,17 @@ fn a_fresh_array_entry_is_rolled_back_by_zeroing_it() {
         }
     };
     assert!(writes_before_config > 1);
-    let out = env.run(&["recover"]);
+    // Without `--no-color`: logs go to a pipe, so no colour codes in them.
+    let out = Command::new(env!("CARGO_BIN_EXE_bpfsync"))
+        .args(["--bpffs-root", env.bpffs.root().to_str().unwrap(), "--state-dir", env.state.path().to_str().unwrap()])
+        .arg("recover")
+        .env_remove("NO_COLOR")
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("Rolled back"), "{}", stdout(&out));
+    assert!(stderr(&out).contains("rolling back an interrupted apply"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains('\x1b'), "colour codes in logs off a terminal: {:?}", stderr(&out));
     assert!(env.pins().iter().all(|p| !p.contains("programs/") && !p.contains("links/")), "{:?}", env.pins());
     env.run_ok(&["apply", &a, "--auto-approve"]);
 }

@@ -90,7 +90,8 @@ fn the_counter_counts_every_protocol_and_drops_non_ip_only_when_asked() {
 #[test]
 fn the_counter_counts_with_an_empty_spec() {
     let env = Env::new();
-    let text = "apiVersion: bpfsync/v1\nkind: NodeSpec\nprograms:\n  - { name: counter, builtin: counter, type: xdp }\n";
+    let text =
+        "apiVersion: bpfsync/v1\nkind: NodeSpec\nprograms:\n  - { name: counter, builtin: counter, type: xdp }\n";
     let path = write_spec(env.state.path(), "spec.yaml", text);
     env.run_ok(&["apply", &path, "--auto-approve"]);
     let udp = Packet::new(ip("10.0.0.1"), ip("10.0.0.2"), Transport::Udp { sport: 1000, dport: 53 }).build();

@@ -42,8 +42,13 @@ fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
-fn section(title: &str) {
-    println!("\n\x1b[1m== {title}\x1b[0m\n");
+/// A heading; bold only on a terminal (`Context::color`).
+fn section(color: bool, title: &str) {
+    if color {
+        println!("\n\x1b[1m== {title}\x1b[0m\n");
+    } else {
+        println!("\n== {title}\n");
+    }
 }
 
 pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
@@ -57,7 +62,7 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     let _ = std::process::Command::new("ip").args(["netns", "del", NETNS]).output();
     let _ = std::process::Command::new("ip").args(["link", "del", HOST_IF]).output();
 
-    section("sandbox");
+    section(ctx.color, "sandbox");
     let sandbox = Sandbox::create_named(NETNS, HOST_IF, [10, 201, 0]).context("cannot create the demo sandbox")?;
     let bpffs = TempBpffs::create().context("cannot mount a bpffs for the demo")?;
     let state = TempDir::create("bpfsync-demo-state")?;
@@ -75,7 +80,7 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     std::fs::write(&spec_path, DEMO_SPEC)?;
     let result = run_in_sandbox(&demo_ctx, &spec_path, &sandbox, args);
 
-    section("teardown");
+    section(ctx.color, "teardown");
     let down = teardown(&demo_ctx);
     drop(sandbox);
     drop(bpffs);
@@ -100,11 +105,11 @@ fn teardown(ctx: &Context) -> anyhow::Result<()> {
 }
 
 fn run_in_sandbox(ctx: &Context, spec_path: &std::path::Path, sandbox: &Sandbox, args: &Args) -> anyhow::Result<()> {
-    section("bpfsync validate examples/demo.yaml");
+    section(ctx.color, "bpfsync validate examples/demo.yaml");
     let (loaded, desired) = load_spec(ctx, spec_path)?;
     println!("valid: {} programs, {} attachments", desired.state.programs.len(), desired.state.attachments.len());
 
-    section("bpfsync plan examples/demo.yaml");
+    section(ctx.color, "bpfsync plan examples/demo.yaml");
     let mut kernel = RealKernel::open(&ctx.bpffs_root).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     let mut journal = FileJournal::new(&ctx.state_dir);
     let prepared = engine::prepare(&mut kernel, &mut journal, &desired, Retry::default())
@@ -114,7 +119,7 @@ fn run_in_sandbox(ctx: &Context, spec_path: &std::path::Path, sandbox: &Sandbox,
         return Ok(());
     }
 
-    section("bpfsync apply examples/demo.yaml --auto-approve");
+    section(ctx.color, "bpfsync apply examples/demo.yaml --auto-approve");
     let t = Instant::now();
     let report = engine::execute(&mut kernel, &mut journal, &desired, &prepared, Retry::default())
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
@@ -126,11 +131,14 @@ fn run_in_sandbox(ctx: &Context, spec_path: &std::path::Path, sandbox: &Sandbox,
         t.elapsed()
     );
 
-    section("bpfsync status");
+    section(ctx.color, "bpfsync status");
     let (v, _, drift) = crate::status::report(ctx)?;
     print!("{}", super::status::render_text(&v, drift.as_ref()));
 
-    section(&format!("live counters: UDP from {} to {} for {}s", sandbox.peer_ip, sandbox.host_ip, args.seconds));
+    section(
+        ctx.color,
+        &format!("live counters: UDP from {} to {} for {}s", sandbox.peer_ip, sandbox.host_ip, args.seconds),
+    );
     let stats = MapRef { program: "counter".into(), map: "packet_stats".into() };
     let scope = Scope { maps: [stats.clone()].into(), ..Default::default() };
     let stop = Instant::now() + Duration::from_secs(args.seconds);
@@ -145,7 +153,7 @@ fn run_in_sandbox(ctx: &Context, spec_path: &std::path::Path, sandbox: &Sandbox,
         return Ok(());
     }
 
-    section("bpfsync plan examples/demo.yaml   (again: nothing to do)");
+    section(ctx.color, "bpfsync plan examples/demo.yaml   (again: nothing to do)");
     let observed = kernel.observe(&scope_for(&desired.state)).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     let p = plan::plan(&desired.state, &observed);
     print!("{}", plan::text::render(&p, TextOptions { color: ctx.color }));
