@@ -325,7 +325,7 @@ pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, 
                 attachment(mesh::EGRESS_PROGRAM, None),
             );
         }
-        desired.state.mesh = Some(Arc::new(model));
+        desired.state.mesh = Some(crate::model::NodeDependent(Arc::new(model)));
         // Flow record settings: one array entry (all zero = the defaults,
         // which is also what an array holds when nothing was written).
         let r = mesh::map_ref(mesh::FLOW_CONFIG_MAP);

@@ -88,7 +88,6 @@ const _: () = assert!(std::mem::size_of::<PolicyActionValue>() == 8);
 
 /// `struct rule_name`.
 pub const RULE_NAME_LEN: usize = 96;
-const _: () = assert!(RULE_NAME_LEN == crate::mesh::policy::RULE_NAME_LEN);
 
 /// `struct route_key`.
 #[repr(C)]

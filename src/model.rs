@@ -223,7 +223,38 @@ pub struct State {
     /// Observed only: usable neighbour-table entries for the next hops the
     /// desired state names, (interface, address) → MAC.
     pub neighbors: BTreeMap<(String, std::net::IpAddr), [u8; 6]>,
-    /// Desired only: the mesh datapath's policies and routes; their map
-    /// entries are resolved against the observed node when planning.
-    pub mesh: Option<std::sync::Arc<crate::mesh::MeshModel>>,
+    /// Desired only: entries that depend on facts of the node (the mesh
+    /// datapath's policies and routes), resolved against the observed node
+    /// when planning.
+    pub mesh: Option<NodeDependent>,
+}
+
+/// Desired map entries that depend on facts of the node — interface
+/// indexes and MACs, neighbours — and so are known only once the node is
+/// observed. The mesh compiler implements it; the model knows only this.
+pub trait NodeFacts: Send + Sync + fmt::Debug {
+    /// The entries of each map it fills, resolved against `observed`, and
+    /// what could not be resolved (left as the kernel has it).
+    fn resolve(&self, observed: &State) -> (BTreeMap<MapRef, Entries>, Vec<Unresolved>);
+    /// Interfaces whose facts it needs, and next hops (interface, address)
+    /// whose MAC must be looked up in the neighbour table.
+    fn needs(&self) -> (Vec<String>, Vec<(String, std::net::IpAddr)>);
+}
+
+/// A desired object that cannot be put in place on this node as it is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unresolved {
+    /// What is left out: `route 10.20.0.0/16`, `policies on veth9`.
+    pub what: String,
+    pub message: String,
+}
+
+/// A shared [`NodeFacts`]; two are equal when they are the same one.
+#[derive(Debug, Clone)]
+pub struct NodeDependent(pub std::sync::Arc<dyn NodeFacts>);
+
+impl PartialEq for NodeDependent {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
 }

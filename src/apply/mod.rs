@@ -525,16 +525,15 @@ pub fn discard_journal<K: Kernel + ?Sized>(
 
 /// The scope to observe for a desired state.
 pub fn scope_for(desired: &State) -> Scope {
-    let routes = desired.mesh.iter().flat_map(|m| m.routes.iter());
-    let hops = routes.flat_map(|r| std::iter::once(&r.via).chain(&r.fallback));
+    let (hop_interfaces, neighbors) = desired.mesh.as_ref().map(|m| m.0.needs()).unwrap_or_default();
     Scope {
         interfaces: desired
             .attachments
             .keys()
             .filter_map(|h| h.interface().map(str::to_string))
-            .chain(hops.clone().map(|h| h.interface.clone()))
+            .chain(hop_interfaces)
             .collect(),
-        neighbors: hops.filter(|h| h.mac.is_none()).map(|h| (h.interface.clone(), h.neighbor)).collect(),
+        neighbors: neighbors.into_iter().collect(),
         maps: desired.maps.iter().filter(|(_, m)| m.managed).map(|(r, _)| r.clone()).collect(),
         all_maps: false,
         map_names: Default::default(),

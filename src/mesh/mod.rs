@@ -23,9 +23,7 @@ use crate::spec::{NodeSpec, XdpMode};
 
 pub use policy::PolicyTables;
 
-/// Program names of the mesh datapath (implicit when the spec uses it).
-pub const PROGRAM: &str = "mesh";
-pub const EGRESS_PROGRAM: &str = "mesh_egress";
+pub use crate::spec::mesh::{EGRESS_PROGRAM, PROGRAM};
 pub const PEERS_MAP: &str = "policy_peers";
 pub const ACTIONS_MAP: &str = "policy_actions";
 pub const NAMES_MAP: &str = "rule_names";
@@ -91,32 +89,7 @@ pub struct MeshModel {
     pub interfaces: BTreeMap<String, XdpMode>,
 }
 
-/// Whether the spec uses the mesh datapath at all.
-pub fn in_use(spec: &NodeSpec) -> bool {
-    !spec.routes.is_empty() || !spec.policies.is_empty() || spec.interfaces.iter().any(|i| i.mesh.is_some())
-}
-
-/// The interfaces that run the mesh datapath and why (for messages):
-/// declared with `mesh:`, selected by a policy, or used by a route.
-pub fn interfaces(spec: &NodeSpec) -> BTreeMap<String, (XdpMode, String)> {
-    let mut out: BTreeMap<String, (XdpMode, String)> = BTreeMap::new();
-    for i in &spec.interfaces {
-        if let Some(m) = &i.mesh {
-            out.insert(i.name.clone(), (m.mode, "it declares `mesh`".into()));
-        }
-    }
-    for p in &spec.policies {
-        for i in &p.interfaces {
-            out.entry(i.clone()).or_insert((XdpMode::Auto, format!("policy `{}` selects it", p.name)));
-        }
-    }
-    for r in &spec.routes {
-        for hop in std::iter::once(&r.via).chain(&r.fallback) {
-            out.entry(hop.interface.clone()).or_insert((XdpMode::Auto, format!("route `{}` uses it", r.prefix)));
-        }
-    }
-    out
-}
+pub use crate::spec::mesh::{in_use, interfaces};
 
 fn route_id(prefix: &Cidr) -> u32 {
     use sha2::{Digest, Sha256};
@@ -154,12 +127,20 @@ pub fn compile(spec: &NodeSpec) -> MeshModel {
     }
 }
 
-/// A route or policy that cannot be installed on this node as it is.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Unresolved {
-    /// What is left out: `route 10.20.0.0/16`, `policies on veth9`.
-    pub what: String,
-    pub message: String,
+pub use crate::model::Unresolved;
+
+impl crate::model::NodeFacts for MeshModel {
+    fn resolve(&self, observed: &State) -> (BTreeMap<MapRef, Entries>, Vec<Unresolved>) {
+        let (entries, unresolved) = resolve(self, observed);
+        (entries.into_iter().map(|(m, e)| (map_ref(m), e)).collect(), unresolved)
+    }
+
+    fn needs(&self) -> (Vec<String>, Vec<(String, std::net::IpAddr)>) {
+        let hops = self.routes.iter().flat_map(|r| std::iter::once(&r.via).chain(&r.fallback));
+        let interfaces = hops.clone().map(|h| h.interface.clone()).collect();
+        let neighbors = hops.filter(|h| h.mac.is_none()).map(|h| (h.interface.clone(), h.neighbor)).collect();
+        (interfaces, neighbors)
+    }
 }
 
 /// `struct route_key`.

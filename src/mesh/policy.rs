@@ -541,7 +541,7 @@ pub fn encode_decision(set_id: u32, d: &Decision) -> (Vec<u8>, Vec<u8>) {
 
 /// `struct rule_name` (`RULE_NAME_LEN` bytes, NUL-padded; long names are
 /// cut at a character boundary).
-pub const RULE_NAME_LEN: usize = 96;
+pub use crate::datapath::RULE_NAME_LEN;
 
 pub fn encode_rule_name(id: u32, name: &str) -> (Vec<u8>, Vec<u8>) {
     let mut end = name.len().min(RULE_NAME_LEN - 1);

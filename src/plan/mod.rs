@@ -635,12 +635,12 @@ fn adopt_unpinned_maps<'a>(desired: &State, observed: &'a State) -> (std::borrow
 pub fn resolve_desired<'a>(
     desired: &'a State,
     observed: &State,
-) -> (std::borrow::Cow<'a, State>, Vec<mesh::Unresolved>) {
-    let Some(model) = &desired.mesh else { return (std::borrow::Cow::Borrowed(desired), Vec::new()) };
-    let (entries, unresolved) = mesh::resolve(model, observed);
+) -> (std::borrow::Cow<'a, State>, Vec<crate::model::Unresolved>) {
+    let Some(facts) = &desired.mesh else { return (std::borrow::Cow::Borrowed(desired), Vec::new()) };
+    let (entries, unresolved) = facts.0.resolve(observed);
     let mut d = desired.clone();
     for (map, e) in entries {
-        if let Some(m) = d.maps.get_mut(&mesh::map_ref(map)) {
+        if let Some(m) = d.maps.get_mut(&map) {
             m.entries = e;
         }
     }

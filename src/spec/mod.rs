@@ -5,6 +5,7 @@
 //! that need the ELF objects (functions, map sizes) live in `compile`.
 
 mod diag;
+pub mod mesh;
 mod source;
 pub mod types;
 pub mod yaml;
@@ -430,7 +431,7 @@ fn check_rule(l: &LoadedSpec, d: &mut Vec<Diagnostic>, base: &str, section: &str
 /// its program names.
 fn check_flows(l: &LoadedSpec, s: &NodeSpec, d: &mut Vec<Diagnostic>) {
     let Some(f) = &s.flows else { return };
-    if !crate::mesh::in_use(s) {
+    if !mesh::in_use(s) {
         d.push(l.diag(
             "/flows",
             "flow records come from the mesh datapath, which this spec does not use (no policies, routes or `mesh:` interfaces)",
@@ -445,11 +446,11 @@ fn check_flows(l: &LoadedSpec, s: &NodeSpec, d: &mut Vec<Diagnostic>) {
 }
 
 fn check_mesh(l: &LoadedSpec, s: &NodeSpec, d: &mut Vec<Diagnostic>) {
-    if !crate::mesh::in_use(s) {
+    if !mesh::in_use(s) {
         return;
     }
     for (i, p) in s.programs.iter().enumerate() {
-        if p.name == crate::mesh::PROGRAM || p.name == crate::mesh::EGRESS_PROGRAM {
+        if p.name == mesh::PROGRAM || p.name == mesh::EGRESS_PROGRAM {
             d.push(l.diag(
                 &format!("/programs/{i}/name"),
                 format!(
@@ -459,7 +460,7 @@ fn check_mesh(l: &LoadedSpec, s: &NodeSpec, d: &mut Vec<Diagnostic>) {
             ));
         }
     }
-    let mesh_ifaces = crate::mesh::interfaces(s);
+    let mesh_ifaces = mesh::interfaces(s);
     for (i, iface) in s.interfaces.iter().enumerate() {
         if let (Some(x), Some((_, why))) = (&iface.xdp, mesh_ifaces.get(&iface.name)) {
             d.push(l.diag(
