@@ -127,6 +127,16 @@ pub struct Step {
     pub what: String,
     pub forward: Vec<KernelOp>,
     pub undo: Vec<KernelOp>,
+    /// Entry changes of one map in one batch: later changes of the same
+    /// kind to the same map join this step.
+    pub batch: Option<Batch>,
+}
+
+/// What an entry step batches.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Batch {
+    Writes(MapRef),
+    Deletes(MapRef),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +206,7 @@ pub fn steps(plan: &Plan, desired: &Desired, observed: &State) -> Vec<Step> {
             Op::LoadProgram { program, fresh_maps } => {
                 let digest = digest_of(&desired.state, program);
                 out.push(Step {
+                    batch: None,
                     what: format!("load program `{program}`"),
                     forward: vec![KernelOp::LoadProgram {
                         program: program.clone(),
@@ -206,6 +217,7 @@ pub fn steps(plan: &Plan, desired: &Desired, observed: &State) -> Vec<Step> {
                 });
             }
             Op::UnloadProgram { program, digest } => out.push(Step {
+                batch: None,
                 what: format!("unload program `{program}`"),
                 forward: vec![KernelOp::UnloadProgram { program: program.clone(), digest: digest.clone() }],
                 undo: vec![KernelOp::RestoreProgram { program: program.clone(), digest: digest.clone() }],
@@ -217,64 +229,13 @@ pub fn steps(plan: &Plan, desired: &Desired, observed: &State) -> Vec<Step> {
                     None if is_array(map) => Some(vec![0u8; value.len()]),
                     other => other.clone(),
                 };
-                let merge = matches!(out.last(), Some(Step { forward, .. })
-                    if matches!(forward.as_slice(), [KernelOp::WriteEntries { map: m, .. }] if m == map));
-                if !merge {
-                    out.push(Step {
-                        what: format!("write entries of map `{map}`"),
-                        forward: vec![KernelOp::WriteEntries { map: map.clone(), entries: vec![] }],
-                        undo: vec![
-                            KernelOp::DeleteEntries { map: map.clone(), keys: vec![] },
-                            KernelOp::WriteEntries { map: map.clone(), entries: vec![] },
-                        ],
-                    });
-                }
-                let step = out.last_mut().unwrap();
-                if let KernelOp::WriteEntries { entries, .. } = &mut step.forward[0] {
-                    entries.push((key.clone(), value.clone()));
-                }
-                match old {
-                    None => {
-                        if let KernelOp::DeleteEntries { keys, .. } = &mut step.undo[0] {
-                            keys.push(key.clone());
-                        }
-                    }
-                    Some(o) => {
-                        if let KernelOp::WriteEntries { entries, .. } = &mut step.undo[1] {
-                            entries.push((key.clone(), o));
-                        }
-                    }
-                }
+                push_entry_write(&mut out, map, key, value, old);
             }
-            Op::DeleteEntry { map, key, old, zero } => {
-                let merge = matches!(out.last(), Some(Step { what, forward, .. })
-                    if what.starts_with("delete") && matches!(forward.as_slice(),
-                        [KernelOp::DeleteEntries { map: m, .. }] | [KernelOp::WriteEntries { map: m, .. }] if m == map));
-                if !merge {
-                    let forward = if *zero {
-                        KernelOp::WriteEntries { map: map.clone(), entries: vec![] }
-                    } else {
-                        KernelOp::DeleteEntries { map: map.clone(), keys: vec![] }
-                    };
-                    out.push(Step {
-                        what: format!("delete entries of map `{map}`"),
-                        forward: vec![forward],
-                        undo: vec![KernelOp::WriteEntries { map: map.clone(), entries: vec![] }],
-                    });
-                }
-                let step = out.last_mut().unwrap();
-                match &mut step.forward[0] {
-                    KernelOp::WriteEntries { entries, .. } => entries.push((key.clone(), vec![0; old.len()])),
-                    KernelOp::DeleteEntries { keys, .. } => keys.push(key.clone()),
-                    _ => {}
-                }
-                if let KernelOp::WriteEntries { entries, .. } = &mut step.undo[0] {
-                    entries.push((key.clone(), old.clone()));
-                }
-            }
+            Op::DeleteEntry { map, key, old, zero } => push_entry_delete(&mut out, map, key, old, *zero),
             Op::Attach { hook, program, mode, evict } => {
                 for f in evict {
                     out.push(Step {
+                        batch: None,
                         what: format!("evict foreign program `{}` from `{hook}`", f.program_name),
                         forward: vec![KernelOp::Evict { foreign: f.clone() }],
                         undo: vec![KernelOp::Unevict { foreign: f.clone() }],
@@ -282,6 +243,7 @@ pub fn steps(plan: &Plan, desired: &Desired, observed: &State) -> Vec<Step> {
                 }
                 let digest = digest_of(&desired.state, program);
                 out.push(Step {
+                    batch: None,
                     what: format!("attach `{program}` to `{hook}`"),
                     forward: vec![KernelOp::Attach {
                         hook: hook.clone(),
@@ -293,11 +255,13 @@ pub fn steps(plan: &Plan, desired: &Desired, observed: &State) -> Vec<Step> {
                 });
             }
             Op::Evict { hook, foreign } => out.push(Step {
+                batch: None,
                 what: format!("evict foreign program `{}` from `{hook}`", foreign.program_name),
                 forward: vec![KernelOp::Evict { foreign: foreign.clone() }],
                 undo: vec![KernelOp::Unevict { foreign: foreign.clone() }],
             }),
             Op::UpdateLink { hook, from, to } => out.push(Step {
+                batch: None,
                 what: format!("update the link on `{hook}` to `{to}`"),
                 forward: vec![KernelOp::UpdateLink {
                     hook: hook.clone(),
@@ -314,6 +278,7 @@ pub fn steps(plan: &Plan, desired: &Desired, observed: &State) -> Vec<Step> {
                 let old_digest = digest_of(observed, old_program);
                 let defunct = observed.attachments.get(hook).is_some_and(|a| a.defunct);
                 out.push(Step {
+                    batch: None,
                     what: format!("detach `{hook}` to re-attach it"),
                     forward: vec![KernelOp::Detach { hook: hook.clone() }],
                     undo: if defunct {
@@ -328,6 +293,7 @@ pub fn steps(plan: &Plan, desired: &Desired, observed: &State) -> Vec<Step> {
                     },
                 });
                 out.push(Step {
+                    batch: None,
                     what: format!("attach `{program}` to `{hook}`"),
                     forward: vec![KernelOp::Attach {
                         hook: hook.clone(),
@@ -339,11 +305,13 @@ pub fn steps(plan: &Plan, desired: &Desired, observed: &State) -> Vec<Step> {
                 });
             }
             Op::PinMap { map, id } => out.push(Step {
+                batch: None,
                 what: format!("pin map `{map}` again"),
                 forward: vec![KernelOp::PinMap { map: map.clone(), id: *id }],
                 undo: vec![KernelOp::UnpinMap { map: map.clone() }],
             }),
             Op::Detach { hook, program, mode, defunct } => out.push(Step {
+                batch: None,
                 what: format!("detach `{hook}`"),
                 forward: vec![KernelOp::Detach { hook: hook.clone() }],
                 undo: if *defunct {
@@ -368,6 +336,61 @@ pub fn steps(plan: &Plan, desired: &Desired, observed: &State) -> Vec<Step> {
         });
     }
     out
+}
+
+/// Adds one entry write to the current write batch of `map`, or starts one.
+/// The undo deletes keys that were new and writes back old values.
+fn push_entry_write(out: &mut Vec<Step>, map: &MapRef, key: &[u8], value: &[u8], old: Option<Vec<u8>>) {
+    let batch = Some(Batch::Writes(map.clone()));
+    if out.last().is_none_or(|s| s.batch != batch) {
+        out.push(Step {
+            what: format!("write entries of map `{map}`"),
+            forward: vec![KernelOp::WriteEntries { map: map.clone(), entries: vec![] }],
+            undo: vec![
+                KernelOp::DeleteEntries { map: map.clone(), keys: vec![] },
+                KernelOp::WriteEntries { map: map.clone(), entries: vec![] },
+            ],
+            batch,
+        });
+    }
+    let Some(step) = out.last_mut() else { return };
+    if let [KernelOp::WriteEntries { entries, .. }] = step.forward.as_mut_slice() {
+        entries.push((key.to_vec(), value.to_vec()));
+    }
+    match (old, step.undo.as_mut_slice()) {
+        (None, [KernelOp::DeleteEntries { keys, .. }, _]) => keys.push(key.to_vec()),
+        (Some(o), [_, KernelOp::WriteEntries { entries, .. }]) => entries.push((key.to_vec(), o)),
+        _ => {}
+    }
+}
+
+/// Adds one entry removal to the current delete batch of `map`, or starts
+/// one. Array entries are zeroed instead (arrays hold every index). The
+/// undo writes the old values back.
+fn push_entry_delete(out: &mut Vec<Step>, map: &MapRef, key: &[u8], old: &[u8], zero: bool) {
+    let batch = Some(Batch::Deletes(map.clone()));
+    if out.last().is_none_or(|s| s.batch != batch) {
+        let forward = if zero {
+            KernelOp::WriteEntries { map: map.clone(), entries: vec![] }
+        } else {
+            KernelOp::DeleteEntries { map: map.clone(), keys: vec![] }
+        };
+        out.push(Step {
+            what: format!("delete entries of map `{map}`"),
+            forward: vec![forward],
+            undo: vec![KernelOp::WriteEntries { map: map.clone(), entries: vec![] }],
+            batch,
+        });
+    }
+    let Some(step) = out.last_mut() else { return };
+    match step.forward.as_mut_slice() {
+        [KernelOp::WriteEntries { entries, .. }] => entries.push((key.to_vec(), vec![0; old.len()])),
+        [KernelOp::DeleteEntries { keys, .. }] => keys.push(key.to_vec()),
+        _ => {}
+    }
+    if let [KernelOp::WriteEntries { entries, .. }] = step.undo.as_mut_slice() {
+        entries.push((key.to_vec(), old.to_vec()));
+    }
 }
 
 fn run_op<K: Kernel + ?Sized>(k: &mut K, op: &KernelOp, desired: Option<&Desired>) -> Result<(), KernelError> {
