@@ -183,16 +183,42 @@ fn raise_descriptor_limit() {
     }
 }
 
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot listen on `{addr}`")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot watch the spec `{path}`")]
+    Watch {
+        path: PathBuf,
+        #[source]
+        source: notify::Error,
+    },
+    #[error("cannot open the flow export file `{path}`")]
+    ExportFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    ExportUrl(String),
+}
+
 /// Runs the agent until `shutdown` completes. `on_listen` learns the bound
 /// address (useful with port 0).
 pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()>,
     on_listen: impl FnOnce(SocketAddr),
-) -> anyhow::Result<()> {
+) -> Result<(), AgentError> {
     raise_descriptor_limit();
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    let addr = listener.local_addr()?;
+    let listen_failed = |source| AgentError::Listen { addr: config.listen, source };
+    let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(listen_failed)?;
+    let addr = listener.local_addr().map_err(listen_failed)?;
     let flow_stop = Arc::new(AtomicBool::new(false));
     let (hub, flow_threads) = start_flows(&config, &flow_stop)?;
     on_listen(addr);
@@ -202,7 +228,8 @@ pub async fn run(
     let http = tokio::spawn(http::serve(listener, shared.clone()));
 
     let (tx, spec_rx) = mpsc::channel::<()>(1);
-    let _watcher = watch::watch(&config.spec, tx).map_err(|e| anyhow::anyhow!("cannot watch the spec: {e}"))?;
+    let _watcher =
+        watch::watch(&config.spec, tx).map_err(|source| AgentError::Watch { path: config.spec.clone(), source })?;
     let (link_tx, link_rx) = mpsc::channel::<()>(1);
     let link_thread = watch::watch_links(shared.clone(), link_tx, flow_stop.clone());
     let ctx = config.ctx.clone();
@@ -223,12 +250,12 @@ pub async fn run(
     tracing::info!("agent stopping; the datapath keeps running");
     http.abort();
     flow_stop.store(true, Ordering::Relaxed);
-    tokio::task::spawn_blocking(move || {
+    let _ = tokio::task::spawn_blocking(move || {
         for t in flow_threads.into_iter().chain(link_thread) {
             let _ = t.join();
         }
     })
-    .await?;
+    .await;
     Ok(())
 }
 
@@ -236,16 +263,16 @@ pub async fn run(
 fn start_flows(
     config: &AgentConfig,
     stop: &Arc<AtomicBool>,
-) -> anyhow::Result<(Arc<FlowHub>, Vec<std::thread::JoinHandle<()>>)> {
+) -> Result<(Arc<FlowHub>, Vec<std::thread::JoinHandle<()>>), AgentError> {
     let o = &config.flows;
     let mut sinks: Vec<(Arc<ExportQueue>, Box<dyn Sink>)> = Vec::new();
     if let Some(path) = &o.export_file {
         let sink = FileSink::new(path.clone(), o.file_max_bytes, o.file_keep)
-            .map_err(|e| anyhow::anyhow!("cannot open the flow export file `{}`: {e}", path.display()))?;
+            .map_err(|source| AgentError::ExportFile { path: path.clone(), source })?;
         sinks.push((Arc::new(ExportQueue::new("file", o.export_buffer)), Box::new(sink)));
     }
     if let Some(url) = &o.export_http {
-        let sink = HttpSink::new(url).map_err(|e| anyhow::anyhow!(e))?;
+        let sink = HttpSink::new(url).map_err(AgentError::ExportUrl)?;
         sinks.push((Arc::new(ExportQueue::new("http", o.export_buffer)), Box::new(sink)));
     }
     let hub = Arc::new(FlowHub::new(o.history, sinks.iter().map(|(q, _)| q.clone()).collect()));
