@@ -288,9 +288,24 @@ pub fn plan_skipping_entries(desired: &State, observed: &State, skip: &BTreeSet<
         mesh::Names::new(observed, rules(desired).unwrap_or(&Default::default()), rules(observed))
     });
 
-    // Programs. `renewed` programs get a new kernel program: links follow.
-    let mut renewed: BTreeSet<&str> = BTreeSet::new();
-    let mut fresh_maps: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let (renewed, fresh_maps) = plan_programs(desired, observed, &mut ph);
+    plan_entries(desired, observed, skip, &fresh_maps, names.as_ref(), &mut ph, &mut errors);
+    let policy_changes = policy_changes_of(&ph, names.as_ref(), desired, observed);
+    plan_attachments(desired, observed, &renewed, &mut ph, &mut conflicts);
+    Plan { changes: ph.into_changes(), conflicts, policy_changes, errors }
+}
+
+/// Programs to load, replace or unload. Returns the programs that get a
+/// new kernel program (their links follow) and, per program, the maps that
+/// are recreated because their shape changed.
+#[allow(clippy::type_complexity, reason = "two results named at the call site")]
+fn plan_programs<'d>(
+    desired: &'d State,
+    observed: &State,
+    ph: &mut Phases,
+) -> (BTreeSet<&'d str>, BTreeMap<&'d str, Vec<String>>) {
+    let mut renewed: BTreeSet<&'d str> = BTreeSet::new();
+    let mut fresh_maps: BTreeMap<&'d str, Vec<String>> = BTreeMap::new();
     for (name, d) in &desired.programs {
         let address = format!("program.{name}");
         let mut changed_maps = Vec::new();
@@ -398,14 +413,27 @@ pub fn plan_skipping_entries(desired: &State, observed: &State, skip: &BTreeSet<
         });
     }
 
-    // Map entries of managed maps.
+    (renewed, fresh_maps)
+}
+
+/// Entry changes of every managed map (but those in `skip`); a map that
+/// would overflow while the plan runs is an error of the plan.
+fn plan_entries(
+    desired: &State,
+    observed: &State,
+    skip: &BTreeSet<MapRef>,
+    fresh_maps: &BTreeMap<&str, Vec<String>>,
+    names: Option<&mesh::Names>,
+    ph: &mut Phases,
+    errors: &mut Vec<String>,
+) {
     let empty = MapState::default();
     for (r, dm) in desired.maps.iter().filter(|(r, m)| m.managed && !skip.contains(r)) {
         let fresh = !observed.programs.contains_key(&r.program)
             || fresh_maps.get(r.program.as_str()).is_some_and(|m| m.contains(&r.map));
         let om = if fresh { &empty } else { observed.maps.get(r).unwrap_or(&empty) };
-        let view = names.as_ref().filter(|_| r.program == mesh::PROGRAM);
-        let peak = diff_entries(r, dm, om, view, &mut ph);
+        let view = names.filter(|_| r.program == mesh::PROGRAM);
+        let peak = diff_entries(r, dm, om, view, ph);
         if let Some(shape) = dm.shape
             && shape.map_type != crate::object::BPF_MAP_TYPE_ARRAY
             && peak > shape.max_entries as usize
@@ -418,6 +446,15 @@ pub fn plan_skipping_entries(desired: &State, observed: &State, skip: &BTreeSet<
             ));
         }
     }
+}
+
+/// Policy entry changes in spec terms.
+fn policy_changes_of(
+    ph: &Phases,
+    names: Option<&mesh::Names>,
+    desired: &State,
+    observed: &State,
+) -> Vec<mesh::PolicyChange> {
     // Decoding every policy entry costs time on big tables: only when a
     // policy entry changes (the agent plans on every resync).
     let touches_policy = ph.writes.iter().chain(&ph.entry_deletes).any(|c| match &c.op {
@@ -426,7 +463,7 @@ pub fn plan_skipping_entries(desired: &State, observed: &State, skip: &BTreeSet<
         }
         _ => false,
     });
-    let policy_changes = match &names {
+    match names {
         Some(names) if touches_policy => {
             let empty = crate::entries::Entries::new();
             let atoms = |s: &State| {
@@ -436,9 +473,18 @@ pub fn plan_skipping_entries(desired: &State, observed: &State, skip: &BTreeSet<
             mesh::policy_changes(&atoms(observed), &atoms(desired))
         }
         _ => Vec::new(),
-    };
+    }
+}
 
-    // Attachments.
+/// Attachments to create, update, re-create or remove, and the conflicts
+/// and pending objects on the hooks the spec declares.
+fn plan_attachments(
+    desired: &State,
+    observed: &State,
+    renewed: &BTreeSet<&str>,
+    ph: &mut Phases,
+    conflicts: &mut Vec<Conflict>,
+) {
     for (hook, d) in &desired.attachments {
         let address = format!("attachment.{hook}");
         let observed_att = observed.attachments.get(hook);
@@ -574,22 +620,28 @@ pub fn plan_skipping_entries(desired: &State, observed: &State, skip: &BTreeSet<
             ph.detaches.push(detach_change(hook, o, "it is not in the spec"));
         }
     }
+}
 
-    let mut changes = ph.loads;
-    changes.extend(ph.writes);
-    changes.extend(ph.attaches);
-    // Writes run map by map in name order, deletes in reverse: a map whose
-    // values point at another map's keys is named after it
-    // (`policy_peers` → `policy_actions`), so what it points at exists
-    // whenever it is visible.
-    ph.entry_deletes.sort_by(|a, b| match (&a.op, &b.op) {
-        (Op::DeleteEntry { map: ma, .. }, Op::DeleteEntry { map: mb, .. }) => mb.cmp(ma),
-        _ => std::cmp::Ordering::Equal,
-    });
-    changes.extend(ph.entry_deletes);
-    changes.extend(ph.detaches);
-    changes.extend(ph.unloads);
-    Plan { changes, conflicts, policy_changes, errors }
+impl Phases {
+    /// The changes in execution order: loads, map writes, attachments,
+    /// entry deletes, detaches, unloads.
+    fn into_changes(mut self) -> Vec<Change> {
+        let mut changes = self.loads;
+        changes.extend(self.writes);
+        changes.extend(self.attaches);
+        // Writes run map by map in name order, deletes in reverse: a map whose
+        // values point at another map's keys is named after it
+        // (`policy_peers` → `policy_actions`), so what it points at exists
+        // whenever it is visible.
+        self.entry_deletes.sort_by(|a, b| match (&a.op, &b.op) {
+            (Op::DeleteEntry { map: ma, .. }, Op::DeleteEntry { map: mb, .. }) => mb.cmp(ma),
+            _ => std::cmp::Ordering::Equal,
+        });
+        changes.extend(self.entry_deletes);
+        changes.extend(self.detaches);
+        changes.extend(self.unloads);
+        changes
+    }
 }
 
 /// Maps whose pin was removed while their program still holds them (drift
