@@ -110,10 +110,28 @@ pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, 
     let s = &spec.spec;
     let mut diags: Vec<Diagnostic> = Vec::new();
     let mut desired = Desired::default();
-    let mut infos: BTreeMap<String, Arc<ObjectInfo>> = BTreeMap::new();
     let mesh_on = mesh::in_use(s);
     let programs = with_mesh_programs(&s.programs, mesh_on);
 
+    let infos = compile_programs(spec, &programs, loader, &mut desired, &mut diags);
+    compile_maps(spec, &programs, &infos, &mut desired, &mut diags);
+    if mesh_on {
+        compile_mesh(spec, &mut desired);
+    }
+    compile_attachments(spec, &mut desired);
+    if diags.is_empty() { Ok(desired) } else { Err(crate::spec::diagnostics(diags, &spec.source)) }
+}
+
+/// Each program's object: read (or built in), its function found and
+/// checked, its digest. Returns the objects' infos by program name.
+fn compile_programs(
+    spec: &LoadedSpec,
+    programs: &[ProgramSpec],
+    loader: &mut ObjectLoader,
+    desired: &mut Desired,
+    diags: &mut Vec<Diagnostic>,
+) -> BTreeMap<String, Arc<ObjectInfo>> {
+    let mut infos: BTreeMap<String, Arc<ObjectInfo>> = BTreeMap::new();
     for (i, p) in programs.iter().enumerate() {
         let ptr = format!("/programs/{i}");
         let (loaded, source, default_function) = match (&p.builtin, &p.object) {
@@ -193,6 +211,18 @@ pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, 
         desired.state.programs.insert(p.name.clone(), program);
     }
 
+    infos
+}
+
+/// Every map of each owner's object; the declared ones are managed, their
+/// entries encoded by the map's BTF layout.
+fn compile_maps(
+    spec: &LoadedSpec,
+    programs: &[ProgramSpec],
+    infos: &BTreeMap<String, Arc<ObjectInfo>>,
+    desired: &mut Desired,
+    diags: &mut Vec<Diagnostic>,
+) {
     // Maps: owners get every map of their object; declared ones are managed.
     for (i, p) in programs.iter().enumerate() {
         let Some(info) = infos.get(&p.name) else { continue };
@@ -293,54 +323,60 @@ pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, 
             state.entries = pairs.into_iter().collect();
         }
     }
+}
 
-    if mesh_on {
-        let model = mesh::compile(s);
-        for map in mesh::MANAGED_MAPS {
-            let r = mesh::map_ref(map);
-            if let (Some(state), Some(def)) = (desired.state.maps.get_mut(&r), desired.map_defs.get(&r)) {
-                state.managed = true;
-                state.codec =
-                    MapCodec { key: Some(def.key.clone()), value: Some(def.value.clone()), ..Default::default() };
-            }
-        }
-        for (iface, mode) in &model.interfaces {
-            let spec_iface = s.interfaces.iter().find(|i| &i.name == iface);
-            let takeover = spec_iface.and_then(|i| i.mesh.as_ref()).is_some_and(|m| m.takeover);
-            let egress_position = spec_iface.and_then(|i| i.tc.as_ref()).map_or(0, |tc| tc.egress.len());
-            let attachment = |program: &str, mode: Option<XdpMode>| Attachment {
-                program: program.into(),
-                mode,
-                takeover,
-                link_id: None,
-                defunct: false,
-                running_mode: None,
-            };
-            desired
-                .state
-                .attachments
-                .insert(Hook::Xdp { interface: iface.clone() }, attachment(mesh::PROGRAM, Some(*mode)));
-            desired.state.attachments.insert(
-                Hook::Tc { interface: iface.clone(), direction: Direction::Egress, position: egress_position as u32 },
-                attachment(mesh::EGRESS_PROGRAM, None),
-            );
-        }
-        desired.state.mesh = Some(crate::model::NodeDependent(Arc::new(model)));
-        // Flow record settings: one array entry (all zero = the defaults,
-        // which is also what an array holds when nothing was written).
-        let r = mesh::map_ref(mesh::FLOW_CONFIG_MAP);
+/// The mesh datapath: its managed maps, its node-dependent entries (policies
+/// and routes, resolved when planning) and its hooks.
+fn compile_mesh(spec: &LoadedSpec, desired: &mut Desired) {
+    let s = &spec.spec;
+    let model = mesh::compile(s);
+    for map in mesh::MANAGED_MAPS {
+        let r = mesh::map_ref(map);
         if let (Some(state), Some(def)) = (desired.state.maps.get_mut(&r), desired.map_defs.get(&r)) {
             state.managed = true;
             state.codec = MapCodec { key: Some(def.key.clone()), value: Some(def.value.clone()), ..Default::default() };
-            let value = mesh::flow_config(s.flows.as_ref()).to_bytes();
-            state.entries = if value.iter().all(|b| *b == 0) {
-                Default::default()
-            } else {
-                [(0u32.to_ne_bytes().to_vec(), value)].into_iter().collect()
-            };
         }
     }
+    for (iface, mode) in &model.interfaces {
+        let spec_iface = s.interfaces.iter().find(|i| &i.name == iface);
+        let takeover = spec_iface.and_then(|i| i.mesh.as_ref()).is_some_and(|m| m.takeover);
+        let egress_position = spec_iface.and_then(|i| i.tc.as_ref()).map_or(0, |tc| tc.egress.len());
+        let attachment = |program: &str, mode: Option<XdpMode>| Attachment {
+            program: program.into(),
+            mode,
+            takeover,
+            link_id: None,
+            defunct: false,
+            running_mode: None,
+        };
+        desired
+            .state
+            .attachments
+            .insert(Hook::Xdp { interface: iface.clone() }, attachment(mesh::PROGRAM, Some(*mode)));
+        desired.state.attachments.insert(
+            Hook::Tc { interface: iface.clone(), direction: Direction::Egress, position: egress_position as u32 },
+            attachment(mesh::EGRESS_PROGRAM, None),
+        );
+    }
+    desired.state.mesh = Some(crate::model::NodeDependent(Arc::new(model)));
+    // Flow record settings: one array entry (all zero = the defaults,
+    // which is also what an array holds when nothing was written).
+    let r = mesh::map_ref(mesh::FLOW_CONFIG_MAP);
+    if let (Some(state), Some(def)) = (desired.state.maps.get_mut(&r), desired.map_defs.get(&r)) {
+        state.managed = true;
+        state.codec = MapCodec { key: Some(def.key.clone()), value: Some(def.value.clone()), ..Default::default() };
+        let value = mesh::flow_config(s.flows.as_ref()).to_bytes();
+        state.entries = if value.iter().all(|b| *b == 0) {
+            Default::default()
+        } else {
+            [(0u32.to_ne_bytes().to_vec(), value)].into_iter().collect()
+        };
+    }
+}
 
+/// The hooks the spec declares on interfaces and tracepoints.
+fn compile_attachments(spec: &LoadedSpec, desired: &mut Desired) {
+    let s = &spec.spec;
     for (i, iface) in s.interfaces.iter().enumerate() {
         if let Some(x) = &iface.xdp {
             let hook = Hook::Xdp { interface: iface.name.clone() };
@@ -384,8 +420,6 @@ pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, 
         };
         desired.state.attachments.insert(hook, att);
     }
-
-    if diags.is_empty() { Ok(desired) } else { Err(crate::spec::diagnostics(diags, &spec.source)) }
 }
 
 /// The spec's programs, plus the mesh datapath's when the spec uses it.
