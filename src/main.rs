@@ -135,3 +135,28 @@ fn report_error(e: &anyhow::Error, json: bool) {
     }
     eprintln!("error: {message}");
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every option of every subcommand says what it does in `--help`.
+    #[test]
+    fn every_option_has_a_help_line() {
+        let mut missing = Vec::new();
+        let root = Cli::command();
+        let mut commands = vec![root.clone()];
+        commands.extend(root.get_subcommands().cloned());
+        for cmd in commands {
+            for arg in cmd.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{} --{}", cmd.get_name(), arg.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "options without help: {missing:?}");
+    }
+}

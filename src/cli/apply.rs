@@ -16,6 +16,7 @@ pub struct Args {
     /// Apply without asking (required when not on a terminal).
     #[arg(long)]
     pub auto_approve: bool,
+    /// Output format: `text` for people, `json` for tools (JSON on errors too).
     #[arg(short, long, value_enum, default_value = "text")]
     pub output: Output,
 }

@@ -34,15 +34,19 @@ pub struct Args {
     /// Source or destination port.
     #[arg(long)]
     pub port: Vec<String>,
+    /// Source port is this (repeatable: any of them).
     #[arg(long)]
     pub from_port: Vec<String>,
+    /// Destination port is this (repeatable: any of them).
     #[arg(long)]
     pub to_port: Vec<String>,
     /// Source or destination address, or a CIDR.
     #[arg(long)]
     pub ip: Vec<String>,
+    /// Source address is this address or in this CIDR (repeatable).
     #[arg(long)]
     pub from_ip: Vec<String>,
+    /// Destination address is this address or in this CIDR (repeatable).
     #[arg(long)]
     pub to_ip: Vec<String>,
     /// The interface the record was made on.
@@ -76,6 +80,7 @@ pub struct Args {
     /// Keep printing new flows as they come.
     #[arg(short, long)]
     pub follow: bool,
+    /// Output format: one line per flow, JSON lines, or a table.
     #[arg(short, long, value_enum, default_value = "compact")]
     pub output: FlowOutput,
 }

@@ -15,6 +15,7 @@ use crate::snapshot::Snapshot;
 pub struct Args {
     /// The spec file.
     pub spec: PathBuf,
+    /// Output format: `text` for people, `json` for tools (JSON on errors too).
     #[arg(short, long, value_enum, default_value = "text")]
     pub output: Output,
     /// Exit 0 when the node matches the spec, 2 when there are changes or

@@ -12,6 +12,7 @@ pub struct Args {
     /// Drop the journal (and the objects it set aside) without rolling back.
     #[arg(long)]
     pub discard: bool,
+    /// Output format: `text` for people, `json` for tools (JSON on errors too).
     #[arg(short, long, value_enum, default_value = "text")]
     pub output: Output,
 }

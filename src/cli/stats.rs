@@ -19,6 +19,7 @@ pub struct Args {
     /// Time between the two readings the rates come from.
     #[arg(long, value_parser = parse_interval, default_value = "1s")]
     pub interval: Duration,
+    /// Output format: `text` for people, `json` for tools (JSON on errors too).
     #[arg(short, long, value_enum, default_value = "text")]
     pub output: Output,
 }

@@ -12,6 +12,7 @@ use crate::snapshot::Snapshot;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Output format: `text` for people, `json` for tools (JSON on errors too).
     #[arg(short, long, value_enum, default_value = "text")]
     pub output: Output,
     /// Print an observed-state snapshot (YAML) for `plan --observed`.
