@@ -6,6 +6,8 @@
 //!
 //! `BPFSYNC_SEED=<n>` replays a run; `BPFSYNC_CASES=<n>` changes its size.
 
+mod common;
+
 use std::fs;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
@@ -14,24 +16,7 @@ use std::time::{Duration, Instant};
 use bpfsync::compile::{ObjectLoader, load_and_compile};
 use bpfsync::plan;
 use bpfsync::snapshot::Snapshot;
-
-/// xorshift64*: small, seeded, reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn pick<'a>(&mut self, items: &'a [&'a str]) -> &'a str {
-        items[self.below(items.len())]
-    }
-}
+use common::Rng;
 
 /// Text that is worth inserting: YAML syntax, edge values, inputs that
 /// once panicked.
@@ -129,7 +114,7 @@ fn mutate(rng: &mut Rng, text: &str) -> String {
             }
             _ => {
                 let n = 1 + rng.below(3);
-                let piece: String = (0..n).map(|_| rng.pick(SNIPPETS)).collect();
+                let piece: String = (0..n).map(|_| *rng.pick(SNIPPETS)).collect();
                 s.insert_str(at, &piece);
             }
         }

@@ -21,25 +21,7 @@ use bpfsync::packet::{Packet, Transport};
 use bpfsync::plan::{self, Op};
 use bpfsync::sandbox::Sandbox;
 use bpfsync::spec::ProgramType;
-use common::{Env, compile_text};
-
-/// xorshift64*: deterministic, seed printed on failure.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
-        &xs[(self.next() % xs.len() as u64) as usize]
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-}
+use common::{Env, Rng, compile_text};
 
 const PEERS: &[&str] = &["0.0.0.0/0", "10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24", "10.1.2.3/32", "10.2.0.0/16"];
 const HOLES: &[&str] = &["10.1.2.0/24", "10.1.2.3/32", "10.1.3.0/24", "10.2.1.0/24"];

@@ -17,6 +17,36 @@ pub(super) fn lpm_next(fd: &OwnedFd, key_size: usize, key: Option<&[u8]>) -> Res
 }
 
 impl RealKernel {
+    /// A map as observed: its shape, id and (when `read`) its entries.
+    pub(super) fn map_state(
+        &self,
+        fd: &OwnedFd,
+        info: &aya_obj::generated::bpf_map_info,
+        r: &MapRef,
+        read: bool,
+    ) -> Result<MapState, KernelError> {
+        let shape = MapShape {
+            map_type: info.type_,
+            key_size: info.key_size,
+            value_size: info.value_size,
+            max_entries: info.max_entries,
+            flags: info.map_flags,
+        };
+        let entries = if read {
+            self.read_map(fd, &shape).map_err(|e| KernelError::sys(format!("read map `{r}`"), e))?
+        } else {
+            Default::default()
+        };
+        Ok(MapState {
+            shape: Some(shape),
+            managed: read,
+            entries,
+            codec: Default::default(),
+            id: Some(info.id),
+            pin_missing: false,
+        })
+    }
+
     pub(super) fn map_fd(&mut self, map: &MapRef) -> Result<(&OwnedFd, u32, u32), KernelError> {
         if !self.map_fds.contains_key(map) {
             let path = self.map_pin(&map.program, &map.map);
@@ -99,34 +129,14 @@ impl RealKernel {
         if name.is_empty() || name.starts_with('.') {
             return Ok(());
         }
-        let shape = MapShape {
-            map_type: info.type_,
-            key_size: info.key_size,
-            value_size: info.value_size,
-            max_entries: info.max_entries,
-            flags: info.map_flags,
-        };
         let cut = |m: &str| m.get(..crate::model::KERNEL_NAME_MAX).unwrap_or(m).to_string();
         let read = scope.all_maps
             || scope.maps.iter().any(|r| r.program == owner && cut(&r.map) == name)
             || scope.map_names.iter().any(|m| cut(m) == name);
         let r = MapRef { program: owner.to_string(), map: name };
-        let entries = if read {
-            self.read_map(&fd, &shape).map_err(|e| KernelError::sys(format!("read map `{r}`"), e))?
-        } else {
-            Default::default()
-        };
-        state.maps.insert(
-            r,
-            MapState {
-                shape: Some(shape),
-                managed: read,
-                entries,
-                codec: Default::default(),
-                id: Some(id),
-                pin_missing: true,
-            },
-        );
+        let mut m = self.map_state(&fd, &info, &r, read)?;
+        m.pin_missing = true;
+        state.maps.insert(r, m);
         Ok(())
     }
 }

@@ -55,32 +55,11 @@ fn observe_maps(rk: &mut RealKernel, scope: &Scope, state: &mut State) -> Result
             let fd = rk.open_pin(&path, "map")?;
             let info = sys::map_info(fd.as_fd())
                 .map_err(|e| KernelError::sys(format!("read info of map `{owner}/{map}`"), e))?;
-            let shape = MapShape {
-                map_type: info.type_,
-                key_size: info.key_size,
-                value_size: info.value_size,
-                max_entries: info.max_entries,
-                flags: info.map_flags,
-            };
             map_owner_by_id.insert(info.id, owner.clone());
             let r = MapRef { program: owner.clone(), map: map.clone() };
             let read = scope.all_maps || scope.maps.contains(&r) || scope.map_names.contains(&r.map);
-            let entries = if read {
-                rk.read_map(&fd, &shape).map_err(|e| KernelError::sys(format!("read map `{r}`"), e))?
-            } else {
-                Default::default()
-            };
-            state.maps.insert(
-                r,
-                MapState {
-                    shape: Some(shape),
-                    managed: read,
-                    entries,
-                    codec: Default::default(),
-                    id: Some(info.id),
-                    pin_missing: false,
-                },
-            );
+            let m = rk.map_state(&fd, &info, &r, read)?;
+            state.maps.insert(r, m);
         }
     }
 
