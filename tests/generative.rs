@@ -78,7 +78,7 @@ fn mutate(rng: &mut Rng, text: &str) -> String {
         let boundary = |s: &str, i: usize| (0..=i.min(s.len())).rev().find(|j| s.is_char_boundary(*j)).unwrap_or(0);
         let at = boundary(&s, rng.below(s.len() + 1));
         match rng.below(7) {
-            0 => s.insert_str(at, rng.pick(SNIPPETS)),
+            0 => s.insert_str(at, rng.pick::<&str>(SNIPPETS)),
             1 => {
                 let end = boundary(&s, at + rng.below(16));
                 s.replace_range(at..end, "");
@@ -103,7 +103,10 @@ fn mutate(rng: &mut Rng, text: &str) -> String {
                     s.char_indices().filter(|(_, c)| c.is_ascii_digit()).map(|(i, _)| i).nth(rng.below(20))
                 {
                     let end = s[pos..].find(|c: char| !c.is_ascii_digit()).map_or(s.len(), |e| pos + e);
-                    s.replace_range(pos..end, rng.pick(&["0", "4294967296", "99999999999999999999", "-7", "1.5"]));
+                    s.replace_range(
+                        pos..end,
+                        rng.pick::<&str>(&["0", "4294967296", "99999999999999999999", "-7", "1.5"]),
+                    );
                 }
             }
             5 => {
