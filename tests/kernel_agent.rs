@@ -463,6 +463,19 @@ fn a_hook_on_a_missing_interface_is_pending_and_attached_as_soon_as_it_appears()
     wait("in sync", Duration::from_secs(5), || agent.status()["drift"]["in_sync"] == true);
     let plan = env.run(&["plan", p, "--detailed-exitcode"]);
     assert_eq!(plan.status.code(), Some(0), "{}", common::stdout(&plan));
+
+    // The interface deleted and created again: our link died with it (it is
+    // defunct); the agent attaches again on the new interface at once.
+    let first = sys::ifindex(&name).unwrap();
+    assert!(Command::new("ip").args(["link", "del", &name]).status().unwrap().success());
+    let ok = Command::new("ip").args(["link", "add", &name, "type", "veth", "peer", "name", &peer]).status().unwrap();
+    assert!(ok.success());
+    let second = sys::ifindex(&name).unwrap();
+    assert_ne!(first, second);
+    wait("the hook attached on the re-created interface", Duration::from_secs(5), || {
+        xdp_state(second).ok().and_then(|x| x.skb_prog).is_some()
+    });
+    wait("in sync again", Duration::from_secs(5), || agent.status()["drift"]["in_sync"] == true);
     agent.stop();
 }
 
