@@ -240,7 +240,19 @@ fn observe_interfaces(
         }
         if tcx {
             for direction in [Direction::Ingress, Direction::Egress] {
-                let Ok((_, progs)) = SchedClassifier::query_tcx(iface, tc_type(direction)) else { continue };
+                let progs = match SchedClassifier::query_tcx(iface, tc_type(direction)) {
+                    Ok((_, progs)) => progs,
+                    Err(e) => {
+                        let e = KernelError::aya(format!("query the TCX {} chain of `{iface}`", direction.as_str()), e);
+                        // The interface went between the two lookups: it has
+                        // no chain. Anything else is a lookup that could not
+                        // be made, not an empty chain.
+                        if matches!(e.errno(), Some(libc::ENODEV) | Some(libc::ENOENT)) {
+                            continue;
+                        }
+                        return Err(e);
+                    }
+                };
                 for p in progs {
                     let id = p.id();
                     if ours.contains(&id) {
