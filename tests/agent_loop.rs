@@ -70,13 +70,16 @@ impl Harness {
         let shared = Arc::new(Shared::new(config, Arc::new(FlowHub::new(0, vec![]))));
         let kernel = Arc::new(Mutex::new(MemoryKernel::with_interfaces(&["veth0"])));
         let unreachable = Arc::new(Mutex::new(false));
-        let open: KernelOpener<Arc<Mutex<MemoryKernel>>> =
-            {
-                let (kernel, unreachable) = (kernel.clone(), unreachable.clone());
-                Box::new(move || {
-                    if *unreachable.lock().unwrap() { Err("unreachable".into()) } else { Ok((kernel.clone(), None)) }
-                })
-            };
+        let open: KernelOpener<Arc<Mutex<MemoryKernel>>> = {
+            let (kernel, unreachable) = (kernel.clone(), unreachable.clone());
+            Box::new(move || {
+                if *unreachable.lock().unwrap() {
+                    Err("unreachable".to_string().into())
+                } else {
+                    Ok((kernel.clone(), None))
+                }
+            })
+        };
         let reconciler = Arc::new(Mutex::new(Reconciler::new(shared.clone(), open)));
         let runs = Arc::new(Mutex::new(Vec::new()));
         let (spec_tx, spec_rx) = mpsc::channel(1);

@@ -234,8 +234,8 @@ pub async fn run(
     let link_thread = watch::watch_links(shared.clone(), link_tx, flow_stop.clone());
     let ctx = config.ctx.clone();
     let open: KernelOpener<RealKernel> = Box::new(move || {
-        let k = RealKernel::open(&ctx.bpffs_root).map_err(|e| error_chain(&e))?;
-        let lock = NodeLock::acquire(k.root(), &ctx.state_dir, "agent").map_err(|e| error_chain(&e))?;
+        let k = RealKernel::open(&ctx.bpffs_root)?;
+        let lock = NodeLock::acquire(k.root(), &ctx.state_dir, "agent")?;
         Ok((k, Some(lock)))
     });
     let reconciler = Arc::new(Mutex::new(Reconciler::new(shared.clone(), open)));

@@ -55,7 +55,29 @@ struct LastGood {
 
 /// Opens the kernel the reconciler works on, with the node lock it holds
 /// from then on (None for kernels without one, in tests).
-pub type KernelOpener<K> = Box<dyn FnMut() -> Result<(K, Option<NodeLock>), String> + Send>;
+pub type KernelOpener<K> = Box<dyn FnMut() -> Result<(K, Option<NodeLock>), OpenError> + Send>;
+
+/// Why the kernel could not be opened (or locked): retried with backoff.
+pub type OpenError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a reconcile failed, typed until it is shown.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("cannot open the kernel")]
+    Open(#[source] OpenError),
+    #[error(transparent)]
+    Engine(#[from] engine::EngineError),
+}
+
+impl ReconcileError {
+    /// Whether it may pass: the first retry comes soon, not after seconds.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ReconcileError::Open(_) => true,
+            ReconcileError::Engine(e) => e.is_retryable(),
+        }
+    }
+}
 
 /// The reconcile state machine, run on a blocking thread. Generic over the
 /// [`Kernel`] trait: the agent runs it on the real kernel, tests in-process
@@ -80,9 +102,9 @@ impl<K: Kernel> Reconciler<K> {
 
     /// Opens the kernel and takes the node lock, held from then on: no CLI
     /// write runs beside the agent. A busy lock is retried with backoff.
-    fn kernel(&mut self) -> Result<&mut K, String> {
+    fn kernel(&mut self) -> Result<&mut K, ReconcileError> {
         if self.kernel.is_none() {
-            let (k, lock) = (self.open)()?;
+            let (k, lock) = (self.open)().map_err(ReconcileError::Open)?;
             self.lock = lock;
             self.kernel = Some(k);
         }
@@ -184,7 +206,8 @@ impl<K: Kernel> Reconciler<K> {
                 self.shared.metrics.last_success.set(now_unix());
                 if n == 0 { Outcome::NoChange } else { Outcome::Applied }
             }
-            Err((msg, retryable)) => {
+            Err(e) => {
+                let (msg, retryable) = (error_chain(&e), e.is_retryable());
                 tracing::error!(error = %msg, retryable, "reconcile failed");
                 st.last_error = Some(msg);
                 if retryable { Outcome::Retry } else { Outcome::Failed }
@@ -193,21 +216,19 @@ impl<K: Kernel> Reconciler<K> {
     }
 
     /// The engine's sequence for the last good spec, with the agent's
-    /// bookkeeping around it. Ok(number of changes) or Err((message,
-    /// retryable)).
-    fn reconcile_with(&mut self, digest: &str) -> Result<usize, (String, bool)> {
+    /// bookkeeping around it. Returns the number of changes made.
+    fn reconcile_with(&mut self, digest: &str) -> Result<usize, ReconcileError> {
         let ctx = self.shared.config.ctx.clone();
         let mut journal = FileJournal::new(&ctx.state_dir);
-        self.kernel().map_err(|e| (e, true))?;
-        let (Some(kernel), Some(good)) = (self.kernel.as_mut(), self.last_good.as_ref()) else {
-            return Err(("no kernel or no spec".into(), true));
-        };
+        self.kernel()?;
+        // Both are there: opened just above, and `reconcile` only calls this
+        // with a last good spec.
+        let (Some(kernel), Some(good)) = (self.kernel.as_mut(), self.last_good.as_ref()) else { return Ok(0) };
         *self.shared.watched_interfaces.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
             scope_for(&good.desired.state).interfaces;
-        let failed = |e: engine::EngineError| (error_chain(&e), e.is_retryable());
         // Recovery runs before every apply, not only at start: an apply of
         // ours whose rollback failed left its journal.
-        let prepared = engine::prepare(kernel, &mut journal, &good.desired, Retry::default()).map_err(failed)?;
+        let prepared = engine::prepare(kernel, &mut journal, &good.desired, Retry::default())?;
         let p = &prepared.plan;
         let m = &self.shared.metrics;
         m.conflicts.set(p.conflicts.len() as i64);
@@ -237,8 +258,7 @@ impl<K: Kernel> Reconciler<K> {
         }
         let s = p.summary();
         tracing::info!(add = s.add, change = s.change, destroy = s.destroy, drift, "applying plan");
-        let report =
-            engine::execute(kernel, &mut journal, &good.desired, &prepared, Retry::default()).map_err(failed)?;
+        let report = engine::execute(kernel, &mut journal, &good.desired, &prepared, Retry::default())?;
         tracing::info!(steps = report.steps, kernel_writes = report.kernel_writes, "applied");
         if self.applied_digest.as_deref() != Some(digest) {
             let _ = applied::commit(&ctx, &good.staged);
