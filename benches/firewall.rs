@@ -15,9 +15,8 @@ use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use bpfsync::apply::Retry;
 use bpfsync::apply::journal::MemJournal;
-use bpfsync::apply::{self, Retry, scope_for};
-use bpfsync::kernel::Kernel;
 use bpfsync::kernel::real::RealKernel;
 use bpfsync::sandbox::{Sandbox, TempBpffs};
 
@@ -108,10 +107,9 @@ fn mesh_spec(a: &Sandbox, b: &Sandbox, n: usize) -> String {
 fn apply_text(k: &mut RealKernel, text: &str) {
     let loaded = bpfsync::spec::load(std::path::Path::new("bench.yaml"), text).unwrap();
     let desired = bpfsync::compile::compile(&loaded, &mut Default::default()).unwrap();
-    let observed = k.observe(&scope_for(&desired.state)).unwrap();
-    let p = bpfsync::plan::plan(&desired.state, &observed);
-    assert!(p.errors.is_empty() && p.conflicts.is_empty(), "{:?} {:?}", p.errors, p.conflicts);
-    apply::apply(k, &p, &desired, &observed, &mut MemJournal::default(), Retry::none()).unwrap();
+    let done = bpfsync::engine::reconcile(k, &mut MemJournal::default(), &desired, Retry::none()).unwrap();
+    let p = &done.prepared.plan;
+    assert!(p.conflicts.is_empty(), "{:?}", p.conflicts);
 }
 
 fn main() {
