@@ -158,6 +158,7 @@ fn a_kill_after_any_journal_step_or_kernel_write_converges_on_the_next_run() {
     let down = sweep(&env, &at_a, &["down", "--auto-approve"], &|what| {
         assert!(env.pins().is_empty(), "{what}: left {:?}", env.pins());
     });
+    eprintln!("kills that converged: {from_empty} (apply from empty), {change} (a change), {down} (down)");
     // Every step of each run was reached (so the sweep can fail).
     assert!(from_empty >= 15 && change >= 15 && down >= 8, "kills: {from_empty}, {change}, {down}");
 }
