@@ -88,12 +88,21 @@ impl RealKernel {
     }
 
     /// Finds the bpf link that holds `prog_id` on `ifindex` (any owner).
-    pub(super) fn find_link(&self, link_type: u32, ifindex: u32, prog_id: u32) -> Option<u32> {
+    /// The link holding `prog_id` on `ifindex` (None: attached without a
+    /// link). A link that goes away while the list is walked is skipped;
+    /// any other failure is an error, not "no link" (the answer decides how
+    /// a takeover removes the program).
+    pub(super) fn find_link(&self, link_type: u32, ifindex: u32, prog_id: u32) -> Result<Option<u32>, KernelError> {
+        let failed = |e| KernelError::sys("walk the kernel's links", e);
         let mut id = 0;
-        while let Ok(Some(next)) = sys::link_next_id(id) {
+        while let Some(next) = sys::link_next_id(id).map_err(failed)? {
             id = next;
-            let Ok(fd) = sys::link_fd_by_id(id) else { continue };
-            let Ok(info) = sys::link_info(fd.as_fd()) else { continue };
+            let fd = match sys::link_fd_by_id(id) {
+                Ok(fd) => fd,
+                Err(e) if e.errno() == Some(libc::ENOENT) => continue,
+                Err(e) => return Err(failed(e)),
+            };
+            let info = sys::link_info(fd.as_fd()).map_err(failed)?;
             if info.type_ != link_type || info.prog_id != prog_id {
                 continue;
             }
@@ -105,10 +114,10 @@ impl RealKernel {
                 }
             };
             if link_if == ifindex {
-                return Some(id);
+                return Ok(Some(id));
             }
         }
-        None
+        Ok(None)
     }
 }
 

@@ -224,7 +224,7 @@ fn observe_interfaces(
         let xdp = netlink::xdp_state(idx).map_err(|e| KernelError::io(format!("query XDP state of `{iface}`"), e))?;
         for (id, mode) in [(xdp.skb_prog, XdpMode::Skb), (xdp.drv_prog, XdpMode::Driver)] {
             let Some(id) = id.filter(|id| !ours.contains(id)) else { continue };
-            let link_id = rk.find_link(BPF_LINK_TYPE_XDP, idx, id);
+            let link_id = rk.find_link(BPF_LINK_TYPE_XDP, idx, id)?;
             state.foreign.push(ForeignProgram {
                 hook: Hook::Xdp { interface: iface.clone() },
                 program_id: id,
@@ -258,7 +258,7 @@ fn observe_interfaces(
                     if ours.contains(&id) {
                         continue;
                     }
-                    let link_id = rk.find_link(BPF_LINK_TYPE_TCX, idx, id);
+                    let link_id = rk.find_link(BPF_LINK_TYPE_TCX, idx, id)?;
                     state.foreign.push(ForeignProgram {
                         hook: Hook::Tc { interface: iface.clone(), direction, position: 0 },
                         program_id: id,
