@@ -152,11 +152,22 @@ mod tests {
         for cmd in commands {
             for arg in cmd.get_arguments() {
                 let builtin = matches!(arg.get_id().as_str(), "help" | "version");
-                if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                if !builtin && !arg.is_hide_set() && arg.get_help().is_none() && arg.get_long_help().is_none() {
                     missing.push(format!("{} --{}", cmd.get_name(), arg.get_id()));
                 }
             }
         }
         assert!(missing.is_empty(), "options without help: {missing:?}");
+    }
+
+    /// The demo runs in its own sandbox: its help does not offer the node's
+    /// bpffs root or state directory.
+    #[test]
+    fn the_demo_does_not_list_options_it_ignores() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        let help = cmd.find_subcommand_mut("demo").unwrap().render_help().to_string();
+        assert!(!help.contains("--bpffs-root") && !help.contains("--state-dir"), "{help}");
+        assert!(help.contains("--seconds"), "{help}");
     }
 }

@@ -30,6 +30,13 @@ pub struct Args {
     /// How long to send traffic through the sandbox.
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
+    // The demo makes its own bpffs and state directory: the global options
+    // naming them are shadowed here so that `demo --help` does not list
+    // them; whatever they say, the demo never touches the node's real root.
+    #[arg(long, hide = true, value_name = "IGNORED")]
+    pub bpffs_root: Option<std::path::PathBuf>,
+    #[arg(long, hide = true, value_name = "IGNORED")]
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
