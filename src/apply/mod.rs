@@ -148,18 +148,25 @@ pub enum ApplyError {
         #[source]
         cause: KernelError,
     },
-    #[error("step {index} ({what}) failed: {cause}; the rollback failed too: {}; the journal is kept: run `bpfsync recover` to retry the rollback", rollback.join("; "))]
-    RollbackFailed { index: usize, what: String, cause: KernelError, rollback: Vec<String> },
+    #[error(
+        "step {index} ({what}) failed: {}; the rollback failed too: {}; the journal is kept: run `bpfsync recover` to retry the rollback",
+        error_chain(cause),
+        chains(rollback)
+    )]
+    RollbackFailed { index: usize, what: String, cause: KernelError, rollback: Vec<KernelError> },
     #[error("verification after apply found {count} difference(s) (first: `{first}`); the apply was rolled back")]
     Verify { count: usize, first: String },
-    #[error("verification after apply found {count} difference(s) (first: `{first}`), and rolling back failed too: {}; the journal is kept: run `bpfsync recover` to retry the rollback", rollback.join("; "))]
-    VerifyRollbackFailed { count: usize, first: String, rollback: Vec<String> },
+    #[error(
+        "verification after apply found {count} difference(s) (first: `{first}`), and rolling back failed too: {}; the journal is kept: run `bpfsync recover` to retry the rollback",
+        chains(rollback)
+    )]
+    VerifyRollbackFailed { count: usize, first: String, rollback: Vec<KernelError> },
     #[error("failed to observe the kernel")]
     Observe(#[source] KernelError),
     #[error("failed to write the journal in the state directory")]
     Journal(#[source] std::io::Error),
-    #[error("an interrupted apply ({} step(s) started: {}) could not be rolled back: {}; nothing else was changed. `bpfsync recover` retries the rollback; `bpfsync recover --discard` drops the journal and keeps what the kernel runs now, for the next apply to converge from", steps.len(), steps.join(", "), errors.join("; "))]
-    Recovery { errors: Vec<String>, steps: Vec<String> },
+    #[error("an interrupted apply ({} step(s) started: {}) could not be rolled back: {}; nothing else was changed. `bpfsync recover` retries the rollback; `bpfsync recover --discard` drops the journal and keeps what the kernel runs now, for the next apply to converge from", steps.len(), steps.join(", "), chains(errors))]
+    Recovery { errors: Vec<KernelError>, steps: Vec<String> },
     #[error("the plan cannot be applied, nothing was changed: {}", errors.join("; "))]
     Refused { errors: Vec<String> },
 }
@@ -455,7 +462,7 @@ fn with_retry<K: Kernel + ?Sized>(
 }
 
 /// Replays undos newest first; returns what failed.
-fn roll_back<K: Kernel + ?Sized>(k: &mut K, undos: &[Vec<KernelOp>], retry: Retry) -> Vec<String> {
+fn roll_back<K: Kernel + ?Sized>(k: &mut K, undos: &[Vec<KernelOp>], retry: Retry) -> Vec<KernelError> {
     let mut errors = Vec::new();
     for ops in undos.iter().rev() {
         for op in ops {
@@ -468,11 +475,16 @@ fn roll_back<K: Kernel + ?Sized>(k: &mut K, undos: &[Vec<KernelOp>], retry: Retr
                 {
                     tracing::warn!(error = %e, "nothing to undo: the map is gone");
                 }
-                Err(e) => errors.push(error_chain(&e)),
+                Err(e) => errors.push(e),
             }
         }
     }
     errors
+}
+
+/// Each error with its sources, `; `-separated.
+fn chains(errors: &[KernelError]) -> String {
+    errors.iter().map(|e| error_chain(e)).collect::<Vec<_>>().join("; ")
 }
 
 /// `a: b: c` from an error and its sources.
@@ -499,7 +511,7 @@ pub fn recover<K: Kernel + ?Sized>(
 ) -> Result<usize, ApplyError> {
     let Some((steps, started)) = journal.pending().map_err(ApplyError::Journal)? else {
         // Objects set aside by a run killed after its journal was removed.
-        k.commit().map_err(|e| ApplyError::Recovery { errors: vec![error_chain(&e)], steps: vec![] })?;
+        k.commit().map_err(|e| ApplyError::Recovery { errors: vec![e], steps: vec![] })?;
         return Ok(0);
     };
     let Some(last) = started else {
