@@ -42,6 +42,7 @@ pub mod engine;
 pub mod entries;
 pub mod fault;
 pub mod flows;
+pub mod heal;
 pub mod kernel;
 pub mod mesh;
 pub mod model;
