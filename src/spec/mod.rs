@@ -356,11 +356,13 @@ fn semantic_checks(l: &LoadedSpec) -> Vec<Diagnostic> {
             d.push(l.diag(&format!("/fallback/{i}/when"), "this metric needs a threshold: add `above`"));
         }
         if let (Some(above), Some(below)) = (f.when.above, f.recover.as_ref().and_then(|r| r.below))
-            && below > above
+            && below >= above
         {
+            // Without a gap between the two, a value near the threshold
+            // would switch and revert at every evaluation.
             d.push(l.diag(
                 &format!("/fallback/{i}/recover/below"),
-                format!("`below` ({below}) must not exceed `above` ({above}), or the rule would flap"),
+                format!("`below` ({below}) must be under `above` ({above}), or the rule would flap"),
             ));
         }
         for (ptr, dur) in [
