@@ -153,7 +153,7 @@ pub(super) fn update_link(rk: &mut RealKernel, hook: &Hook, program: &str, diges
         fs::rename(&next, &pin).map_err(|e| KernelError::io(format!("rename link pin `{}`", next.display()), e))?;
         return Ok(());
     }
-    let pins = rk.hook_pins(hook);
+    let pins = rk.hook_pins(hook)?;
     let Some(link_pin) = pins.first() else {
         return Err(KernelError::NotFound { what: format!("no link on `{hook}` to update") });
     };
@@ -166,7 +166,7 @@ pub(super) fn update_link(rk: &mut RealKernel, hook: &Hook, program: &str, diges
 }
 
 pub(super) fn detach(rk: &mut RealKernel, hook: &Hook) -> Result<(), KernelError> {
-    for pin in rk.hook_pins(hook) {
+    for pin in rk.hook_pins(hook)? {
         rk.detach_pin(&pin)?;
     }
     Ok(())

@@ -49,7 +49,7 @@ use crate::spec::{ProgramType, XdpMode};
 use links::tc_type;
 use mounts::{bpffs_state, tracefs_dir};
 pub use mounts::{ensure_bpffs, ensure_tracefs, kernel_version, probe_features};
-use pins::{link_pin_name, list_dir, parse_link_pin, read_pins, remove_any};
+use pins::{link_pin_name, parse_link_pin, read_pins, remove_any};
 use programs::{prog_type_of, tag_hex};
 
 pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/bpfsync";

@@ -41,10 +41,6 @@ pub(super) fn link_pin_name(hook: &Hook, mode: Option<XdpMode>) -> String {
     }
 }
 
-pub(super) fn list_dir(dir: &Path) -> Vec<String> {
-    read_pins(dir).unwrap_or_default()
-}
-
 /// The names in a pin directory, sorted; a directory that does not exist
 /// holds nothing. Any other failure (EMFILE, ENOMEM, EACCES) is an error:
 /// observing must never take "could not look" for "nothing is pinned",
@@ -115,12 +111,12 @@ impl RealKernel {
     }
 
     /// The link pin(s) of a hook (XDP may be pinned under any mode).
-    pub(super) fn hook_pins(&self, hook: &Hook) -> Vec<PathBuf> {
+    pub(super) fn hook_pins(&self, hook: &Hook) -> Result<Vec<PathBuf>, KernelError> {
         let dir = self.links_dir();
-        match hook {
+        Ok(match hook {
             Hook::Xdp { interface } => {
                 let prefix = format!("xdp:{interface}:");
-                list_dir(&dir)
+                read_pins(&dir)?
                     .into_iter()
                     .filter(|n| n.starts_with(&prefix) && !n.ends_with(":next"))
                     .map(|n| dir.join(n))
@@ -128,15 +124,16 @@ impl RealKernel {
             }
             _ => {
                 let p = dir.join(link_pin_name(hook, None));
-                if p.exists() { vec![p] } else { vec![] }
+                let exists = p.try_exists().map_err(|e| KernelError::io(format!("look at `{}`", p.display()), e))?;
+                if exists { vec![p] } else { vec![] }
             }
-        }
+        })
     }
 }
 
 pub(super) fn commit(rk: &mut RealKernel) -> Result<(), KernelError> {
     let trash = rk.root.join("trash");
-    for t in list_dir(&trash) {
+    for t in read_pins(&trash)? {
         let p = trash.join(&t);
         remove_any(&p).map_err(|e| KernelError::io(format!("remove `{}`", p.display()), e))?;
         crate::fault::point("trash-removed");

@@ -81,7 +81,7 @@ pub(super) fn unload_program(rk: &mut RealKernel, name: &str, digest: &str) -> R
     }
     // The last version takes its maps along.
     let dir = rk.root.join("programs").join(name);
-    if list_dir(&dir).is_empty() {
+    if read_pins(&dir)?.is_empty() {
         let _ = fs::remove_dir(&dir);
         let maps = rk.root.join("maps").join(name);
         if maps.exists() {
@@ -109,12 +109,12 @@ pub(super) fn discard_program(rk: &mut RealKernel, name: &str, digest: &str) -> 
     // Maps set aside for this load come back.
     let trash = rk.root.join("trash");
     let prefix = format!("maps:{name}:");
-    for t in list_dir(&trash).into_iter().filter(|t| t.starts_with(&prefix)) {
+    for t in read_pins(&trash)?.into_iter().filter(|t| t.starts_with(&prefix)) {
         let map = &t[prefix.len()..];
         rk.bring_back(&rk.map_pin(name, map))?;
     }
     let dir = rk.root.join("programs").join(name);
-    if list_dir(&dir).is_empty() {
+    if read_pins(&dir)?.is_empty() {
         let _ = fs::remove_dir(&dir);
         let maps = rk.root.join("maps").join(name);
         if maps.exists() {
