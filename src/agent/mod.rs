@@ -1,9 +1,11 @@
 //! `bpfsync agent`: keeps the node equal to a spec file, continuously.
 //!
-//! Tasks: a file watch (notify) feeding a debounced reconcile; a periodic
-//! resync that observes the kernel and repairs drift; retries with
-//! exponential backoff (100 ms → 1 min) for errors that may pass; and one
-//! HTTP listener for `/metrics`, `/healthz`, `/readyz`, `/status`.
+//! Wiring only: a file watch (notify) and an rtnetlink watch feed the
+//! [`driver`] (debounce, periodic resync, backoff after any failure), which
+//! runs the [`reconciler`] (the engine for the last good spec) on a
+//! blocking thread, catching panics; the flow reader and exporters; and one
+//! HTTP listener for `/metrics`, `/healthz`, `/readyz`, `/status` and
+//! `/flows`. The agent holds the node lock for as long as it runs.
 //!
 //! Stopping the agent leaves the datapath running (everything is pinned).
 //! A new agent adopts what is there: it prunes nothing before the spec has

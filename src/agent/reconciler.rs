@@ -38,11 +38,11 @@ pub enum Outcome {
     NotReady,
     /// A failure that may pass: retry after the backoff.
     Retry,
-    /// A failure the kernel will likely repeat (a refused program, a busy
-    /// hook): retried too, but starting at a long backoff, and at every
-    /// resync, so a condition that clears (a foreign program removed) is
-    /// repaired without a restart.
+    /// A failure the kernel will likely repeat (a refused program): retried
+    /// too, starting at a longer backoff (5 s), so a condition that clears
+    /// is repaired without a restart.
     Failed,
+    /// Nothing to do (a hint without a change).
     Skipped,
 }
 
