@@ -22,11 +22,21 @@
 //! - [`kernel`]: the one boundary to the kernel: a trait with the real
 //!   backend (aya, raw bpf syscalls, netlink) and an in-memory model for
 //!   tests.
-//! - [`apply`]: the executor — ordered, journaled, undoable, verified.
+//! - [`apply`]: the executor — ordered, journaled, undoable, verified —
+//!   and the node lock.
+//! - [`engine`]: the one recover → observe → plan → apply → verify
+//!   sequence every caller runs.
+//! - [`applied`], [`status`]: the last-applied record in the state
+//!   directory, and the status report built on it.
+//! - [`heal`]: self-healing groundwork — hop health, the per-route
+//!   detector, JSON Patch, ICMP probes (not wired into the agent yet).
 //! - [`flows`]: flow records — decoded from the datapath's ring buffer by
 //!   the agent's reader, held, filtered (Hubble's flags), exported.
-//! - [`agent`]: the long-running reconciler (watch, resync, metrics, HTTP,
-//!   the flow reader).
+//! - [`agent`]: the long-running loop: a driver (when), a reconciler
+//!   (what, on the engine), watches, metrics, HTTP, the flow reader.
+//! - [`fault`]: kill and panic points for crash tests (environment only).
+//!
+//! Modules use only those below them (`tests/layers.rs` holds the order).
 //! - [`sandbox`]: network namespaces and veths for the demo and tests.
 //! - [`cli`]: one module per subcommand; `main.rs` only parses arguments.
 
