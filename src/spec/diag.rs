@@ -4,7 +4,7 @@
 //! Limits, so that no spec costs more to report than to read: messages are
 //! cut at [`MESSAGE_MAX`] bytes (values are echoed in them), the line shown
 //! above the caret at [`SNIPPET_MAX`] characters around the column, at most
-//! [`KEPT_MAX`] diagnostics are kept and [`SHOWN_MAX`] shown as text ("and
+//! `KEPT_MAX` diagnostics are kept and [`SHOWN_MAX`] shown as text ("and
 //! N more"), and source lines are found in one pass for all diagnostics.
 
 use std::fmt;
@@ -31,13 +31,13 @@ pub struct Diagnostic {
     pub path: String,
     pub message: String,
     /// The source line (or a window of it) the position is on, and the
-    /// caret's column in it; filled in by [`finish`].
+    /// caret's column in it; filled in by `finish`.
     pub snippet: Option<(String, usize)>,
 }
 
 impl Diagnostic {
     /// The source line for the caret is filled in later, for every
-    /// diagnostic in one pass ([`finish`]): looking it up here cost a scan
+    /// diagnostic in one pass (`finish`): looking it up here cost a scan
     /// of the source per diagnostic (100,000 errors took 102 s).
     pub fn new(file: &Path, _source: &str, position: Position, pointer: &str, message: impl Into<String>) -> Self {
         Diagnostic {
@@ -70,7 +70,7 @@ impl fmt::Display for Diagnostic {
 #[derive(Debug, Clone, Default)]
 pub struct Diagnostics {
     pub items: Vec<Diagnostic>,
-    /// Problems found beyond [`KEPT_MAX`], counted only.
+    /// Problems found beyond `KEPT_MAX`, counted only.
     pub omitted: usize,
 }
 
@@ -109,7 +109,7 @@ fn truncate(mut s: String, max: usize) -> String {
     s
 }
 
-/// Sorts and de-duplicates diagnostics, keeps the first [`KEPT_MAX`]
+/// Sorts and de-duplicates diagnostics, keeps the first `KEPT_MAX`
 /// (counting the rest), and fills in their source snippets in one pass
 /// over `source`.
 pub fn finish(mut diags: Vec<Diagnostic>, source: &str) -> Diagnostics {
