@@ -21,9 +21,6 @@ pub enum EngineError {
     Recover(ApplyError),
     #[error("failed to observe the kernel")]
     Observe(#[source] KernelError),
-    /// The plan must not be applied (e.g. a map would overflow).
-    #[error("the plan cannot be applied, nothing was changed: {}", errors.join("; "))]
-    Refused { errors: Vec<String> },
     #[error(transparent)]
     Apply(ApplyError),
 }
@@ -35,7 +32,6 @@ impl EngineError {
             // Lookups that could not be made (EMFILE, ENOMEM) pass; a root
             // that is not on bpffs does not.
             EngineError::Observe(e) => !matches!(e, KernelError::Unsupported { .. }),
-            EngineError::Refused { .. } => false,
             EngineError::Apply(ApplyError::RolledBack { cause, .. }) => cause.is_retryable(),
             EngineError::Apply(ApplyError::Refused { .. }) => false,
             // Verification, journal and rollback failures pass, or are
@@ -80,7 +76,8 @@ pub fn prepare<K: Kernel + ?Sized>(
 }
 
 /// Applies a prepared plan, journaled, and verifies it; any failure rolls
-/// back. A plan with errors is refused before anything is touched.
+/// back. A plan with errors is refused before anything is touched (by
+/// [`apply::apply`]).
 pub fn execute<K: Kernel + ?Sized>(
     kernel: &mut K,
     journal: &mut dyn JournalStore,
@@ -88,9 +85,6 @@ pub fn execute<K: Kernel + ?Sized>(
     prepared: &Prepared,
     retry: Retry,
 ) -> Result<ApplyReport, EngineError> {
-    if !prepared.plan.errors.is_empty() {
-        return Err(EngineError::Refused { errors: prepared.plan.errors.clone() });
-    }
     apply::apply(kernel, &prepared.plan, desired, &prepared.observed, journal, retry).map_err(EngineError::Apply)
 }
 
@@ -102,10 +96,8 @@ pub fn reconcile<K: Kernel + ?Sized>(
     retry: Retry,
 ) -> Result<Reconciled, EngineError> {
     let prepared = prepare(kernel, journal, desired, retry)?;
-    if !prepared.plan.errors.is_empty() {
-        return Err(EngineError::Refused { errors: prepared.plan.errors.clone() });
-    }
-    let report =
-        if prepared.plan.is_empty() { None } else { Some(execute(kernel, journal, desired, &prepared, retry)?) };
+    // A plan with errors goes to `execute` too, which refuses it.
+    let nothing_to_do = prepared.plan.is_empty() && prepared.plan.errors.is_empty();
+    let report = if nothing_to_do { None } else { Some(execute(kernel, journal, desired, &prepared, retry)?) };
     Ok(Reconciled { prepared, report })
 }
