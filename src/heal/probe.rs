@@ -96,41 +96,35 @@ impl Prober {
             let c = checksum(&pkt);
             pkt[2..4].copy_from_slice(&c.to_be_bytes());
         }
-        let rc = match self.target {
+        // SAFETY: a zeroed sockaddr_storage is valid and large enough for
+        // either family; only the family's fields are set below.
+        let mut sa: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let len = match self.target {
             IpAddr::V4(a) => {
-                // SAFETY: zeroed sockaddr_in is valid; family and address set.
-                let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-                sa.sin_family = libc::AF_INET as libc::sa_family_t;
-                sa.sin_addr.s_addr = u32::from_ne_bytes(a.octets());
-                // SAFETY: `pkt` and `sa` are valid for the lengths given.
-                unsafe {
-                    libc::sendto(
-                        self.fd.as_raw_fd(),
-                        pkt.as_ptr() as *const libc::c_void,
-                        pkt.len(),
-                        0,
-                        &sa as *const _ as *const libc::sockaddr,
-                        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                    )
-                }
+                // SAFETY: sockaddr_storage is aligned and sized for sockaddr_in.
+                let sin = unsafe { &mut *(&mut sa as *mut _ as *mut libc::sockaddr_in) };
+                sin.sin_family = libc::AF_INET as libc::sa_family_t;
+                sin.sin_addr.s_addr = u32::from_ne_bytes(a.octets());
+                std::mem::size_of::<libc::sockaddr_in>()
             }
             IpAddr::V6(a) => {
-                // SAFETY: zeroed sockaddr_in6 is valid; family and address set.
-                let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-                sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-                sa.sin6_addr.s6_addr = a.octets();
-                // SAFETY: `pkt` and `sa` are valid for the lengths given.
-                unsafe {
-                    libc::sendto(
-                        self.fd.as_raw_fd(),
-                        pkt.as_ptr() as *const libc::c_void,
-                        pkt.len(),
-                        0,
-                        &sa as *const _ as *const libc::sockaddr,
-                        std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-                    )
-                }
+                // SAFETY: sockaddr_storage is aligned and sized for sockaddr_in6.
+                let sin6 = unsafe { &mut *(&mut sa as *mut _ as *mut libc::sockaddr_in6) };
+                sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                sin6.sin6_addr.s6_addr = a.octets();
+                std::mem::size_of::<libc::sockaddr_in6>()
             }
+        };
+        // SAFETY: `pkt` and `sa` are valid for the lengths given.
+        let rc = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                pkt.as_ptr() as *const libc::c_void,
+                pkt.len(),
+                0,
+                &sa as *const _ as *const libc::sockaddr,
+                len as libc::socklen_t,
+            )
         };
         if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
     }
