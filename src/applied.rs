@@ -125,7 +125,7 @@ pub fn load(ctx: &Context) -> Result<Option<(AppliedMeta, Desired)>, AppliedErro
         serde_json::from_str(&text).map_err(|e| AppliedError::Corrupt { path: meta_path, message: e.to_string() })?;
     let source = crate::spec::read_limited(&spec_path, ctx.max_spec_bytes)?;
     let (_, desired) =
-        crate::compile::load_and_compile(&spec_path, &source, &mut crate::compile::ObjectLoader::default())
+        crate::compile::load_and_compile(&spec_path, &source, &[], &mut crate::compile::ObjectLoader::default())
             .map_err(|d| AppliedError::NoLongerCompiles(Box::new(d)))?;
     Ok(Some((meta, desired)))
 }

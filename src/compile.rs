@@ -13,6 +13,7 @@ use crate::codec::{self, Form};
 use crate::mesh;
 use crate::model::{Attachment, Direction, Hook, MapCodec, MapRef, MapShape, MapState, Program, State};
 use crate::object::{self, MapDef, ObjectInfo};
+use crate::spec::overlay::OverlayEntry;
 use crate::spec::{Diagnostic, Diagnostics, LoadedSpec, ProgramSpec, ProgramType, XdpMode};
 
 /// The desired state, plus what the executor needs to create it.
@@ -85,12 +86,15 @@ pub fn program_digest(object_digest: &str, function: &str) -> String {
 
 /// Loads, validates and compiles spec text, reporting the problems of
 /// every stage at once: a schema error does not hide a missing object.
+/// The overlay's entries are merged onto the file's spec when it is valid
+/// (see [`crate::spec::overlay`]).
 pub fn load_and_compile(
     file: &std::path::Path,
     source: &str,
+    overlay: &[OverlayEntry],
     loader: &mut ObjectLoader,
 ) -> Result<(LoadedSpec, Desired), Diagnostics> {
-    let (loaded, mut diags) = crate::spec::load_partial(file, source);
+    let (loaded, mut diags) = crate::spec::load_partial_with_overlay(file, source, overlay);
     let Some(loaded) = loaded else { return Err(crate::spec::diagnostics(diags, source)) };
     match compile(&loaded, loader) {
         Ok(desired) if diags.is_empty() => Ok((loaded, desired)),

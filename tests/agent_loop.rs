@@ -42,6 +42,7 @@ struct Harness {
     shared: Arc<Shared>,
     spec_tx: mpsc::Sender<()>,
     _link_tx: mpsc::Sender<()>,
+    _overlay_tx: mpsc::Sender<()>,
     runs: Arc<Mutex<Vec<(Trigger, Outcome)>>>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
@@ -84,6 +85,7 @@ impl Harness {
         let runs = Arc::new(Mutex::new(Vec::new()));
         let (spec_tx, spec_rx) = mpsc::channel(1);
         let (link_tx, link_rx) = mpsc::channel(1);
+        let (overlay_tx, overlay_rx) = mpsc::channel(1);
         let (stop, stopped) = oneshot::channel::<()>();
         let log = runs.clone();
         let reconcile = move |trigger: Trigger| {
@@ -93,7 +95,7 @@ impl Harness {
         };
         let task = tokio::spawn(driver::drive(
             reconcile,
-            Hints { spec: spec_rx, interfaces: link_rx },
+            Hints { spec: spec_rx, interfaces: link_rx, overlay: overlay_rx },
             Timing { resync: RESYNC, debounce: DEBOUNCE },
             async move {
                 let _ = stopped.await;
@@ -106,6 +108,7 @@ impl Harness {
             shared,
             spec_tx,
             _link_tx: link_tx,
+            _overlay_tx: overlay_tx,
             runs,
             stop: Some(stop),
             task,

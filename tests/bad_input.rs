@@ -22,7 +22,7 @@ fn cases() -> Vec<PathBuf> {
 
 fn diagnostics(path: &PathBuf) -> String {
     let source = fs::read_to_string(path).unwrap();
-    match load_and_compile(path, &source, &mut ObjectLoader::default()) {
+    match load_and_compile(path, &source, &[], &mut ObjectLoader::default()) {
         Ok(_) => panic!("{} should be rejected", path.display()),
         Err(d) => format!("{d}\n"),
     }

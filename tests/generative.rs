@@ -172,7 +172,7 @@ fn mutated_specs_and_snapshots_never_panic_and_every_error_is_located() {
         let (path, source) = &sources[rng.below(sources.len())];
         let text = mutate(&mut rng, source);
         let started = Instant::now();
-        let outcome = catch_unwind(AssertUnwindSafe(|| load_and_compile(path, &text, &mut loader)));
+        let outcome = catch_unwind(AssertUnwindSafe(|| load_and_compile(path, &text, &[], &mut loader)));
         let took = started.elapsed();
         slowest = slowest.max(took);
         let replay = format!("case {case} (seed {seed}) from {}:\n{text}", path.display());
@@ -231,7 +231,7 @@ fn inputs_built_to_exhaust_are_refused_fast() {
     let deep = format!("{}1{}", "[".repeat(10_000), "]".repeat(10_000));
     for (what, text) in [("alias bomb", bomb), ("100,000 errors", many_errors), ("deep nesting", deep)] {
         let started = Instant::now();
-        let result = load_and_compile(path, &text, &mut ObjectLoader::default());
+        let result = load_and_compile(path, &text, &[], &mut ObjectLoader::default());
         let took = started.elapsed();
         let diags = result.err().unwrap_or_else(|| panic!("{what} accepted"));
         eprintln!("{what}: refused in {took:?}");

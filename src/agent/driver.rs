@@ -1,6 +1,7 @@
 //! When the agent reconciles: at start; after a spec edit, once the spec's
 //! directory has been quiet for the debounce; after an event on an
-//! interface the spec names; at every resync; and after a failure, with
+//! interface the spec names; at once when the heal loop changed the
+//! overlay; at every resync; and after a failure, with
 //! exponential backoff (100 ms → 1 min; from 5 s for failures the kernel
 //! will likely repeat). While a failure backs off, resyncs wait for the
 //! retry. Holds no reconcile logic: it calls `reconcile` with the reason,
@@ -33,6 +34,9 @@ pub struct Hints {
     pub spec: mpsc::Receiver<()>,
     /// An interface the spec names appeared, went or changed.
     pub interfaces: mpsc::Receiver<()>,
+    /// The overlay changed (a route switched, reverted, or a person
+    /// decided a proposal): reconciled at once, no debounce.
+    pub overlay: mpsc::Receiver<()>,
 }
 
 /// Runs reconciles until `shutdown` completes.
@@ -83,6 +87,10 @@ where
                 tokio::time::sleep(timing.debounce).await;
                 while hints.interfaces.try_recv().is_ok() {}
                 Trigger::Interface
+            }
+            Some(()) = hints.overlay.recv() => {
+                while hints.overlay.try_recv().is_ok() {}
+                Trigger::Overlay
             }
             _ = resync.tick() => Trigger::Resync,
             _ = async { if let Some(at) = retry_at { tokio::time::sleep_until(at).await } }, if retry_at.is_some() => {

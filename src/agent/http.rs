@@ -164,7 +164,16 @@ async fn route(path: &str, accept: &str, shared: &Arc<Shared>) -> (u16, &'static
                 Err(e) => (500, "text/plain", format!("{e}\n")),
             }
         }
-        _ => (404, "text/plain", "not found: try /metrics, /healthz, /readyz, /status, /flows\n".into()),
+        // Read-only: deciding a proposal is `bpfsync proposals approve` on
+        // the node, never an unauthenticated request.
+        "/proposals" => {
+            let s = shared.clone();
+            match tokio::task::spawn_blocking(move || s.proposals_json()).await {
+                Ok(v) => (200, "application/json", serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"),
+                Err(e) => (500, "text/plain", format!("{e}\n")),
+            }
+        }
+        _ => (404, "text/plain", "not found: try /metrics, /healthz, /readyz, /status, /flows, /proposals\n".into()),
     }
 }
 

@@ -34,8 +34,106 @@ pub struct KindLabel {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HopLabel {
+    pub hop: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HopResultLabel {
+    pub hop: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteHopLabel {
+    pub route: String,
+    pub hop: String,
+    pub role: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteReasonLabel {
+    pub route: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceStateLabel {
+    pub source: String,
+    pub state: String,
+}
+
+/// The heal loop's figures.
+pub struct HealMetrics {
+    pub active_hop: Family<RouteHopLabel, Gauge>,
+    pub probe_rtt: Family<HopLabel, Histogram>,
+    pub probes: Family<HopResultLabel, Counter>,
+    pub probe_loss: Family<HopLabel, Gauge<f64, AtomicU64>>,
+    pub switches: Family<RouteReasonLabel, Counter>,
+    pub proposals: Family<SourceStateLabel, Gauge>,
+    pub overlay_superseded: Counter,
+    pub flap_locked: Family<RouteLabel, Gauge>,
+}
+
+impl HealMetrics {
+    fn register(registry: &mut Registry) -> HealMetrics {
+        let active_hop = Family::<RouteHopLabel, Gauge>::default();
+        registry.register(
+            "route_active_hop",
+            "1 for the hop a watched route runs on, 0 for its others",
+            active_hop.clone(),
+        );
+        let probe_rtt = Family::<HopLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+        });
+        registry.register_with_unit(
+            "probe_rtt",
+            "Round-trip time of answered hop probes",
+            Unit::Seconds,
+            probe_rtt.clone(),
+        );
+        let probes = Family::<HopResultLabel, Counter>::default();
+        registry.register("probes", "Hop probes by result (answered, lost)", probes.clone());
+        let probe_loss = Family::<HopLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "probe_loss_ratio",
+            "Lost probes over the hop's window (absent: too few samples)",
+            probe_loss.clone(),
+        );
+        let switches = Family::<RouteReasonLabel, Counter>::default();
+        registry.register(
+            "route_switches",
+            "Route moves by reason (switch, revert, verify-failed, lock, queued)",
+            switches.clone(),
+        );
+        let proposals = Family::<SourceStateLabel, Gauge>::default();
+        registry.register("proposals", "Proposals in the state directory by source and status", proposals.clone());
+        let overlay_superseded = Counter::default();
+        registry.register(
+            "overlay_superseded",
+            "Overlay entries superseded because the spec file changed under them",
+            overlay_superseded.clone(),
+        );
+        let flap_locked = Family::<RouteLabel, Gauge>::default();
+        registry.register(
+            "route_flap_locked",
+            "1 when a route is locked on its fallback after flapping",
+            flap_locked.clone(),
+        );
+        HealMetrics { active_hop, probe_rtt, probes, probe_loss, switches, proposals, overlay_superseded, flap_locked }
+    }
+}
+
 /// Everything the agent counts about itself.
 pub struct Metrics {
+    pub heal: HealMetrics,
+    pub overlay_entries: Gauge,
     pub registry: Registry,
     pub reconciles: Family<ResultLabel, Counter>,
     pub reconcile_duration: Histogram,
@@ -95,6 +193,9 @@ impl Metrics {
         );
         let ready = Gauge::default();
         registry.register("ready", "1 once a reconcile has succeeded", ready.clone());
+        let overlay_entries = Gauge::default();
+        registry.register("overlay_entries", "Accepted proposals merged onto the spec file", overlay_entries.clone());
+        let heal = HealMetrics::register(&mut registry);
         registry.register_collector(Box::new(DatapathCollector { bpffs_root }));
         registry.register_collector(Box::new(FlowCollector { hub: flows }));
         // Known label values start at zero, so `rate()` and absence alerts
@@ -106,6 +207,8 @@ impl Metrics {
             let _ = managed_objects.get_or_create(&KindLabel { kind: kind.into() });
         }
         Metrics {
+            heal,
+            overlay_entries,
             registry,
             reconciles,
             reconcile_duration,

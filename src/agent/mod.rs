@@ -14,6 +14,7 @@
 //! the last good state running.
 
 pub mod driver;
+mod heal;
 mod http;
 pub mod metrics;
 pub mod reconciler;
@@ -110,6 +111,10 @@ pub struct Shared {
     /// Interfaces the spec names: an event on one of them reconciles at once
     /// (a declared hook whose interface appears is attached then).
     pub watched_interfaces: Mutex<std::collections::BTreeSet<String>>,
+    /// Routes with fallback hops of the last good spec, for the heal loop.
+    pub heal_routes: Arc<crate::heal::runner::RoutesCell>,
+    /// What the heal loop shows (`/status`, `/proposals`).
+    pub heal: Mutex<crate::heal::runner::HealSnapshot>,
 }
 
 impl Shared {
@@ -120,7 +125,27 @@ impl Shared {
             config,
             flows,
             watched_interfaces: Mutex::default(),
+            heal_routes: Arc::default(),
+            heal: Mutex::default(),
         }
+    }
+
+    /// A watched route's hops with their roles (`primary`, `fallback[i]`).
+    pub fn heal_routes_of(&self, prefix: &str) -> Vec<(String, crate::heal::proposal::HopId)> {
+        let (_, routes) = self.heal_routes.get();
+        routes
+            .iter()
+            .filter(|w| w.route.prefix == prefix)
+            .flat_map(|w| {
+                std::iter::once(("primary".to_string(), w.primary()))
+                    .chain(w.fallbacks().into_iter().enumerate().map(|(i, h)| (format!("fallback[{i}]"), h)))
+            })
+            .collect()
+    }
+
+    /// The routes the heal loop watches, from a newly loaded spec.
+    pub fn set_heal_spec(&self, routes: Vec<crate::heal::controller::WatchedRoute>) {
+        self.heal_routes.set(routes);
     }
 
     /// The agent's own state. A panic elsewhere never leaves it unusable:
@@ -144,6 +169,16 @@ impl Shared {
         })
     }
 
+    /// Every proposal and the heal loop's view (`GET /proposals`).
+    fn proposals_json(&self) -> Value {
+        let store = crate::heal::store::Store::new(&self.config.ctx.state_dir);
+        let heal = self.heal.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        match store.list() {
+            Ok(l) => json!({ "proposals": l.proposals, "set-aside": l.set_aside, "heal": heal }),
+            Err(e) => json!({ "error": error_chain(&e), "heal": heal }),
+        }
+    }
+
     fn status_json(&self) -> Value {
         let mut v = match crate::status::report(&self.config.ctx) {
             Ok((v, _, _)) => v,
@@ -161,6 +196,8 @@ impl Shared {
             "last_duration_ms": s.last_duration_ms,
             "resync_seconds": self.config.resync.as_secs_f64(),
         });
+        v["heal"] = serde_json::to_value(&*self.heal.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+            .unwrap_or_default();
         v
     }
 }
@@ -234,6 +271,16 @@ pub async fn run(
         watch::watch(&config.spec, tx).map_err(|source| AgentError::Watch { path: config.spec.clone(), source })?;
     let (link_tx, link_rx) = mpsc::channel::<()>(1);
     let link_thread = watch::watch_links(shared.clone(), link_tx, flow_stop.clone());
+    let (overlay_tx, overlay_rx) = mpsc::channel::<()>(1);
+    let observer = heal::AgentObserver { shared: shared.clone(), overlay: overlay_tx };
+    let runner =
+        crate::heal::runner::Runner::new(&config.ctx.state_dir, shared.heal_routes.clone(), Box::new(observer));
+    let heal_stop = flow_stop.clone();
+    let heal_thread = std::thread::Builder::new()
+        .name("bpfsync-heal".into())
+        .spawn(move || runner.run(heal_stop))
+        .map_err(|e| tracing::error!(error = %e, "cannot start the heal loop"))
+        .ok();
     let ctx = config.ctx.clone();
     let open: KernelOpener<RealKernel> = Box::new(move || {
         let k = RealKernel::open(&ctx.bpffs_root)?;
@@ -248,12 +295,18 @@ pub async fn run(
         }
     };
     let timing = driver::Timing { resync: config.resync, debounce: config.debounce };
-    driver::drive(run_once, driver::Hints { spec: spec_rx, interfaces: link_rx }, timing, shutdown).await;
+    driver::drive(
+        run_once,
+        driver::Hints { spec: spec_rx, interfaces: link_rx, overlay: overlay_rx },
+        timing,
+        shutdown,
+    )
+    .await;
     tracing::info!("agent stopping; the datapath keeps running");
     http.abort();
     flow_stop.store(true, Ordering::Relaxed);
     let _ = tokio::task::spawn_blocking(move || {
-        for t in flow_threads.into_iter().chain(link_thread) {
+        for t in flow_threads.into_iter().chain(link_thread).chain(heal_thread) {
             let _ = t.join();
         }
     })

@@ -27,6 +27,8 @@ pub enum Trigger {
     Retry,
     /// An interface the spec names appeared, went or changed.
     Interface,
+    /// The heal loop changed the overlay.
+    Overlay,
 }
 
 /// What one reconcile did.
@@ -127,7 +129,21 @@ impl<K: Kernel> Reconciler<K> {
                 return None;
             }
         };
-        let digest = crate::object::digest(text.as_bytes());
+        let ctx = &self.shared.config.ctx;
+        // The overlay is part of what runs: an approval or a revert is a
+        // new version as much as an edit of the file.
+        let store = crate::heal::store::Store::new(&ctx.state_dir);
+        let overlay = match store.overlay() {
+            Ok(o) => o,
+            Err(e) => {
+                let msg = format!("cannot read the proposals: {}; keeping the last good state", error_chain(&e));
+                tracing::warn!("{msg}");
+                self.shared.state().spec_error = Some(msg);
+                self.seen_digest = None;
+                return None;
+            }
+        };
+        let digest = crate::heal::overlay_digest(&crate::object::digest(text.as_bytes()), &overlay);
         if self.seen_digest.as_deref() == Some(digest.as_str()) {
             return None;
         }
@@ -135,10 +151,13 @@ impl<K: Kernel> Reconciler<K> {
         // Parsing a big spec takes ~40x the memory of its compiled state:
         // keep only the compiled state (the last-applied record is staged on
         // disk) and give the rest back.
-        let ctx = &self.shared.config.ctx;
         let compiled = (|| -> Result<(Desired, PathBuf), String> {
             let (loaded, desired) =
-                load_and_compile(path, &text, &mut ObjectLoader::default()).map_err(|d| d.to_string())?;
+                load_and_compile(path, &text, &overlay, &mut ObjectLoader::default()).map_err(|d| d.to_string())?;
+            let superseded = crate::heal::supersede(&store, &loaded.overlay, "agent");
+            self.shared.metrics.heal.overlay_superseded.inc_by(superseded as u64);
+            self.shared.set_heal_spec(crate::heal::controller::watched_routes(&loaded));
+            self.shared.metrics.overlay_entries.set(loaded.overlay.applied.len() as i64);
             let staged = applied::stage(ctx, &loaded, &desired, "last-applied.next")
                 .map_err(|e| format!("cannot write to the state directory: {e}"))?;
             Ok((desired, staged))
@@ -170,7 +189,7 @@ impl<K: Kernel> Reconciler<K> {
         crate::fault::point("reconcile");
         let started = Instant::now();
         let refreshed = self.refresh_spec();
-        if trigger == Trigger::SpecChanged && refreshed.is_none() {
+        if matches!(trigger, Trigger::SpecChanged | Trigger::Overlay) && refreshed.is_none() {
             return Outcome::Skipped; // a touch, or a neighbour's event
         }
         let rejected = refreshed == Some(false);

@@ -44,9 +44,12 @@ pub type Exit = i32;
 pub struct InvalidSpec(pub crate::spec::Diagnostics);
 
 /// Loads, validates and compiles a spec file, printing every diagnostic.
+/// The overlay of the state directory (accepted proposals) is merged on:
+/// what is planned is what the agent would run.
 pub fn load_spec(ctx: &Context, path: &Path) -> anyhow::Result<(LoadedSpec, Desired)> {
     let source = crate::spec::read_limited(path, ctx.max_spec_bytes)?;
-    compile::load_and_compile(path, &source, &mut ObjectLoader::default()).map_err(|d| InvalidSpec(d).into())
+    let overlay = crate::heal::store::Store::new(&ctx.state_dir).overlay()?;
+    compile::load_and_compile(path, &source, &overlay, &mut ObjectLoader::default()).map_err(|d| InvalidSpec(d).into())
 }
 
 pub fn require_root() -> anyhow::Result<()> {

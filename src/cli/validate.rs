@@ -17,7 +17,7 @@ pub struct Args {
 
 pub fn run(ctx: &super::Context, args: &Args) -> anyhow::Result<Exit> {
     let source = crate::spec::read_limited(&args.spec, ctx.max_spec_bytes)?;
-    let result = load_and_compile(&args.spec, &source, &mut ObjectLoader::default());
+    let result = load_and_compile(&args.spec, &source, &[], &mut ObjectLoader::default());
     let (loaded, desired) = match result {
         Ok(x) => x,
         Err(diags) => return Err(InvalidSpec(diags).into()),

@@ -89,6 +89,14 @@ pub enum Decision {
     },
 }
 
+/// A route's flap history, as saved in the state directory (times are
+/// milliseconds on the detector's clock: the agent uses Unix time).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FlapMemory {
+    pub reverts: u32,
+    pub cycles: Vec<u64>,
+}
+
 #[derive(Debug, Clone)]
 pub struct RouteDetector {
     pub rule: Rule,
@@ -117,7 +125,8 @@ impl RouteDetector {
         }
     }
 
-    fn value(&self, hop: &HopHealth, now: Duration) -> Option<f64> {
+    /// The rule's metric on `hop` now (None: too little data).
+    pub fn value(&self, hop: &HopHealth, now: Duration) -> Option<f64> {
         let r = &self.rule;
         match r.metric {
             Metric::Loss => hop.loss(now, r.window, r.min_samples),
@@ -127,8 +136,46 @@ impl RouteDetector {
 
     /// A hop fit to take traffic: no hard failure, its metric known and
     /// under the threshold.
-    fn healthy(&self, hop: &HopHealth, now: Duration) -> bool {
+    pub fn healthy(&self, hop: &HopHealth, now: Duration) -> bool {
         hop.hard_failure(self.rule.down_after).is_none() && self.value(hop, now).is_some_and(|v| v <= self.rule.above)
+    }
+
+    /// Whether `primary` is failing or above the threshold right now (for
+    /// the node-wide count that tells a local fault from a path's).
+    pub fn degraded(&self, primary: &HopHealth, now: Duration) -> bool {
+        primary.hard_failure(self.rule.down_after).is_some()
+            || self.value(primary, now).is_some_and(|v| v > self.rule.above)
+    }
+
+    /// What must survive a restart: reverts (the doubling hold), the end
+    /// of each recent cycle, and the lock.
+    pub fn memory(&self) -> FlapMemory {
+        FlapMemory { reverts: self.reverts, cycles: self.cycles.iter().map(|d| d.as_millis() as u64).collect() }
+    }
+
+    pub fn restore(&mut self, m: &FlapMemory) {
+        self.reverts = m.reverts.min(64);
+        self.cycles = m.cycles.iter().rev().take(FLAP_CYCLES * 4).rev().map(|ms| Duration::from_millis(*ms)).collect();
+    }
+
+    /// A person decided: automatic switching resumes, the flap history
+    /// starts over.
+    pub fn unlock(&mut self) {
+        self.locked = false;
+        self.reverts = 0;
+        self.cycles.clear();
+        self.breach_since = None;
+        self.recover_since = None;
+    }
+
+    /// The route runs where the overlay says (an approval or a revert by a
+    /// person moved it): timers of the other state are dropped.
+    pub fn set_active(&mut self, active: Active) {
+        if self.active != active {
+            self.active = active;
+            self.breach_since = None;
+            self.recover_since = None;
+        }
     }
 
     /// The hold before going back: `recover_for`, doubled per revert so far.
@@ -199,6 +246,7 @@ impl RouteDetector {
         if held < self.hold() {
             return Decision::Stay;
         }
+        let was = self.active;
         self.active = Active::Primary;
         self.recover_since = None;
         self.reverts += 1;
@@ -209,7 +257,7 @@ impl RouteDetector {
         let evidence = Evidence { reason: format!("primary below {} for {:?}", self.rule.below, held), value, held };
         if self.cycles.len() >= FLAP_CYCLES {
             // Three round trips in half an hour: stay on the fallback.
-            self.active = Active::Fallback(0);
+            self.active = was;
             self.locked = true;
             let reason =
                 format!("{} switch-and-revert cycles within {:?}: locked on the fallback", FLAP_CYCLES, FLAP_WINDOW);

@@ -41,6 +41,10 @@ impl std::fmt::Display for HardFailure {
 pub struct HopHealth {
     probes: VecDeque<Probe>,
     consecutive_misses: u32,
+    /// Answered probes ever (a switch is verified by new answers).
+    answered: u64,
+    /// Smoothed RTT (RFC 6298's 1/8 gain), None before the first answer.
+    srtt: Option<Duration>,
     /// None until rtnetlink said (no data is not a fault).
     link_up: Option<bool>,
     neighbor_reachable: Option<bool>,
@@ -52,7 +56,45 @@ impl HopHealth {
             self.probes.pop_front();
         }
         self.probes.push_back(Probe { at, rtt });
-        self.consecutive_misses = if rtt.is_some() { 0 } else { self.consecutive_misses + 1 };
+        self.consecutive_misses = if rtt.is_some() { 0 } else { self.consecutive_misses.saturating_add(1) };
+        self.answered += rtt.is_some() as u64;
+        if let Some(r) = rtt {
+            self.srtt = Some(match self.srtt {
+                None => r,
+                Some(s) => s.saturating_sub(s / 8) + r / 8,
+            });
+        }
+    }
+
+    pub fn smoothed_rtt(&self) -> Option<Duration> {
+        self.srtt
+    }
+
+    pub fn link_up(&self) -> Option<bool> {
+        self.link_up
+    }
+
+    pub fn neighbor_reachable(&self) -> Option<bool> {
+        self.neighbor_reachable
+    }
+
+    pub fn answers(&self) -> u64 {
+        self.answered
+    }
+
+    pub fn consecutive_misses(&self) -> u32 {
+        self.consecutive_misses
+    }
+
+    /// The last answer's round-trip time within `window`, if any.
+    pub fn last_rtt(&self) -> Option<Duration> {
+        self.probes.back().and_then(|p| p.rtt)
+    }
+
+    /// Whether the neighbour entry is usable (Some(true)), FAILED
+    /// (Some(false)) or unknown (None: resolving, deleted, never seen).
+    pub fn set_neighbor_state(&mut self, reachable: Option<bool>) {
+        self.neighbor_reachable = reachable;
     }
 
     pub fn set_link(&mut self, up: bool) {
@@ -67,6 +109,12 @@ impl HopHealth {
     fn recent(&self, now: Duration, window: Duration) -> impl Iterator<Item = &Probe> {
         let from = now.saturating_sub(window);
         self.probes.iter().filter(move |p| p.at > from && p.at <= now)
+    }
+
+    /// The results within `window` before `now`, oldest first: the RTT, or
+    /// None for a lost probe.
+    pub fn samples(&self, now: Duration, window: Duration) -> impl Iterator<Item = Option<Duration>> + '_ {
+        self.recent(now, window).map(|p| p.rtt)
     }
 
     /// Lost probes / probes sent within `window`; None with fewer than

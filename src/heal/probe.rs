@@ -67,24 +67,6 @@ impl Prober {
         Ok(Prober { fd, target, id, seq: 0 })
     }
 
-    fn set_timeout(&self, timeout: Duration) -> io::Result<()> {
-        let tv = libc::timeval {
-            tv_sec: timeout.as_secs() as libc::time_t,
-            tv_usec: timeout.subsec_micros().max(1) as libc::suseconds_t,
-        };
-        // SAFETY: `tv` is a valid timeval of the given size.
-        check(unsafe {
-            libc::setsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                &tv as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        })
-        .map(|_| ())
-    }
-
     fn send_echo(&self, seq: u16) -> io::Result<()> {
         let v6 = self.target.is_ipv6();
         let mut pkt = vec![if v6 { ICMPV6_ECHO } else { ICMP_ECHO }, 0, 0, 0];
@@ -129,64 +111,91 @@ impl Prober {
         if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
     }
 
-    /// Whether `buf` (as the socket returned it) is the answer to `seq`.
-    fn is_answer(&self, buf: &[u8], seq: u16) -> bool {
+    /// The sequence number of `buf` (as the socket returned it) if it is
+    /// an echo reply to this prober.
+    fn answer_seq(&self, buf: &[u8]) -> Option<u16> {
         let icmp = match self.target {
             // Raw IPv4 sockets return the IP header too; check the source.
             IpAddr::V4(a) => {
-                let Some(ihl) = buf.first().map(|b| ((b & 0x0f) as usize) * 4) else { return false };
+                let ihl = ((buf.first()? & 0x0f) as usize) * 4;
                 if buf.len() < ihl + 8 || buf.get(12..16) != Some(&a.octets()[..]) {
-                    return false;
+                    return None;
                 }
                 &buf[ihl..]
             }
             IpAddr::V6(_) => buf,
         };
         let reply = if self.target.is_ipv6() { ICMPV6_ECHO_REPLY } else { ICMP_ECHO_REPLY };
-        icmp.len() >= 8
-            && icmp[0] == reply
-            && u16::from_be_bytes([icmp[4], icmp[5]]) == self.id
-            && u16::from_be_bytes([icmp[6], icmp[7]]) == seq
+        (icmp.len() >= 8 && icmp[0] == reply && u16::from_be_bytes([icmp[4], icmp[5]]) == self.id)
+            .then(|| u16::from_be_bytes([icmp[6], icmp[7]]))
     }
 
-    /// Sends one echo and waits up to `timeout` for its answer: the
-    /// round-trip time, or None when it did not come. An error is a probe
-    /// that could not be made (no interface, no permission), not a loss.
-    pub fn probe(&mut self, timeout: Duration) -> io::Result<Option<Duration>> {
+    /// The socket, to wait on with poll(2) beside other probers.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Sends the next echo without waiting: its sequence number, or None
+    /// when the path is down right now (a lost probe, not a failure to
+    /// probe: rtnetlink says why, as link or neighbour state). An error is a
+    /// probe that could not be made (no interface, no permission).
+    pub fn send(&mut self) -> io::Result<Option<u16>> {
         self.seq = self.seq.wrapping_add(1);
-        let seq = self.seq;
-        let started = Instant::now();
-        match self.send_echo(seq) {
-            Ok(()) => {}
-            // The path does not work right now: a lost probe, not a failure
-            // to probe (rtnetlink says why, as link or neighbour state).
+        match self.send_echo(self.seq) {
+            Ok(()) => Ok(Some(self.seq)),
             Err(e)
                 if matches!(
                     e.raw_os_error(),
                     Some(libc::ENETDOWN) | Some(libc::ENETUNREACH) | Some(libc::EHOSTUNREACH) | Some(libc::ENOBUFS)
                 ) =>
             {
-                return Ok(None);
+                Ok(None)
             }
-            Err(e) => return Err(e),
+            Err(e) => Err(e),
         }
+    }
+
+    /// The sequence numbers of our answers waiting on the socket (reads
+    /// without blocking until it is empty; at most 64 datagrams a call).
+    pub fn answers(&self) -> io::Result<Vec<u16>> {
+        let mut out = Vec::new();
         let mut buf = [0u8; 1500];
+        for _ in 0..64 {
+            // SAFETY: `buf` is writable for its whole length.
+            let n = unsafe {
+                libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), libc::MSG_DONTWAIT)
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(out),
+                    _ => Err(e),
+                };
+            }
+            if let Some(seq) = self.answer_seq(&buf[..n as usize]) {
+                out.push(seq);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sends one echo and waits up to `timeout` for its answer: the
+    /// round-trip time, or None when it did not come.
+    pub fn probe(&mut self, timeout: Duration) -> io::Result<Option<Duration>> {
+        let started = Instant::now();
+        let Some(seq) = self.send()? else { return Ok(None) };
         loop {
             let left = timeout.saturating_sub(started.elapsed());
             if left.is_zero() {
                 return Ok(None);
             }
-            self.set_timeout(left)?;
-            // SAFETY: `buf` is writable for its whole length.
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EAGAIN) | Some(libc::EINTR) => continue,
-                    _ => return Err(e),
-                }
+            let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd.
+            let rc = unsafe { libc::poll(&mut pfd, 1, left.as_millis().clamp(1, i32::MAX as u128) as i32) };
+            if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                return Err(io::Error::last_os_error());
             }
-            if self.is_answer(&buf[..n as usize], seq) {
+            if self.answers()?.contains(&seq) {
                 return Ok(Some(started.elapsed()));
             }
         }

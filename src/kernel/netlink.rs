@@ -218,23 +218,13 @@ pub fn neighbors() -> io::Result<Vec<Neighbor>> {
             match kind {
                 NLMSG_DONE => return Ok(out),
                 NLMSG_ERROR => check_error(m)?,
-                RTM_NEWNEIGH if m.len() >= 28 => {
-                    let ifindex = u32_at(m, 20);
-                    let state = u16_at(m, 24);
-                    let (mut addr, mut mac) = (None, None);
-                    for (k, p) in attrs(&m[28..]) {
-                        match (k, p.len()) {
-                            (NDA_DST, 4) => addr = Some(std::net::IpAddr::from(<[u8; 4]>::try_from(p).unwrap())),
-                            (NDA_DST, 16) => addr = Some(std::net::IpAddr::from(<[u8; 16]>::try_from(p).unwrap())),
-                            (NDA_LLADDR, 6) => mac = <[u8; 6]>::try_from(p).ok(),
-                            _ => {}
-                        }
-                    }
-                    if let (Some(addr), Some(mac)) = (addr, mac)
-                        && state & NUD_UNUSABLE == 0
-                        && state != 0
+                RTM_NEWNEIGH => {
+                    if let Some(n) = parse_neighbor(m)
+                        && n.state & NUD_UNUSABLE == 0
+                        && n.state != 0
+                        && let Some(mac) = n.mac
                     {
-                        out.push(Neighbor { ifindex, addr, mac });
+                        out.push(Neighbor { ifindex: n.ifindex, addr: n.addr, mac });
                     }
                 }
                 _ => {}
@@ -242,6 +232,33 @@ pub fn neighbors() -> io::Result<Vec<Neighbor>> {
             off += (len + 3) & !3;
         }
     }
+}
+
+/// A neighbour table message, whatever its state.
+struct NeighborMessage {
+    ifindex: u32,
+    addr: std::net::IpAddr,
+    state: u16,
+    mac: Option<[u8; 6]>,
+}
+
+/// Reads an RTM_NEWNEIGH / RTM_DELNEIGH message (`struct ndmsg` at 16:
+/// family, pads, ifindex at 20, state at 24, flags, type; attributes at 28).
+fn parse_neighbor(m: &[u8]) -> Option<NeighborMessage> {
+    if m.len() < 28 {
+        return None;
+    }
+    let (ifindex, state) = (u32_at(m, 20), u16_at(m, 24));
+    let (mut addr, mut mac) = (None, None);
+    for (k, p) in attrs(&m[28..]) {
+        match (k, p.len()) {
+            (NDA_DST, 4) => addr = <[u8; 4]>::try_from(p).ok().map(std::net::IpAddr::from),
+            (NDA_DST, 16) => addr = <[u8; 16]>::try_from(p).ok().map(std::net::IpAddr::from),
+            (NDA_LLADDR, 6) => mac = <[u8; 6]>::try_from(p).ok(),
+            _ => {}
+        }
+    }
+    Some(NeighborMessage { ifindex, addr: addr?, state, mac })
 }
 
 /// The XDP programs attached to interface `ifindex`, whoever attached them.
@@ -298,33 +315,7 @@ impl LinkEvents {
     /// Subscribes to link events of this network namespace. `recv` waits at
     /// most `timeout` for events.
     pub fn subscribe(timeout: std::time::Duration) -> io::Result<LinkEvents> {
-        let s = socket()?;
-        // SAFETY: zeroed sockaddr_nl is valid; we fill family and groups.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as u16;
-        addr.nl_groups = RTMGRP_LINK;
-        // SAFETY: `addr` is a valid sockaddr_nl of the given size.
-        let rc = unsafe {
-            libc::bind(s.0, &addr as *const _ as *const libc::sockaddr, size_of::<libc::sockaddr_nl>() as u32)
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let tv = libc::timeval { tv_sec: timeout.as_secs() as _, tv_usec: timeout.subsec_micros() as _ };
-        // SAFETY: `tv` is a valid timeval of the given size.
-        let rc = unsafe {
-            libc::setsockopt(
-                s.0,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                &tv as *const _ as *const libc::c_void,
-                size_of::<libc::timeval>() as u32,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(LinkEvents(s))
+        Ok(LinkEvents(subscribe_groups(RTMGRP_LINK, timeout)?))
     }
 
     /// Names of the interfaces that changed since the last call (empty after
@@ -343,6 +334,166 @@ impl LinkEvents {
         }
         Ok(link_names(&buf[..n as usize]))
     }
+}
+
+const RTM_DELNEIGH: u16 = 29;
+/// `RTMGRP_NEIGH`: multicast group of neighbour table changes.
+const RTMGRP_NEIGH: u32 = 4;
+const NUD_FAILED: u16 = 0x20;
+/// Usable states: REACHABLE, STALE, DELAY, PROBE, NOARP, PERMANENT.
+const NUD_VALID: u16 = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80;
+
+/// What the heal loop hears from rtnetlink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthEvent {
+    /// An interface changed or went away: read its state again.
+    Link(String),
+    /// A neighbour's entry: `Some(true)` usable, `Some(false)` FAILED,
+    /// None resolving or deleted (no verdict).
+    Neighbor { ifindex: u32, addr: std::net::IpAddr, reachable: Option<bool> },
+}
+
+/// Link and neighbour events (RTMGRP_LINK | RTMGRP_NEIGH), for the hop
+/// health of the heal loop: pushed by the kernel, not polled.
+pub struct HealthEvents(Socket);
+
+impl HealthEvents {
+    pub fn subscribe(timeout: std::time::Duration) -> io::Result<HealthEvents> {
+        Ok(HealthEvents(subscribe_groups(RTMGRP_LINK | RTMGRP_NEIGH, timeout)?))
+    }
+
+    pub fn raw_fd(&self) -> i32 {
+        self.0.0
+    }
+
+    /// The events since the last call (empty after the timeout); ENOBUFS
+    /// (events lost) is an error, so the caller reads the state again.
+    pub fn recv(&mut self) -> io::Result<Vec<HealthEvent>> {
+        let mut buf = vec![0u8; 1 << 16];
+        // SAFETY: `buf` is writable for its whole length.
+        let n = unsafe { libc::recv(self.0.0, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(Vec::new()),
+                _ => Err(e),
+            };
+        }
+        Ok(health_events(&buf[..n as usize]))
+    }
+}
+
+fn health_events(b: &[u8]) -> Vec<HealthEvent> {
+    let mut out: Vec<HealthEvent> = link_names(b).into_iter().map(HealthEvent::Link).collect();
+    let mut off = 0;
+    while off + 16 <= b.len() {
+        let len = u32_at(b, off) as usize;
+        if len < 16 || off + len > b.len() {
+            break;
+        }
+        let m = &b[off..off + len];
+        let kind = u16_at(m, 4);
+        if matches!(kind, RTM_NEWNEIGH | RTM_DELNEIGH)
+            && let Some(n) = parse_neighbor(m)
+        {
+            let reachable = if kind == RTM_DELNEIGH {
+                None
+            } else if n.state & NUD_FAILED != 0 {
+                Some(false)
+            } else if n.state & NUD_VALID != 0 {
+                Some(true)
+            } else {
+                None
+            };
+            out.push(HealthEvent::Neighbor { ifindex: n.ifindex, addr: n.addr, reachable });
+        }
+        off += (len + 3) & !3;
+    }
+    out
+}
+
+/// The state of one neighbour entry now: as [`HealthEvent::Neighbor`]'s
+/// `reachable`, None when the table has no entry.
+pub fn neighbor_state(ifindex: u32, addr: std::net::IpAddr) -> io::Result<Option<bool>> {
+    // The dump keeps FAILED entries out; ask for every entry instead.
+    let s = socket()?;
+    let mut msg = Vec::new();
+    let hdr = NlMsgHdr {
+        len: (size_of::<NlMsgHdr>() + 12) as u32,
+        kind: RTM_GETNEIGH,
+        flags: NLM_F_REQUEST | NLM_F_DUMP,
+        seq: 1,
+        pid: 0,
+    };
+    // SAFETY: repr(C) plain struct viewed as bytes.
+    msg.extend_from_slice(unsafe { std::slice::from_raw_parts(&hdr as *const _ as *const u8, size_of::<NlMsgHdr>()) });
+    msg.extend_from_slice(&[0u8; 12]);
+    // SAFETY: `msg` is a valid buffer of the given length.
+    if unsafe { libc::send(s.0, msg.as_ptr() as *const libc::c_void, msg.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut found = None;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        // SAFETY: `buf` is writable for its whole length.
+        let n = unsafe { libc::recv(s.0, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let b = &buf[..n as usize];
+        let mut off = 0;
+        while off + 16 <= b.len() {
+            let len = u32_at(b, off) as usize;
+            if len < 16 || off + len > b.len() {
+                break;
+            }
+            let m = &b[off..off + len];
+            match u16_at(m, 4) {
+                NLMSG_DONE => return Ok(found),
+                NLMSG_ERROR => check_error(m)?,
+                _ => {
+                    for ev in health_events(m) {
+                        if let HealthEvent::Neighbor { ifindex: i, addr: a, reachable } = ev
+                            && i == ifindex
+                            && a == addr
+                        {
+                            found = reachable;
+                        }
+                    }
+                }
+            }
+            off += (len + 3) & !3;
+        }
+    }
+}
+
+fn subscribe_groups(groups: u32, timeout: std::time::Duration) -> io::Result<Socket> {
+    let s = socket()?;
+    // SAFETY: zeroed sockaddr_nl is valid; we fill family and groups.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as u16;
+    addr.nl_groups = groups;
+    // SAFETY: `addr` is a valid sockaddr_nl of the given size.
+    let rc =
+        unsafe { libc::bind(s.0, &addr as *const _ as *const libc::sockaddr, size_of::<libc::sockaddr_nl>() as u32) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let tv = libc::timeval { tv_sec: timeout.as_secs() as _, tv_usec: timeout.subsec_micros() as _ };
+    // SAFETY: `tv` is a valid timeval of the given size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.0,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv as *const _ as *const libc::c_void,
+            size_of::<libc::timeval>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(s)
 }
 
 /// Interface names in a batch of RTM_NEWLINK / RTM_DELLINK messages.

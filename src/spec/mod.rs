@@ -6,6 +6,8 @@
 
 mod diag;
 pub mod mesh;
+pub mod overlay;
+pub mod patch;
 mod source;
 pub mod types;
 pub mod yaml;
@@ -28,16 +30,27 @@ pub const SCHEMA: &str = include_str!("../../schema/bpfsync.schema.json");
 /// parts in later diagnostics.
 #[derive(Debug)]
 pub struct LoadedSpec {
+    /// The spec to run: the file's, with the overlay merged on.
     pub spec: NodeSpec,
     pub file: PathBuf,
     pub source: String,
     pub doc: MarkedDocument,
+    /// What the overlay changed, and the entries it could not apply.
+    pub overlay: overlay::OverlayReport,
+    /// The file's own routes, when the overlay changed the spec (the
+    /// primary of a route is the file's `via`, whatever runs now).
+    pub file_routes: Option<Vec<RouteSpec>>,
 }
 
 impl LoadedSpec {
     /// A diagnostic at the node `pointer` (e.g. `/programs/0/maps/1`).
     pub fn diag(&self, pointer: &str, message: impl Into<String>) -> Diagnostic {
         Diagnostic::new(&self.file, &self.source, self.doc.position(pointer), pointer, message)
+    }
+
+    /// The routes as the spec file declares them.
+    pub fn file_routes(&self) -> &[RouteSpec] {
+        self.file_routes.as_deref().unwrap_or(&self.spec.routes)
     }
 
     /// The directory relative paths in the spec are resolved against.
@@ -72,7 +85,19 @@ pub fn load(file: &Path, source: &str) -> Result<LoadedSpec, Diagnostics> {
 /// diagnostics, so that later stages (objects, maps) can report their own
 /// problems in the same run.
 pub fn load_partial(file: &Path, source: &str) -> (Option<LoadedSpec>, Vec<Diagnostic>) {
-    match load_inner(file, source) {
+    load_partial_with_overlay(file, source, &[])
+}
+
+/// [`load_partial`], then the overlay merged on when the file is valid on
+/// its own (see [`overlay`]). Entries that no longer apply, or that make
+/// the spec invalid, are superseded and reported in
+/// [`LoadedSpec::overlay`]; they never make the load fail.
+pub fn load_partial_with_overlay(
+    file: &Path,
+    source: &str,
+    entries: &[overlay::OverlayEntry],
+) -> (Option<LoadedSpec>, Vec<Diagnostic>) {
+    match load_inner(file, source, entries) {
         Ok(loaded) => (Some(loaded), Vec::new()),
         Err((loaded, diags)) => (loaded, diags),
     }
@@ -84,7 +109,11 @@ pub fn diagnostics(diags: Vec<Diagnostic>, source: &str) -> Diagnostics {
 }
 
 #[allow(clippy::result_large_err, reason = "the error carries the partially valid spec on purpose")]
-fn load_inner(file: &Path, source: &str) -> Result<LoadedSpec, (Option<LoadedSpec>, Vec<Diagnostic>)> {
+fn load_inner(
+    file: &Path,
+    source: &str,
+    entries: &[overlay::OverlayEntry],
+) -> Result<LoadedSpec, (Option<LoadedSpec>, Vec<Diagnostic>)> {
     let mut doc = match yaml::parse(source) {
         Ok(doc) => doc,
         Err(e) => {
@@ -95,6 +124,8 @@ fn load_inner(file: &Path, source: &str) -> Result<LoadedSpec, (Option<LoadedSpe
     let mut diags: Vec<Diagnostic> =
         doc.problems.iter().map(|(ptr, pos, msg)| Diagnostic::new(file, source, *pos, ptr, msg.clone())).collect();
     diags.extend(schema_diagnostics(file, source, &doc));
+    // The file's document, kept only when an overlay will be merged on.
+    let file_value = (!entries.is_empty()).then(|| doc.value.clone());
     // Positions live in `doc`'s indexes; the value itself is not needed again.
     let spec: NodeSpec = match serde_json::from_value(std::mem::take(&mut doc.value)) {
         Ok(spec) => spec,
@@ -107,9 +138,58 @@ fn load_inner(file: &Path, source: &str) -> Result<LoadedSpec, (Option<LoadedSpe
     };
     // The shapes deserialise: check meaning too, so every problem is
     // reported in one go, not only the schema's.
-    let loaded = LoadedSpec { spec, file: file.to_path_buf(), source: source.to_string(), doc };
+    let mut loaded = LoadedSpec {
+        spec,
+        file: file.to_path_buf(),
+        source: source.to_string(),
+        doc,
+        overlay: overlay::OverlayReport::default(),
+        file_routes: None,
+    };
     diags.extend(semantic_checks(&loaded));
-    if diags.is_empty() { Ok(loaded) } else { Err((Some(loaded), diags)) }
+    if !diags.is_empty() {
+        return Err((Some(loaded), diags));
+    }
+    if let Some(value) = file_value {
+        merge_overlay(&mut loaded, value, entries);
+    }
+    Ok(loaded)
+}
+
+/// Merges the overlay onto a valid file spec: the patched spec must pass
+/// every check the file did, or none of the entries is used.
+fn merge_overlay(loaded: &mut LoadedSpec, value: serde_json::Value, entries: &[overlay::OverlayEntry]) {
+    let (patched, mut report) = overlay::merge(&value, entries);
+    drop(value);
+    if report.applied.is_empty() {
+        loaded.overlay = report;
+        return;
+    }
+    let invalid = |report: &mut overlay::OverlayReport, why: String| {
+        for e in std::mem::take(&mut report.applied) {
+            report.superseded.push(overlay::Superseded { id: e.id, reason: why.clone() });
+        }
+    };
+    let schema_error = schema_validator().iter_errors(&patched).next().map(|e| e.to_string());
+    if let Some(e) = schema_error {
+        invalid(&mut report, format!("together with the spec file it is invalid: {e}"));
+        loaded.overlay = report;
+        return;
+    }
+    match serde_json::from_value::<NodeSpec>(patched) {
+        Ok(spec) => {
+            let file_spec = std::mem::replace(&mut loaded.spec, spec);
+            let problems = semantic_checks(loaded);
+            if let Some(p) = problems.first() {
+                loaded.spec = file_spec;
+                invalid(&mut report, format!("together with the spec file it is invalid: {}", p.message));
+            } else {
+                loaded.file_routes = Some(file_spec.routes);
+            }
+        }
+        Err(e) => invalid(&mut report, format!("together with the spec file it is invalid: {e}")),
+    }
+    loaded.overlay = report;
 }
 
 fn schema_diagnostics(file: &Path, source: &str, doc: &MarkedDocument) -> Vec<Diagnostic> {
@@ -318,6 +398,12 @@ fn semantic_checks(l: &LoadedSpec) -> Vec<Diagnostic> {
             }
             Err(e) => d.push(l.diag(&ptr, e)),
         }
+        if let Some(h) = &r.health {
+            check_health(l, &mut d, &format!("/routes/{i}/health"), h, s.health.as_ref());
+        }
+    }
+    if let Some(h) = &s.health {
+        check_health(l, &mut d, "/health", h, None);
     }
 
     let mut policies = HashSet::new();
@@ -351,7 +437,10 @@ fn semantic_checks(l: &LoadedSpec) -> Vec<Diagnostic> {
             }
             Some(_) => {}
         }
-        let needs_threshold = matches!(f.when.metric, FallbackMetric::DropRate | FallbackMetric::LatencyP99Ms);
+        let needs_threshold = matches!(
+            f.when.metric,
+            FallbackMetric::DropRate | FallbackMetric::ProbeLoss | FallbackMetric::LatencyP99Ms
+        );
         if needs_threshold && f.when.above.is_none() {
             d.push(l.diag(&format!("/fallback/{i}/when"), "this metric needs a threshold: add `above`"));
         }
@@ -378,6 +467,73 @@ fn semantic_checks(l: &LoadedSpec) -> Vec<Diagnostic> {
     }
     d
 }
+
+/// The probe settings' limits: what a hop's bounded history can hold, and
+/// an interval the prober can keep (1,000 hops at 10 ms is 100,000 echoes a
+/// second).
+pub const MIN_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+pub const MAX_PROBE_SAMPLES: u64 = 3600;
+
+/// `health` settings make sense alone and merged over `global` (a route's
+/// override of the global ones).
+fn check_health(l: &LoadedSpec, d: &mut Vec<Diagnostic>, base: &str, h: &HealthSpec, global: Option<&HealthSpec>) {
+    let mut dur = |key: &str, v: Option<&DurationSpec>| -> Option<std::time::Duration> {
+        let v = v?;
+        let parsed = v.to_duration();
+        if parsed.is_none() {
+            d.push(
+                l.diag(&format!("{base}/{key}"), "not a duration: use seconds or a number with `ms`, `s`, `m`, `h`"),
+            );
+        }
+        parsed
+    };
+    let own_interval = dur("probe-interval", h.probe_interval.as_ref());
+    let own_timeout = dur("probe-timeout", h.probe_timeout.as_ref());
+    let own_window = dur("window", h.window.as_ref());
+    let from_global = |f: fn(&HealthSpec) -> Option<&DurationSpec>| global.and_then(f).and_then(|v| v.to_duration());
+    let interval =
+        own_interval.or_else(|| from_global(|g| g.probe_interval.as_ref())).unwrap_or(DEFAULT_PROBE_INTERVAL);
+    let timeout = own_timeout.or_else(|| from_global(|g| g.probe_timeout.as_ref()));
+    let window = own_window.or_else(|| from_global(|g| g.window.as_ref()));
+    if interval < MIN_PROBE_INTERVAL {
+        d.push(l.diag(&format!("{base}/probe-interval"), format!("at least {MIN_PROBE_INTERVAL:?} between probes")));
+    }
+    if let Some(t) = timeout
+        && (t > interval || t.is_zero())
+    {
+        // One echo in flight per hop: a longer wait would skip the next.
+        let at = if own_timeout.is_some() { "probe-timeout" } else { "probe-interval" };
+        d.push(l.diag(
+            &format!("{base}/{at}"),
+            format!("`probe-timeout` ({t:?}) must be above zero and at most `probe-interval` ({interval:?})"),
+        ));
+    }
+    if let Some(w) = window
+        && !interval.is_zero()
+    {
+        let samples = w.as_nanos() / interval.as_nanos();
+        let at = if own_window.is_some() { "window" } else { "probe-interval" };
+        if samples > MAX_PROBE_SAMPLES as u128 {
+            d.push(l.diag(
+                &format!("{base}/{at}"),
+                format!(
+                    "`window` ({w:?}) holds {samples} probes at {interval:?}; a hop keeps at most {MAX_PROBE_SAMPLES}"
+                ),
+            ));
+        }
+        let min = h.min_samples.or(global.and_then(|g| g.min_samples)).unwrap_or(DEFAULT_MIN_SAMPLES);
+        if samples < min as u128 {
+            d.push(l.diag(
+                &format!("{base}/{at}"),
+                format!("`window` ({w:?}) holds {samples} probes at {interval:?}, fewer than `min-samples` ({min}): no rule could ever judge"),
+            ));
+        }
+    }
+}
+
+/// Defaults of the `health` settings.
+pub const DEFAULT_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+pub const DEFAULT_MIN_SAMPLES: u32 = 5;
 
 fn check_rule(l: &LoadedSpec, d: &mut Vec<Diagnostic>, base: &str, section: &str, rule: &PolicyRule) {
     let peers_ok = match section {

@@ -41,6 +41,34 @@ pub struct NodeSpec {
     pub fallback: Vec<FallbackRule>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flows: Option<FlowsSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthSpec>,
+}
+
+/// How the agent watches the next hops of routes with `fallback` hops;
+/// a route's own `health` overrides these field by field.
+///
+/// ```yaml
+/// health:
+///   probe-interval: 1s    # one ICMP echo per hop per interval
+///   probe-timeout: 500ms  # an echo unanswered by then is lost
+///   down-after: 3         # this many lost in a row: the hop is down at once
+///   window: 10s           # loss and RTT percentiles are computed over it
+///   min-samples: 5        # fewer probes in the window: no data, hold
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct HealthSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_interval: Option<DurationSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_timeout: Option<DurationSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down_after: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<DurationSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_samples: Option<u32>,
 }
 
 /// Flow records of the mesh datapath; absent fields keep their defaults.
@@ -232,6 +260,9 @@ pub struct RouteSpec {
     pub via: NextHopSpec,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fallback: Vec<NextHopSpec>,
+    /// Overrides of the global `health` settings for this route's hops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -386,7 +417,11 @@ impl DurationSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FallbackMetric {
+    /// Fraction of packets lost on the way to the hop, measured by its
+    /// probes (0..=1).
     DropRate,
+    /// The same measure under its plain name.
+    ProbeLoss,
     LatencyP99Ms,
     LinkDown,
     NeighborUnreachable,

@@ -1,0 +1,524 @@
+//! The heal loop's decisions for every watched route, pure: given the time,
+//! each hop's health and what the proposal store holds, it says which
+//! proposals to create (applied at once, or queued for a person) and which
+//! applied ones to revert. The agent's [`super::runner`] carries them out.
+//!
+//! Auto-apply needs all of: the rule says `auto-apply: true`; the change
+//! moves the route between its own declared hops (every proposal does);
+//! the target hop is healthy (the detector picks only such); the route is
+//! not flap-locked; and at most a quarter of the watched routes (or one)
+//! degrade at once — more looks like a fault of this node, not of a path.
+//! After an automatic switch the target must answer within
+//! [`VERIFY_INTERVALS`] probe intervals, or the route goes back.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use super::detector::{Active, Decision, Evidence, FlapMemory, Metric, RouteDetector, Rule};
+use super::health::HopHealth;
+use super::proposal::{self, Action, HopFigures, HopId, Proposal, Status, Transition};
+use crate::spec::{
+    DEFAULT_MIN_SAMPLES, DEFAULT_PROBE_INTERVAL, FallbackMetric, FallbackRule, HealthSpec, LoadedSpec, RouteSpec,
+};
+
+/// Probe intervals within which a switched-to hop must answer.
+pub const VERIFY_INTERVALS: u32 = 3;
+/// Default `probe-timeout`: half the interval.
+const DEFAULT_DOWN_AFTER: u32 = 3;
+/// Default `window`: this many probe intervals.
+const DEFAULT_WINDOW_INTERVALS: u32 = 10;
+
+/// How one route's hops are probed and judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeSettings {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub down_after: u32,
+    pub window: Duration,
+    pub min_samples: usize,
+}
+
+impl ProbeSettings {
+    /// The route's own settings over the global ones over the defaults.
+    pub fn resolve(route: Option<&HealthSpec>, global: Option<&HealthSpec>) -> ProbeSettings {
+        let dur = |f: fn(&HealthSpec) -> Option<&crate::spec::DurationSpec>| {
+            route.and_then(f).or_else(|| global.and_then(f)).and_then(|d| d.to_duration())
+        };
+        let interval = dur(|h| h.probe_interval.as_ref()).unwrap_or(DEFAULT_PROBE_INTERVAL);
+        ProbeSettings {
+            interval,
+            timeout: dur(|h| h.probe_timeout.as_ref()).unwrap_or(interval / 2),
+            down_after: route
+                .and_then(|h| h.down_after)
+                .or(global.and_then(|h| h.down_after))
+                .unwrap_or(DEFAULT_DOWN_AFTER),
+            window: dur(|h| h.window.as_ref()).unwrap_or(interval * DEFAULT_WINDOW_INTERVALS),
+            min_samples: route
+                .and_then(|h| h.min_samples)
+                .or(global.and_then(|h| h.min_samples))
+                .unwrap_or(DEFAULT_MIN_SAMPLES) as usize,
+        }
+    }
+}
+
+/// A declared `fallback` rule bound to its route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BoundRule {
+    pub name: String,
+    pub metric: FallbackMetric,
+    pub rule: Rule,
+    pub auto_apply: bool,
+}
+
+/// A route with fallback hops, as the spec file declares it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatchedRoute {
+    /// Its index in the file's `routes` (what patches point at).
+    pub index: usize,
+    pub route: RouteSpec,
+    pub settings: ProbeSettings,
+    /// None: no declared rule; hard failures are proposed for review only.
+    pub rule: Option<BoundRule>,
+}
+
+impl WatchedRoute {
+    pub fn primary(&self) -> HopId {
+        proposal::hop_id(&self.route.via)
+    }
+
+    pub fn fallbacks(&self) -> Vec<HopId> {
+        self.route.fallback.iter().map(proposal::hop_id).collect()
+    }
+}
+
+fn metric_name(m: FallbackMetric) -> &'static str {
+    match m {
+        FallbackMetric::DropRate => "drop-rate",
+        FallbackMetric::ProbeLoss => "probe-loss",
+        FallbackMetric::LatencyP99Ms => "latency-p99-ms",
+        FallbackMetric::LinkDown => "link-down",
+        FallbackMetric::NeighborUnreachable => "neighbor-unreachable",
+    }
+}
+
+/// A rule's thresholds with the defaults filled in. `link-down` and
+/// `neighbor-unreachable` act on hard failures only (a loss above 1 never
+/// happens).
+fn bind_rule(f: &FallbackRule, s: &ProbeSettings) -> Rule {
+    let (metric, above) = match f.when.metric {
+        FallbackMetric::DropRate | FallbackMetric::ProbeLoss => (Metric::Loss, f.when.above.unwrap_or(1.0)),
+        FallbackMetric::LatencyP99Ms => (Metric::LatencyP99Ms, f.when.above.unwrap_or(f64::INFINITY)),
+        FallbackMetric::LinkDown | FallbackMetric::NeighborUnreachable => (Metric::Loss, 1.0),
+    };
+    let default_below = match metric {
+        Metric::Loss if above >= 1.0 => 0.05,
+        _ => above / 2.0,
+    };
+    let recover = f.recover.as_ref();
+    Rule {
+        metric,
+        above,
+        trigger_for: f.when.for_duration.as_ref().and_then(|d| d.to_duration()).unwrap_or(Duration::ZERO),
+        below: recover.and_then(|r| r.below).unwrap_or(default_below),
+        recover_for: recover.and_then(|r| r.for_duration.as_ref()).and_then(|d| d.to_duration()).unwrap_or(s.window),
+        down_after: s.down_after,
+        window: s.window,
+        min_samples: s.min_samples,
+    }
+}
+
+/// The routes the heal loop watches: every route with `fallback` hops, as
+/// the file declares them, with its rule (the first naming it) and probe
+/// settings.
+pub fn watched_routes(loaded: &LoadedSpec) -> Vec<WatchedRoute> {
+    let spec = &loaded.spec;
+    let same_prefix = |a: &str, b: &str| {
+        a == b || matches!((a.parse::<crate::net::Cidr>(), b.parse::<crate::net::Cidr>()), (Ok(x), Ok(y)) if x == y)
+    };
+    loaded
+        .file_routes()
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| !r.fallback.is_empty())
+        .map(|(index, r)| {
+            let settings = ProbeSettings::resolve(r.health.as_ref(), spec.health.as_ref());
+            let rule = spec.fallback.iter().find(|f| same_prefix(&f.route, &r.prefix)).map(|f| BoundRule {
+                name: f.name.clone(),
+                metric: f.when.metric,
+                rule: bind_rule(f, &settings),
+                auto_apply: f.auto_apply,
+            });
+            WatchedRoute { index, route: r.clone(), settings, rule }
+        })
+        .collect()
+}
+
+/// A route without a declared rule: hard failures only, proposed for review.
+fn review_only_rule(s: &ProbeSettings) -> Rule {
+    Rule {
+        metric: Metric::Loss,
+        above: 1.0,
+        trigger_for: Duration::ZERO,
+        below: 0.05,
+        recover_for: s.window,
+        down_after: s.down_after,
+        window: s.window,
+        min_samples: s.min_samples,
+    }
+}
+
+/// What the store holds for one route.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouteView {
+    /// The applied proposal (switch or lock) and the fallback it runs on.
+    pub applied: Option<(String, usize)>,
+    /// A proposal waiting for a person.
+    pub pending: bool,
+    /// A flap lock, pending or applied.
+    pub locked: bool,
+}
+
+/// The store's proposals, per route prefix.
+pub fn view(proposals: &[Proposal]) -> HashMap<String, RouteView> {
+    let mut out: HashMap<String, RouteView> = HashMap::new();
+    for p in proposals {
+        let v = out.entry(p.route.clone()).or_default();
+        let lock = matches!(p.action, Action::Lock { .. });
+        match p.status {
+            Status::Applied => {
+                v.applied = Some((p.id.clone(), p.fallback_index()));
+                v.locked |= lock;
+            }
+            Status::Pending => {
+                v.pending = true;
+                v.locked |= lock;
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// What the runner does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Write `proposal` (its status says applied or pending).
+    Create(Box<Proposal>),
+    /// Take applied proposal `id` out of the overlay.
+    Revert { id: String, route: String, reason: String },
+}
+
+#[derive(Debug, Clone)]
+struct Verify {
+    deadline: Duration,
+    since: Duration,
+    hop: HopId,
+    answers_before: u64,
+}
+
+#[derive(Debug, Clone)]
+struct RouteState {
+    watch: WatchedRoute,
+    detector: RouteDetector,
+    verify: Option<Verify>,
+    /// No new baseline finding before this (one question per long window).
+    baseline_quiet_until: Duration,
+}
+
+/// Why a route runs where it runs, for `status`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RouteReport {
+    pub route: String,
+    pub active: HopId,
+    pub on_fallback: bool,
+    pub locked: bool,
+    pub rule: Option<String>,
+    pub why: String,
+}
+
+#[derive(Debug, Default)]
+pub struct Controller {
+    routes: BTreeMap<String, RouteState>,
+    /// Last decision reason per route, for `status`.
+    why: HashMap<String, String>,
+}
+
+impl Controller {
+    /// Takes the routes of a (new) spec. A route whose hops and rule did
+    /// not change keeps its detector (timers, flap history).
+    pub fn set_routes(&mut self, routes: Vec<WatchedRoute>, memory: &HashMap<String, FlapMemory>) {
+        let mut next = BTreeMap::new();
+        for w in routes {
+            let key = w.route.prefix.clone();
+            let rule = w.rule.as_ref().map(|r| r.rule.clone()).unwrap_or_else(|| review_only_rule(&w.settings));
+            let state = match self.routes.remove(&key) {
+                Some(old) if old.watch == w => old,
+                _ => {
+                    let mut detector = RouteDetector::new(rule);
+                    if let Some(m) = memory.get(&key) {
+                        detector.restore(m);
+                    }
+                    RouteState { watch: w, detector, verify: None, baseline_quiet_until: Duration::ZERO }
+                }
+            };
+            next.insert(key, state);
+        }
+        self.routes = next;
+    }
+
+    pub fn routes(&self) -> impl Iterator<Item = &WatchedRoute> {
+        self.routes.values().map(|s| &s.watch)
+    }
+
+    /// Every hop to probe, with the settings of the route that probes it
+    /// most often.
+    pub fn hops(&self) -> BTreeMap<HopId, ProbeSettings> {
+        let mut out: BTreeMap<HopId, ProbeSettings> = BTreeMap::new();
+        for s in self.routes.values() {
+            for hop in std::iter::once(s.watch.primary()).chain(s.watch.fallbacks()) {
+                out.entry(hop)
+                    .and_modify(|cur| {
+                        if s.watch.settings.interval < cur.interval {
+                            *cur = s.watch.settings;
+                        }
+                    })
+                    .or_insert(s.watch.settings);
+            }
+        }
+        out
+    }
+
+    /// Flap history per route, to save.
+    pub fn memory(&self) -> HashMap<String, FlapMemory> {
+        self.routes.iter().map(|(k, s)| (k.clone(), s.detector.memory())).collect()
+    }
+
+    pub fn reports(&self, views: &HashMap<String, RouteView>) -> Vec<RouteReport> {
+        self.routes
+            .iter()
+            .map(|(k, s)| {
+                let view = views.get(k).cloned().unwrap_or_default();
+                let active = match view.applied {
+                    Some((_, i)) => s.watch.fallbacks().get(i).cloned().unwrap_or_else(|| s.watch.primary()),
+                    None => s.watch.primary(),
+                };
+                RouteReport {
+                    route: k.clone(),
+                    active,
+                    on_fallback: view.applied.is_some(),
+                    locked: view.locked,
+                    rule: s.watch.rule.as_ref().map(|r| r.name.clone()),
+                    why: self.why.get(k).cloned().unwrap_or_else(|| {
+                        if view.applied.is_some() { "overlay".into() } else { "primary healthy".into() }
+                    }),
+                }
+            })
+            .collect()
+    }
+
+    /// One evaluation of every route at `now`.
+    pub fn tick(
+        &mut self,
+        now: Duration,
+        now_unix_ms: u64,
+        health: &HashMap<HopId, HopHealth>,
+        views: &HashMap<String, RouteView>,
+    ) -> Vec<Command> {
+        let empty = HopHealth::default();
+        let hop = |h: &HopId| health.get(h).unwrap_or(&empty);
+        let degraded = self.routes.values().filter(|s| s.detector.degraded(hop(&s.watch.primary()), now)).count();
+        // A quarter of the routes, or one: more at once is likely this node.
+        let watched = self.routes.len();
+        let local_fault = degraded > (watched / 4).max(1);
+        let mut out = Vec::new();
+        for (key, s) in self.routes.iter_mut() {
+            let view = views.get(key).cloned().unwrap_or_default();
+            // The store is the truth: a person may have approved, reverted
+            // or rejected since the last tick.
+            s.detector.set_active(match view.applied {
+                Some((_, i)) => Active::Fallback(i),
+                None => Active::Primary,
+            });
+            if s.detector.locked && !view.locked {
+                s.detector.unlock();
+                self.why.insert(key.clone(), "flap lock lifted by a person".into());
+            }
+            if view.applied.is_none() {
+                s.verify = None;
+            }
+            let primary = hop(&s.watch.primary());
+            let fallbacks: Vec<HopHealth> = s.watch.fallbacks().iter().map(|h| hop(h).clone()).collect();
+
+            if let (Some(v), Some((id, _))) = (&s.verify, &view.applied) {
+                let target = hop(&v.hop);
+                let failed = target.hard_failure(s.watch.settings.down_after);
+                if target.answers() > v.answers_before && failed.is_none() {
+                    s.verify = None;
+                } else if failed.is_some() || now >= v.deadline {
+                    let reason = format!(
+                        "verification failed: {} did not answer within {:?} of the switch{}",
+                        v.hop,
+                        now.saturating_sub(v.since),
+                        failed.map(|f| format!(" ({f})")).unwrap_or_default()
+                    );
+                    out.push(Command::Revert { id: id.clone(), route: key.clone(), reason: reason.clone() });
+                    self.why.insert(key.clone(), reason);
+                    s.verify = None;
+                    continue;
+                }
+            }
+            if view.pending && view.applied.is_none() {
+                continue; // one question to a person at a time
+            }
+            match s.detector.evaluate(now, primary, &fallbacks) {
+                Decision::Stay if s.watch.rule.is_none() && view.applied.is_none() && now >= s.baseline_quiet_until => {
+                    let w = &s.watch.settings;
+                    let Some(finding) = super::baseline::assess(primary, now, w.window, w.min_samples) else {
+                        continue;
+                    };
+                    let Some(to) = fallbacks.iter().position(|f| s.detector.healthy(f, now)) else { continue };
+                    s.baseline_quiet_until = now + w.window * super::baseline::LONG_FACTOR;
+                    let evidence =
+                        Evidence { reason: format!("primary: {finding}"), value: Some(finding.recent), held: w.window };
+                    let why = Some("found by the baseline detector: review only".to_string());
+                    let p = new_switch(s, to, &evidence, "baseline detector", why, now_unix_ms, primary, &fallbacks);
+                    self.why.insert(key.clone(), format!("{} (baseline detector)", evidence.reason));
+                    out.push(Command::Create(Box::new(p)));
+                }
+                Decision::Stay => {}
+                Decision::Switch { to, evidence } => {
+                    let rule = s.watch.rule.as_ref();
+                    let queued_because = match rule {
+                        None => Some("no fallback rule names this route: review only".to_string()),
+                        Some(r) if !r.auto_apply => Some(format!("rule `{}` does not set `auto-apply`", r.name)),
+                        Some(_) if local_fault => Some(format!(
+                            "{degraded} of {watched} watched routes degrade at once: more likely a fault of this node"
+                        )),
+                        Some(_) => None,
+                    };
+                    let source = rule.map(|r| format!("rule {}", r.name)).unwrap_or_else(|| "detector".into());
+                    let auto = queued_because.is_none();
+                    let p = new_switch(s, to, &evidence, &source, queued_because, now_unix_ms, primary, &fallbacks);
+                    self.why.insert(key.clone(), format!("{} ({source})", evidence.reason));
+                    if auto {
+                        s.verify = Some(Verify {
+                            deadline: now + s.watch.settings.interval * VERIFY_INTERVALS,
+                            since: now,
+                            hop: s.watch.fallbacks()[to].clone(),
+                            answers_before: fallbacks[to].answers(),
+                        });
+                    } else {
+                        // Not applied: the route stays where the store says.
+                        s.detector.set_active(Active::Primary);
+                    }
+                    out.push(Command::Create(Box::new(p)));
+                }
+                Decision::Revert { evidence } => {
+                    if let Some((id, _)) = &view.applied {
+                        out.push(Command::Revert {
+                            id: id.clone(),
+                            route: key.clone(),
+                            reason: evidence.reason.clone(),
+                        });
+                        self.why.insert(key.clone(), format!("back on the primary: {}", evidence.reason));
+                    }
+                }
+                Decision::Lock { evidence } => {
+                    let Some((_, on)) = view.applied else { continue };
+                    let rule = s.watch.rule.as_ref().map(|r| r.name.as_str()).unwrap_or("none");
+                    let mut p = new_switch(
+                        s,
+                        on,
+                        &evidence,
+                        &format!("flap lock (rule {rule})"),
+                        None,
+                        now_unix_ms,
+                        primary,
+                        &fallbacks,
+                    );
+                    p.action = Action::Lock { on: s.watch.fallbacks()[on].clone(), fallback_index: on };
+                    p.status = Status::Pending;
+                    p.auto_apply = false;
+                    p.queued_because = Some("the route flapped: a person decides".into());
+                    p.history[0].status = Status::Pending;
+                    self.why.insert(key.clone(), evidence.reason.clone());
+                    out.push(Command::Create(Box::new(p)));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn figures(hop: HopId, role: &str, h: &HopHealth, d: &RouteDetector, now: Duration) -> HopFigures {
+    let r = &d.rule;
+    HopFigures {
+        hop,
+        role: role.into(),
+        loss: h.loss(now, r.window, r.min_samples),
+        rtt_p99_ms: h.rtt_quantile_ms(now, r.window, 0.99, r.min_samples),
+        consecutive_misses: h.consecutive_misses(),
+        hard_failure: h.hard_failure(r.down_after).map(|f| f.to_string()),
+    }
+}
+
+#[allow(clippy::too_many_arguments, reason = "one proposal's facts, gathered in one place")]
+fn new_switch(
+    s: &RouteState,
+    to: usize,
+    evidence: &Evidence,
+    source: &str,
+    queued_because: Option<String>,
+    now_unix_ms: u64,
+    primary: &HopHealth,
+    fallbacks: &[HopHealth],
+) -> Proposal {
+    let w = &s.watch;
+    let now = Duration::from_millis(now_unix_ms);
+    let target = w.fallbacks()[to].clone();
+    let mut hops = vec![figures(w.primary(), "primary", primary, &s.detector, now)];
+    for (i, (id, h)) in w.fallbacks().into_iter().zip(fallbacks).enumerate() {
+        hops.push(figures(id, &format!("fallback[{i}]"), h, &s.detector, now));
+    }
+    let auto = queued_because.is_none();
+    let status = if auto { Status::Applied } else { Status::Pending };
+    let metric = w.rule.as_ref().map(|r| metric_name(r.metric)).unwrap_or("hard-failure").to_string();
+    Proposal {
+        id: super::store::new_id(now_unix_ms, &format!("{}\0{target}", w.route.prefix)),
+        created_unix_ms: now_unix_ms,
+        source: source.to_string(),
+        route: w.route.prefix.clone(),
+        action: Action::Switch { from: w.primary(), to: target.clone(), fallback_index: to },
+        auto_apply: w.rule.as_ref().is_some_and(|r| r.auto_apply),
+        queued_because,
+        evidence: proposal::Evidence {
+            reason: evidence.reason.clone(),
+            metric,
+            value: evidence.value,
+            threshold: w
+                .rule
+                .as_ref()
+                .filter(|r| !matches!(r.metric, FallbackMetric::LinkDown | FallbackMetric::NeighborUnreachable))
+                .map(|r| r.rule.above),
+            window_ms: s.detector.rule.window.as_millis() as u64,
+            held_ms: evidence.held.as_millis() as u64,
+            hops,
+        },
+        patch: proposal::switch_patch(w.index, &w.route, to).unwrap_or_default(),
+        diff: proposal::switch_diff(w.index, &w.route, to),
+        plan: format!(
+            "~ route {}: next hop {} → {} (one entry of `mesh_routes` updated in place)",
+            w.route.prefix,
+            w.primary(),
+            target
+        ),
+        status,
+        history: vec![Transition {
+            status,
+            by: if auto { source.to_string() } else { "agent".into() },
+            at_unix_ms: now_unix_ms,
+            note: evidence.reason.clone(),
+        }],
+    }
+}

@@ -1,0 +1,533 @@
+//! The heal loop's edge, on a thread of its own: it probes every hop of
+//! every watched route on its schedule, follows rtnetlink link and
+//! neighbour events, feeds [`super::controller`] and carries out its
+//! commands in the proposal store. An overlay change is handed to the
+//! agent (`Observer::overlay_changed`), which reconciles: the runner never
+//! touches the kernel's eBPF state itself.
+//!
+//! One thread waits on every probe socket and the netlink socket with one
+//! poll(2); probes are sent when due, each with its own timeout.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::controller::{Command, Controller, ProbeSettings, RouteReport, WatchedRoute, view};
+use super::detector::FlapMemory;
+use super::health::HopHealth;
+use super::probe::Prober;
+use super::proposal::{HopId, Proposal, Status};
+use super::store::{Store, now_unix_ms};
+use crate::kernel::netlink::{HealthEvent, HealthEvents};
+
+/// Pending proposals older than this expire (the evidence is stale).
+pub const EXPIRE_PENDING_AFTER: Duration = Duration::from_secs(3600);
+/// The controller runs at most this often (it reads the store).
+const MIN_TICK: Duration = Duration::from_millis(20);
+
+/// The routes to watch, set by the reconciler whenever a spec is loaded.
+#[derive(Default)]
+pub struct RoutesCell(Mutex<(u64, Arc<Vec<WatchedRoute>>)>);
+
+impl RoutesCell {
+    pub fn set(&self, routes: Vec<WatchedRoute>) {
+        let mut g = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *g.1 != routes {
+            *g = (g.0 + 1, Arc::new(routes));
+        }
+    }
+
+    pub fn get(&self) -> (u64, Arc<Vec<WatchedRoute>>) {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+}
+
+/// One hop's figures now, for `status` and `/metrics`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct HopReport {
+    pub hop: HopId,
+    pub probe_interval_ms: u64,
+    pub loss: Option<f64>,
+    pub rtt_smoothed_ms: Option<f64>,
+    pub rtt_p50_ms: Option<f64>,
+    pub rtt_p99_ms: Option<f64>,
+    pub consecutive_misses: u32,
+    pub link_up: Option<bool>,
+    pub neighbor_reachable: Option<bool>,
+    pub hard_failure: Option<String>,
+    /// Why it cannot be probed, when it cannot.
+    pub probe_error: Option<String>,
+}
+
+/// What the heal loop shows.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct HealSnapshot {
+    pub routes: Vec<RouteReport>,
+    pub hops: Vec<HopReport>,
+    /// Proposals by (source kind, status).
+    pub proposals: BTreeMap<String, BTreeMap<String, usize>>,
+    pub overlay_entries: usize,
+}
+
+/// What the agent is told.
+pub trait Observer: Send {
+    /// One probe's result.
+    fn probe(&self, hop: &HopId, rtt: Option<Duration>);
+    /// A route moved, was queued for review, or was locked
+    /// (`switch`, `revert`, `verify-failed`, `queued`, `lock`).
+    fn event(&self, route: &str, what: &str, reason: &str);
+    fn snapshot(&self, snapshot: HealSnapshot);
+    /// The overlay changed: reconcile now.
+    fn overlay_changed(&self);
+}
+
+struct Hop {
+    settings: ProbeSettings,
+    target: IpAddr,
+    prober: Option<Prober>,
+    error: Option<String>,
+    next_due: Instant,
+    inflight: Option<(u16, Instant)>,
+    health: HopHealth,
+    ifindex: u32,
+}
+
+pub struct Runner {
+    store: Store,
+    routes: Arc<RoutesCell>,
+    generation: u64,
+    controller: Controller,
+    hops: BTreeMap<HopId, Hop>,
+    events: Option<HealthEvents>,
+    observer: Box<dyn Observer>,
+    /// Start of the heal clock: durations since the Unix epoch at start
+    /// plus monotonic time since, so windows never jump with the wall
+    /// clock and flap times stay comparable across restarts.
+    origin: (Instant, Duration),
+    last_tick: Instant,
+    dirty: bool,
+    /// The applied proposals at the last tick: a change made elsewhere (a
+    /// person's approval) is reconciled at once too.
+    last_overlay: Option<Vec<String>>,
+}
+
+fn source_kind(p: &Proposal) -> &'static str {
+    if p.source.starts_with("rule ") {
+        "rule"
+    } else if p.source.starts_with("flap lock") {
+        "flap-lock"
+    } else if p.source == "baseline detector" {
+        "baseline"
+    } else {
+        "detector"
+    }
+}
+
+fn read_link_up(interface: &str) -> Option<bool> {
+    // Absent: down. `unknown` is what drivers without carrier report.
+    match std::fs::read_to_string(format!("/sys/class/net/{interface}/operstate")) {
+        Ok(s) => Some(matches!(s.trim(), "up" | "unknown")),
+        Err(_) => Some(false),
+    }
+}
+
+fn ifindex(interface: &str) -> u32 {
+    let Ok(c) = std::ffi::CString::new(interface) else { return 0 };
+    // SAFETY: a valid NUL-terminated string.
+    unsafe { libc::if_nametoindex(c.as_ptr()) }
+}
+
+impl Runner {
+    pub fn new(state_dir: &std::path::Path, routes: Arc<RoutesCell>, observer: Box<dyn Observer>) -> Runner {
+        let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let events = match HealthEvents::subscribe(Duration::from_millis(1)) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow link and neighbour events; hop health relies on probes alone");
+                None
+            }
+        };
+        Runner {
+            store: Store::new(state_dir),
+            routes,
+            generation: 0,
+            controller: Controller::default(),
+            hops: BTreeMap::new(),
+            events,
+            observer,
+            origin: (Instant::now(), unix),
+            last_tick: Instant::now(),
+            dirty: true,
+            last_overlay: None,
+        }
+    }
+
+    fn clock(&self, at: Instant) -> Duration {
+        self.origin.1 + at.saturating_duration_since(self.origin.0)
+    }
+
+    fn load_memory(&self) -> HashMap<String, FlapMemory> {
+        std::fs::read_to_string(self.store.routes_path())
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default()
+    }
+
+    fn save_memory(&self) {
+        let value = serde_json::to_value(self.controller.memory()).unwrap_or_default();
+        let saved = self.store.lock().and_then(|l| l.save_json(&self.store.routes_path(), &value));
+        if let Err(e) = saved {
+            tracing::warn!(error = %crate::apply::error_chain(&e), "cannot save the flap history");
+        }
+    }
+
+    /// Follows a new set of routes: hops that stay keep their history.
+    fn refresh_routes(&mut self) {
+        let (generation, routes) = self.routes.get();
+        if generation == self.generation {
+            return;
+        }
+        self.generation = generation;
+        let memory = self.load_memory();
+        self.controller.set_routes(routes.as_ref().clone(), &memory);
+        let wanted = self.controller.hops();
+        self.hops.retain(|id, _| wanted.contains_key(id));
+        let now = Instant::now();
+        for (id, settings) in wanted {
+            if let Some(h) = self.hops.get_mut(&id) {
+                h.settings = settings;
+                continue;
+            }
+            let Ok(target) = id.neighbor.parse::<IpAddr>() else { continue };
+            let (prober, error) = match Prober::new(&id.interface, target) {
+                Ok(p) => (Some(p), None),
+                Err(e) => (None, Some(format!("cannot probe through `{}`: {e}", id.interface))),
+            };
+            if let Some(e) = &error {
+                tracing::warn!(hop = %id, "{e}");
+            }
+            let mut health = HopHealth::default();
+            let ifindex = ifindex(&id.interface);
+            if let Some(up) = read_link_up(&id.interface) {
+                health.set_link(up);
+            }
+            if ifindex != 0 {
+                health.set_neighbor_state(crate::kernel::netlink::neighbor_state(ifindex, target).ok().flatten());
+            }
+            self.hops
+                .insert(id, Hop { settings, target, prober, error, next_due: now, inflight: None, health, ifindex });
+        }
+        self.dirty = true;
+    }
+
+    fn on_events(&mut self) {
+        let Some(events) = self.events.as_mut() else { return };
+        let batch = match events.recv() {
+            Ok(b) => b,
+            Err(e) => {
+                // Lost events: read every hop's state again.
+                tracing::warn!(error = %e, "link and neighbour events were lost; reading their state again");
+                for (id, h) in self.hops.iter_mut() {
+                    h.ifindex = ifindex(&id.interface);
+                    if let Some(up) = read_link_up(&id.interface) {
+                        h.health.set_link(up);
+                    }
+                    if h.ifindex != 0 {
+                        h.health.set_neighbor_state(
+                            crate::kernel::netlink::neighbor_state(h.ifindex, h.target).ok().flatten(),
+                        );
+                    }
+                }
+                self.dirty = true;
+                return;
+            }
+        };
+        for ev in batch {
+            match ev {
+                HealthEvent::Link(name) => {
+                    for (id, h) in self.hops.iter_mut().filter(|(id, _)| id.interface == name) {
+                        h.ifindex = ifindex(&id.interface);
+                        if let Some(up) = read_link_up(&id.interface) {
+                            h.health.set_link(up);
+                        }
+                        self.dirty = true;
+                    }
+                }
+                HealthEvent::Neighbor { ifindex, addr, reachable } => {
+                    for h in self.hops.values_mut().filter(|h| h.ifindex == ifindex && h.target == addr) {
+                        h.health.set_neighbor_state(reachable);
+                        self.dirty = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends the probes that are due, and times out the ones unanswered.
+    fn probe_due(&mut self, now: Instant) {
+        let clock = self.clock(now);
+        for (id, h) in self.hops.iter_mut() {
+            if let Some((_, sent)) = h.inflight
+                && now.saturating_duration_since(sent) >= h.settings.timeout
+            {
+                h.inflight = None;
+                h.health.record_probe(clock, None);
+                self.observer.probe(id, None);
+                self.dirty = true;
+            }
+            if now < h.next_due {
+                continue;
+            }
+            // On schedule, not drifting: skip missed slots after a stall.
+            h.next_due += h.settings.interval;
+            if h.next_due < now {
+                h.next_due = now + h.settings.interval;
+            }
+            let Some(p) = h.prober.as_mut() else { continue };
+            if h.inflight.is_some() {
+                continue;
+            }
+            match p.send() {
+                Ok(Some(seq)) => h.inflight = Some((seq, now)),
+                Ok(None) => {
+                    h.health.record_probe(clock, None);
+                    self.observer.probe(id, None);
+                    self.dirty = true;
+                }
+                Err(e) => {
+                    let msg = format!("probe through `{}` failed: {e}", id.interface);
+                    if h.error.as_deref() != Some(msg.as_str()) {
+                        tracing::warn!(hop = %id, "{msg}");
+                    }
+                    h.error = Some(msg);
+                }
+            }
+        }
+    }
+
+    fn collect_answers(&mut self, readable: &[std::os::fd::RawFd]) {
+        let now = Instant::now();
+        let clock = self.clock(now);
+        for (id, h) in self.hops.iter_mut() {
+            let Some(p) = h.prober.as_ref() else { continue };
+            if !readable.contains(&p.raw_fd()) {
+                continue;
+            }
+            let answered = match p.answers() {
+                Ok(a) => a,
+                Err(e) => {
+                    h.error = Some(format!("reading answers through `{}` failed: {e}", id.interface));
+                    continue;
+                }
+            };
+            if let Some((seq, sent)) = h.inflight
+                && answered.contains(&seq)
+            {
+                let rtt = now.saturating_duration_since(sent);
+                h.inflight = None;
+                h.error = None;
+                h.health.record_probe(clock, Some(rtt));
+                self.observer.probe(id, Some(rtt));
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// Waits until the next probe is due or a socket is readable.
+    fn wait(&self) -> Vec<std::os::fd::RawFd> {
+        let now = Instant::now();
+        let mut until = now + Duration::from_millis(200);
+        for h in self.hops.values() {
+            until = until.min(h.next_due);
+            if let Some((_, sent)) = h.inflight {
+                until = until.min(sent + h.settings.timeout);
+            }
+        }
+        let mut fds: Vec<libc::pollfd> = self
+            .hops
+            .values()
+            .filter_map(|h| h.prober.as_ref())
+            .map(|p| libc::pollfd { fd: p.raw_fd(), events: libc::POLLIN, revents: 0 })
+            .collect();
+        if let Some(e) = &self.events {
+            fds.push(libc::pollfd { fd: e.raw_fd(), events: libc::POLLIN, revents: 0 });
+        }
+        let timeout = until.saturating_duration_since(now).as_millis().min(200) as i32;
+        // SAFETY: `fds` is a valid array of pollfd of the given length.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if rc <= 0 {
+            return Vec::new();
+        }
+        fds.iter().filter(|p| p.revents != 0).map(|p| p.fd).collect()
+    }
+
+    /// Runs the controller and carries out what it says.
+    fn tick(&mut self) {
+        let now = Instant::now();
+        if !self.dirty || now.saturating_duration_since(self.last_tick) < MIN_TICK {
+            return;
+        }
+        self.dirty = false;
+        self.last_tick = now;
+        let listing = match self.store.list() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %crate::apply::error_chain(&e), "cannot read the proposals; no decision this round");
+                return;
+            }
+        };
+        let views = view(&listing.proposals);
+        let health: HashMap<HopId, HopHealth> = self.hops.iter().map(|(k, h)| (k.clone(), h.health.clone())).collect();
+        let clock = self.clock(now);
+        let commands = self.controller.tick(clock, now_unix_ms(), &health, &views);
+        let mut overlay_changed = false;
+        for c in &commands {
+            overlay_changed |= self.carry_out(c);
+        }
+        overlay_changed |= self.expire(&listing.proposals);
+        if !commands.is_empty() {
+            self.save_memory();
+        }
+        if overlay_changed {
+            self.observer.overlay_changed();
+        }
+        let listing = if commands.is_empty() { listing } else { self.store.list().unwrap_or(listing) };
+        let applied: Vec<String> =
+            listing.proposals.iter().filter(|p| p.status == Status::Applied).map(|p| p.id.clone()).collect();
+        if self.last_overlay.as_ref().is_some_and(|last| *last != applied) && !overlay_changed {
+            self.observer.overlay_changed();
+        }
+        self.last_overlay = Some(applied);
+        self.report(&listing.proposals, clock);
+    }
+
+    /// Returns whether the overlay changed.
+    fn carry_out(&self, c: &Command) -> bool {
+        let lock = match self.store.lock() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %crate::apply::error_chain(&e), "cannot write a proposal");
+                return false;
+            }
+        };
+        match c {
+            Command::Create(p) => {
+                if let Err(e) = lock.create(p) {
+                    tracing::error!(route = %p.route, error = %crate::apply::error_chain(&e), "cannot write a proposal");
+                    return false;
+                }
+                let what = match (&p.action, p.status) {
+                    (super::proposal::Action::Lock { .. }, _) => "lock",
+                    (_, Status::Applied) => "switch",
+                    _ => "queued",
+                };
+                let target = match &p.action {
+                    super::proposal::Action::Switch { to, .. } => to.to_string(),
+                    super::proposal::Action::Lock { on, .. } => on.to_string(),
+                };
+                match what {
+                    "switch" => {
+                        tracing::warn!(route = %p.route, to = %target, proposal = %p.id, source = %p.source, "switched to a fallback hop: {}", p.evidence.reason)
+                    }
+                    "lock" => {
+                        tracing::warn!(route = %p.route, on = %target, proposal = %p.id, "route flapped: locked on its fallback, queued for review: {}", p.evidence.reason)
+                    }
+                    _ => {
+                        tracing::warn!(route = %p.route, to = %target, proposal = %p.id, source = %p.source, queued_because = p.queued_because.as_deref().unwrap_or(""), "proposal queued for review: {}", p.evidence.reason)
+                    }
+                }
+                self.observer.event(&p.route, what, &p.evidence.reason);
+                p.status == Status::Applied
+            }
+            Command::Revert { id, route, reason } => match lock.transition(id, Status::Reverted, "agent", reason) {
+                Ok(_) => {
+                    let what = if reason.starts_with("verification failed") { "verify-failed" } else { "revert" };
+                    tracing::warn!(route = %route, proposal = %id, "back on the primary hop: {reason}");
+                    self.observer.event(route, what, reason);
+                    true
+                }
+                Err(e) => {
+                    tracing::error!(route = %route, proposal = %id, error = %crate::apply::error_chain(&e), "cannot revert");
+                    false
+                }
+            },
+        }
+    }
+
+    fn expire(&self, proposals: &[Proposal]) -> bool {
+        let now = now_unix_ms();
+        let old: Vec<&Proposal> = proposals
+            .iter()
+            .filter(|p| {
+                p.status == Status::Pending
+                    && now.saturating_sub(p.created_unix_ms) > EXPIRE_PENDING_AFTER.as_millis() as u64
+            })
+            .collect();
+        if old.is_empty() {
+            return false;
+        }
+        if let Ok(lock) = self.store.lock() {
+            for p in old {
+                let _ = lock.transition(&p.id, Status::Expired, "agent", "pending for longer than an hour");
+            }
+        }
+        false
+    }
+
+    fn report(&self, proposals: &[Proposal], clock: Duration) {
+        let views = view(proposals);
+        let mut counts: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+        for p in proposals {
+            *counts.entry(source_kind(p).into()).or_default().entry(p.status.name().into()).or_default() += 1;
+        }
+        let hops = self
+            .hops
+            .iter()
+            .map(|(id, h)| {
+                let (w, m) = (h.settings.window, h.settings.min_samples);
+                HopReport {
+                    hop: id.clone(),
+                    probe_interval_ms: h.settings.interval.as_millis() as u64,
+                    loss: h.health.loss(clock, w, m),
+                    rtt_smoothed_ms: h.health.smoothed_rtt().map(|d| d.as_secs_f64() * 1e3),
+                    rtt_p50_ms: h.health.rtt_quantile_ms(clock, w, 0.5, 1),
+                    rtt_p99_ms: h.health.rtt_quantile_ms(clock, w, 0.99, 1),
+                    consecutive_misses: h.health.consecutive_misses(),
+                    link_up: h.health.link_up(),
+                    neighbor_reachable: h.health.neighbor_reachable(),
+                    hard_failure: h.health.hard_failure(h.settings.down_after).map(|f| f.to_string()),
+                    probe_error: h.error.clone(),
+                }
+            })
+            .collect();
+        self.observer.snapshot(HealSnapshot {
+            routes: self.controller.reports(&views),
+            hops,
+            proposals: counts,
+            overlay_entries: proposals.iter().filter(|p| p.status == Status::Applied).count(),
+        });
+    }
+
+    /// Runs until `stop`.
+    pub fn run(mut self, stop: Arc<AtomicBool>) {
+        while !stop.load(Ordering::Relaxed) {
+            self.refresh_routes();
+            self.probe_due(Instant::now());
+            let readable = self.wait();
+            if self.events.as_ref().is_some_and(|e| readable.contains(&e.raw_fd())) {
+                self.on_events();
+            }
+            self.collect_answers(&readable);
+            self.probe_due(Instant::now());
+            // A person's decision shows in the store: look at it now and then.
+            if self.last_tick.elapsed() >= Duration::from_millis(200) {
+                self.dirty = true;
+            }
+            self.tick();
+        }
+    }
+}
