@@ -51,6 +51,21 @@ pub struct AppliedMeta {
     pub spec_path: String,
     pub spec_sha256: String,
     pub applied_at_unix: u64,
+    /// The overlay entries merged onto the file (proposal id and why).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overlay: Vec<crate::spec::overlay::EntryNote>,
+}
+
+/// The last-applied record's metadata alone (None when nothing was
+/// applied from this state directory).
+pub fn load_meta(ctx: &Context) -> Result<Option<AppliedMeta>, AppliedError> {
+    let path = applied_dir(ctx).join("meta.json");
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(AppliedError::io(&path, e)),
+    };
+    serde_json::from_str(&text).map(Some).map_err(|e| AppliedError::Corrupt { path, message: e.to_string() })
 }
 
 fn applied_dir(ctx: &Context) -> PathBuf {
@@ -98,6 +113,12 @@ pub fn stage(ctx: &Context, loaded: &LoadedSpec, desired: &Desired, name: &str) 
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        overlay: loaded
+            .overlay
+            .applied
+            .iter()
+            .map(|e| crate::spec::overlay::EntryNote { id: e.id.clone(), reason: e.reason.clone() })
+            .collect(),
     };
     let meta = serde_json::to_string_pretty(&meta).unwrap_or_default();
     fs::write(tmp.join("meta.json"), meta).map_err(|e| io(&tmp, e))?;

@@ -50,6 +50,8 @@ enum Command {
     Down(cli::down::Args),
     /// Roll back an interrupted apply, or drop its journal (`--discard`).
     Recover(cli::recover::Args),
+    /// Proposals of the heal loop: list, show, approve, reject, revert, export.
+    Proposals(cli::proposals::Args),
     /// Print the spec's JSON Schema.
     Schema,
     /// Run bpfsync in a throwaway sandbox of network namespaces.
@@ -88,6 +90,7 @@ fn main() -> ExitCode {
         Command::Status(a) => cli::status::run(&ctx, a),
         Command::Down(a) => cli::down::run(&ctx, a),
         Command::Recover(a) => cli::recover::run(&ctx, a),
+        Command::Proposals(a) => cli::proposals::run(&ctx, a),
         Command::Schema => cli::schema::run(),
         Command::Demo(a) => cli::demo::run(&ctx, a),
         Command::Agent(a) => cli::agent::run(&ctx, a),
@@ -113,6 +116,7 @@ fn wants_json(command: &Command) -> bool {
         Command::Apply(a) => a.output == json,
         Command::Status(a) => a.output == json,
         Command::Recover(a) => a.output == json,
+        Command::Proposals(a) => a.wants_json(),
         Command::Stats(a) => a.output == json,
         Command::Flows(a) => matches!(a.output, cli::flows::FlowOutput::Json),
         _ => false,

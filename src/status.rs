@@ -99,8 +99,36 @@ pub fn report(ctx: &Context) -> Result<(Value, State, Option<Plan>), StatusError
         "last_applied": applied.as_ref().map(|(m, _)| json!({"spec": m.spec_path, "sha256": m.spec_sha256,
             "at_unix": m.applied_at_unix, "spec_now": spec_now(&m.spec_path, &m.spec_sha256)})),
         "drift": drift_json,
+        "heal": heal_json(ctx, applied.as_ref().map(|(m, _)| m)),
     });
     Ok((v, observed, drift))
+}
+
+/// The heal loop: the agent's last snapshot of routes and hops (with its
+/// age), the overlay applied, and the proposals waiting or in force.
+fn heal_json(ctx: &Context, meta: Option<&crate::applied::AppliedMeta>) -> Value {
+    let store = crate::heal::store::Store::new(&ctx.state_dir);
+    let snapshot: Option<Value> =
+        std::fs::read_to_string(store.snapshot_path()).ok().and_then(|t| serde_json::from_str(&t).ok());
+    let proposals = match store.list() {
+        Ok(l) => json!(l
+            .proposals
+            .iter()
+            .filter(|p| !p.status.is_final())
+            .map(|p| json!({ "id": p.id, "status": p.status, "route": p.route, "source": p.source,
+                             "reason": p.evidence.reason, "action": p.action }))
+            .collect::<Vec<_>>()),
+        Err(e) => json!({ "error": crate::apply::error_chain(&e) }),
+    };
+    let age = snapshot.as_ref().and_then(|s| s["at_unix_ms"].as_u64()).map(|at| {
+        crate::heal::store::now_unix_ms().saturating_sub(at) as f64 / 1e3
+    });
+    json!({
+        "overlay": meta.map(|m| &m.overlay),
+        "proposals": proposals,
+        "snapshot": snapshot.map(|s| s["snapshot"].clone()),
+        "snapshot_age_seconds": age,
+    })
 }
 
 /// Whether the spec file still holds what was applied: `unchanged`,

@@ -36,6 +36,7 @@ fn notes_on_xdp_modes(kernel: &mut crate::kernel::real::RealKernel, desired: &cr
 pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     let (loaded, desired) = load_spec(ctx, &args.spec)?;
     let (mut kernel, _lock) = open_kernel_locked(ctx, "apply")?;
+    crate::heal::supersede(&crate::heal::store::Store::new(&ctx.state_dir), &loaded.overlay, "apply");
     let mut journal = FileJournal::new(&ctx.state_dir);
     let prepared = engine::prepare(&mut kernel, &mut journal, &desired, Retry::default())
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
@@ -45,6 +46,7 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     let plan = &prepared.plan;
     let text = args.output == Output::Text;
     if text {
+        print!("{}", super::overlay_text(&loaded));
         print!("{}", plan::text::render(plan, TextOptions { color: ctx.color }));
     }
     if !plan.errors.is_empty() {

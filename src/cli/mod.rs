@@ -8,6 +8,7 @@ pub mod demo;
 pub mod down;
 pub mod flows;
 pub mod plan;
+pub mod proposals;
 pub mod recover;
 pub mod schema;
 pub mod stats;
@@ -50,6 +51,28 @@ pub fn load_spec(ctx: &Context, path: &Path) -> anyhow::Result<(LoadedSpec, Desi
     let source = crate::spec::read_limited(path, ctx.max_spec_bytes)?;
     let overlay = crate::heal::store::Store::new(&ctx.state_dir).overlay()?;
     compile::load_and_compile(path, &source, &overlay, &mut ObjectLoader::default()).map_err(|d| InvalidSpec(d).into())
+}
+
+/// What the overlay changes in a loaded spec, for people.
+pub fn overlay_text(loaded: &LoadedSpec) -> String {
+    let o = &loaded.overlay;
+    if o.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("Overlay: accepted proposals merged onto the spec file (see `bpfsync proposals`):\n");
+    for e in &o.applied {
+        out.push_str(&format!("  + {}: {}\n", e.id, e.reason));
+    }
+    for e in &o.superseded {
+        out.push_str(&format!("  ! {} superseded: {}\n", e.id, e.reason));
+    }
+    out.push('\n');
+    out
+}
+
+/// The same, for `-o json`.
+pub fn overlay_json(loaded: &LoadedSpec) -> serde_json::Value {
+    serde_json::json!({ "applied": loaded.overlay.applied, "superseded": loaded.overlay.superseded })
 }
 
 pub fn require_root() -> anyhow::Result<()> {

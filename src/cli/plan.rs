@@ -29,7 +29,7 @@ pub struct Args {
 }
 
 pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
-    let (_, desired) = load_spec(ctx, &args.spec)?;
+    let (loaded, desired) = load_spec(ctx, &args.spec)?;
     let observed = match &args.observed {
         Some(path) => {
             let text = crate::spec::read_limited(path, ctx.max_spec_bytes)
@@ -48,8 +48,16 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     };
     let plan = plan::plan(&desired.state, &observed);
     match args.output {
-        Output::Text => print!("{}", plan::text::render(&plan, TextOptions { color: ctx.color })),
-        Output::Json => print!("{}", plan::json::render(&plan)),
+        Output::Text => {
+            print!("{}", super::overlay_text(&loaded));
+            print!("{}", plan::text::render(&plan, TextOptions { color: ctx.color }))
+        }
+        Output::Json if loaded.overlay.is_empty() => print!("{}", plan::json::render(&plan)),
+        Output::Json => {
+            let mut v: serde_json::Value = serde_json::from_str(&plan::json::render(&plan))?;
+            v["overlay"] = super::overlay_json(&loaded);
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
     }
     if !plan.errors.is_empty() {
         return Ok(1);

@@ -122,6 +122,7 @@ pub fn render_text(v: &Value, drift: Option<&Plan>) -> String {
             }
         }
     }
+    render_heal(&mut o, &v["heal"]);
     if let Some(fs) = v["foreign"].as_array().filter(|a| !a.is_empty()) {
         let _ = writeln!(o, "\nFOREIGN PROGRAMS ON DECLARED HOOKS (not touched)");
         for x in fs {
@@ -186,4 +187,42 @@ pub fn render_text(v: &Value, drift: Option<&Plan>) -> String {
         }
     }
     o
+}
+
+/// Routes with fallback hops: where each runs and why, its hops' health
+/// (from the agent's last snapshot), and the proposals in force or waiting.
+fn render_heal(o: &mut String, heal: &Value) {
+    let routes = heal["snapshot"]["routes"].as_array().filter(|r| !r.is_empty());
+    let proposals = heal["proposals"].as_array().filter(|p| !p.is_empty());
+    if routes.is_none() && proposals.is_none() {
+        return;
+    }
+    let age = heal["snapshot_age_seconds"].as_f64().map(|a| format!(" (agent's view {a:.0} s ago)")).unwrap_or_default();
+    let _ = writeln!(o, "\nSELF-HEALING{age}");
+    for r in routes.into_iter().flatten() {
+        let on = if r["on_fallback"].as_bool() == Some(true) { "fallback" } else { "primary" };
+        let lock = if r["locked"].as_bool() == Some(true) { ", flap-locked" } else { "" };
+        let active = format!("{} via {}", s(&r["active"]["neighbor"]), s(&r["active"]["interface"]));
+        let _ = writeln!(o, "  route {:<20} on {on} {active}{lock} — {}", s(&r["route"]), s(&r["why"]));
+    }
+    if let Some(hops) = heal["snapshot"]["hops"].as_array().filter(|h| !h.is_empty()) {
+        let _ = writeln!(o, "  hops");
+        for h in hops {
+            let f = |v: &Value, scale: f64, unit: &str| {
+                v.as_f64().map(|x| format!("{:.2}{unit}", x * scale)).unwrap_or_else(|| "-".into())
+            };
+            let state = h["hard_failure"].as_str().map(|x| format!("DOWN ({x})")).unwrap_or_else(|| "up".into());
+            let _ = writeln!(
+                o,
+                "    {:<32} {state:<28} loss {:<7} rtt p50 {:<9} p99 {:<9}",
+                format!("{} via {}", s(&h["hop"]["neighbor"]), s(&h["hop"]["interface"])),
+                f(&h["loss"], 100.0, "%"),
+                f(&h["rtt_p50_ms"], 1.0, "ms"),
+                f(&h["rtt_p99_ms"], 1.0, "ms"),
+            );
+        }
+    }
+    for p in proposals.into_iter().flatten() {
+        let _ = writeln!(o, "  proposal {} {} for {}: {} ({})", s(&p["id"]), s(&p["status"]), s(&p["route"]), s(&p["reason"]), s(&p["source"]));
+    }
 }

@@ -227,7 +227,6 @@ struct RouteState {
 
 /// Why a route runs where it runs, for `status`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
 pub struct RouteReport {
     pub route: String,
     pub active: HopId,

@@ -90,7 +90,7 @@ pub fn edit_text(source: &str, doc: &MarkedDocument, ops: &[PatchOp]) -> Option<
             edits.push((at, len, replacement));
         }
     }
-    edits.sort_by(|a, b| b.0.cmp(&a.0));
+    edits.sort_by_key(|e| std::cmp::Reverse(e.0));
     let mut out = source.to_string();
     for (at, len, text) in edits {
         out.replace_range(at..at + len, &text);

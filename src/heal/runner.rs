@@ -20,6 +20,8 @@ use super::health::HopHealth;
 use super::probe::Prober;
 use super::proposal::{HopId, Proposal, Status};
 use super::store::{Store, now_unix_ms};
+use serde_json::json;
+
 use crate::kernel::netlink::{HealthEvent, HealthEvents};
 
 /// Pending proposals older than this expire (the evidence is stale).
@@ -46,7 +48,6 @@ impl RoutesCell {
 
 /// One hop's figures now, for `status` and `/metrics`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
 pub struct HopReport {
     pub hop: HopId,
     pub probe_interval_ms: u64,
@@ -64,7 +65,6 @@ pub struct HopReport {
 
 /// What the heal loop shows.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
 pub struct HealSnapshot {
     pub routes: Vec<RouteReport>,
     pub hops: Vec<HopReport>,
@@ -113,6 +113,8 @@ pub struct Runner {
     /// The applied proposals at the last tick: a change made elsewhere (a
     /// person's approval) is reconciled at once too.
     last_overlay: Option<Vec<String>>,
+    /// When the snapshot file was last written (`bpfsync status` reads it).
+    last_snapshot_file: Option<Instant>,
 }
 
 fn source_kind(p: &Proposal) -> &'static str {
@@ -163,6 +165,7 @@ impl Runner {
             last_tick: Instant::now(),
             dirty: true,
             last_overlay: None,
+            last_snapshot_file: None,
         }
     }
 
@@ -478,7 +481,7 @@ impl Runner {
         false
     }
 
-    fn report(&self, proposals: &[Proposal], clock: Duration) {
+    fn report(&mut self, proposals: &[Proposal], clock: Duration) {
         let views = view(proposals);
         let mut counts: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
         for p in proposals {
@@ -504,12 +507,20 @@ impl Runner {
                 }
             })
             .collect();
-        self.observer.snapshot(HealSnapshot {
+        let snapshot = HealSnapshot {
             routes: self.controller.reports(&views),
             hops,
             proposals: counts,
             overlay_entries: proposals.iter().filter(|p| p.status == Status::Applied).count(),
-        });
+        };
+        if self.last_snapshot_file.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            self.last_snapshot_file = Some(Instant::now());
+            let value = json!({ "at_unix_ms": now_unix_ms(), "snapshot": snapshot });
+            if let Ok(lock) = self.store.lock() {
+                let _ = lock.save_json(&self.store.snapshot_path(), &value);
+            }
+        }
+        self.observer.snapshot(snapshot);
     }
 
     /// Runs until `stop`.

@@ -4,6 +4,7 @@
 //! <state>/heal/proposals/<id>.json   one file per proposal, written atomically
 //! <state>/heal/history.jsonl         every transition, appended (rotated at 16 MiB)
 //! <state>/heal/routes.json           flap state per route (survives restarts)
+//! <state>/heal/snapshot.json         the agent's view of routes and hops (for `status`)
 //! <state>/heal/.lock                 flock held for each read-modify-write
 //! ```
 //!
@@ -83,6 +84,11 @@ impl Store {
 
     pub fn history_path(&self) -> PathBuf {
         self.dir.join("history.jsonl")
+    }
+
+    /// The heal loop's last snapshot (routes, hops), written by the agent.
+    pub fn snapshot_path(&self) -> PathBuf {
+        self.dir.join("snapshot.json")
     }
 
     pub fn routes_path(&self) -> PathBuf {

@@ -167,7 +167,7 @@ fn merge_overlay(loaded: &mut LoadedSpec, value: serde_json::Value, entries: &[o
     }
     let invalid = |report: &mut overlay::OverlayReport, why: String| {
         for e in std::mem::take(&mut report.applied) {
-            report.superseded.push(overlay::Superseded { id: e.id, reason: why.clone() });
+            report.superseded.push(overlay::EntryNote { id: e.id, reason: why.clone() });
         }
     };
     let schema_error = schema_validator().iter_errors(&patched).next().map(|e| e.to_string());

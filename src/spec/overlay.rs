@@ -23,9 +23,9 @@ pub struct OverlayEntry {
     pub patch: Vec<PatchOp>,
 }
 
-/// An entry that no longer applies, and why.
+/// An entry and why: applied (its reason) or superseded (why it no longer applies).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Superseded {
+pub struct EntryNote {
     pub id: String,
     pub reason: String,
 }
@@ -34,7 +34,7 @@ pub struct Superseded {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct OverlayReport {
     pub applied: Vec<OverlayEntry>,
-    pub superseded: Vec<Superseded>,
+    pub superseded: Vec<EntryNote>,
 }
 
 impl OverlayReport {
@@ -56,7 +56,7 @@ pub fn merge(doc: &Value, entries: &[OverlayEntry]) -> (Value, OverlayReport) {
             }
             Err(e) => report
                 .superseded
-                .push(Superseded { id: entry.id.clone(), reason: format!("the spec file changed under it: {e}") }),
+                .push(EntryNote { id: entry.id.clone(), reason: format!("the spec file changed under it: {e}") }),
         }
     }
     (out, report)
