@@ -111,18 +111,20 @@ fn heal_json(ctx: &Context, meta: Option<&crate::applied::AppliedMeta>) -> Value
     let snapshot: Option<Value> =
         std::fs::read_to_string(store.snapshot_path()).ok().and_then(|t| serde_json::from_str(&t).ok());
     let proposals = match store.list() {
-        Ok(l) => json!(l
-            .proposals
-            .iter()
-            .filter(|p| !p.status.is_final())
-            .map(|p| json!({ "id": p.id, "status": p.status, "route": p.route, "source": p.source,
+        Ok(l) => json!(
+            l.proposals
+                .iter()
+                .filter(|p| !p.status.is_final())
+                .map(|p| json!({ "id": p.id, "status": p.status, "route": p.route, "source": p.source,
                              "reason": p.evidence.reason, "action": p.action }))
-            .collect::<Vec<_>>()),
+                .collect::<Vec<_>>()
+        ),
         Err(e) => json!({ "error": crate::apply::error_chain(&e) }),
     };
-    let age = snapshot.as_ref().and_then(|s| s["at_unix_ms"].as_u64()).map(|at| {
-        crate::heal::store::now_unix_ms().saturating_sub(at) as f64 / 1e3
-    });
+    let age = snapshot
+        .as_ref()
+        .and_then(|s| s["at_unix_ms"].as_u64())
+        .map(|at| crate::heal::store::now_unix_ms().saturating_sub(at) as f64 / 1e3);
     json!({
         "overlay": meta.map(|m| &m.overlay),
         "proposals": proposals,

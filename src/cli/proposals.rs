@@ -211,7 +211,9 @@ fn approve(ctx: &Context, store: &Store, id: &str, spec: Option<&Path>, note: &s
     if let Err(e) = crate::spec::patch::apply(&doc.value, &p.patch) {
         let why = format!("the spec file changed under it: {e}");
         lock.transition(id, Status::Superseded, &person(), &why)?;
-        bail!("refusing to approve `{id}`: it is stale ({why}); it is now superseded. The heal loop proposes again if the condition holds");
+        bail!(
+            "refusing to approve `{id}`: it is stale ({why}); it is now superseded. The heal loop proposes again if the condition holds"
+        );
     }
     if let Action::Lock { .. } = p.action {
         // The lock keeps the route where its switch put it: the switch's

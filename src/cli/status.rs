@@ -197,7 +197,8 @@ fn render_heal(o: &mut String, heal: &Value) {
     if routes.is_none() && proposals.is_none() {
         return;
     }
-    let age = heal["snapshot_age_seconds"].as_f64().map(|a| format!(" (agent's view {a:.0} s ago)")).unwrap_or_default();
+    let age =
+        heal["snapshot_age_seconds"].as_f64().map(|a| format!(" (agent's view {a:.0} s ago)")).unwrap_or_default();
     let _ = writeln!(o, "\nSELF-HEALING{age}");
     for r in routes.into_iter().flatten() {
         let on = if r["on_fallback"].as_bool() == Some(true) { "fallback" } else { "primary" };
@@ -223,6 +224,14 @@ fn render_heal(o: &mut String, heal: &Value) {
         }
     }
     for p in proposals.into_iter().flatten() {
-        let _ = writeln!(o, "  proposal {} {} for {}: {} ({})", s(&p["id"]), s(&p["status"]), s(&p["route"]), s(&p["reason"]), s(&p["source"]));
+        let _ = writeln!(
+            o,
+            "  proposal {} {} for {}: {} ({})",
+            s(&p["id"]),
+            s(&p["status"]),
+            s(&p["route"]),
+            s(&p["reason"]),
+            s(&p["source"])
+        );
     }
 }
