@@ -144,7 +144,7 @@ fn list(store: &Store, all: bool, output: Output) -> anyhow::Result<Exit> {
         println!("No {}proposals.", if all { "" } else { "pending or applied " });
         return Ok(0);
     }
-    println!("{:<22} {:<10} {:<18} {:<28} {}", "ID", "STATUS", "ROUTE", "ACTION", "SOURCE");
+    println!("{:<22} {:<10} {:<18} {:<28} SOURCE", "ID", "STATUS", "ROUTE", "ACTION");
     for p in shown {
         println!("{:<22} {:<10} {:<18} {:<28} {}", p.id, p.status, p.route, target(p), p.source);
     }
