@@ -5,8 +5,8 @@
 //! The pipeline is `spec → compile → Desired`, `kernel → observe → Observed`,
 //! `plan(Desired, Observed) → Plan`, `apply(Plan) → kernel`.
 //!
-//! - [`spec`]: the YAML spec — types, JSON Schema, positioned diagnostics.
-//!   Pure.
+//! - [`spec`]: the YAML spec — types, JSON Schema, positioned diagnostics,
+//!   JSON Patch and the overlay of accepted proposals. Pure.
 //! - [`object`]: what an ELF object holds (functions, maps, BTF layouts).
 //!   Pure over bytes.
 //! - [`codec`]: map keys/values between spec values and bytes.
@@ -26,10 +26,12 @@
 //!   and the node lock.
 //! - [`engine`]: the one recover → observe → plan → apply → verify
 //!   sequence every caller runs.
+//! - [`heal`]: self-healing — probes of every route's hops, rtnetlink
+//!   link and neighbour events, the per-route detector and the baseline
+//!   one, proposals and their store (the overlay is the applied ones,
+//!   merged onto the spec file by [`spec::overlay`]); run by the agent.
 //! - [`applied`], [`status`]: the last-applied record in the state
 //!   directory, and the status report built on it.
-//! - [`heal`]: self-healing groundwork — hop health, the per-route
-//!   detector, JSON Patch, ICMP probes (not wired into the agent yet).
 //! - [`flows`]: flow records — decoded from the datapath's ring buffer by
 //!   the agent's reader, held, filtered (Hubble's flags), exported.
 //! - [`agent`]: the long-running loop: a driver (when), a reconciler

@@ -10,7 +10,7 @@ use std::path::Path;
 /// Lowest first.
 const LAYERS: &[&str] = &[
     "net", "fault", "packet", "sandbox", "codec", "entries", "spec", "object", "builtin", "datapath", "model", "mesh",
-    "compile", "snapshot", "heal", "plan", "kernel", "apply", "engine", "applied", "status", "flows", "agent", "cli",
+    "compile", "snapshot", "plan", "kernel", "apply", "engine", "heal", "applied", "status", "flows", "agent", "cli",
 ];
 
 fn sources(path: &Path, out: &mut Vec<String>) {
