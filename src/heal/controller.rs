@@ -521,3 +521,201 @@ fn new_switch(
         }],
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The controller against a fake store, on a controlled clock: every
+    //! series is synthetic and every run deterministic.
+
+    use super::*;
+    use crate::spec::NextHopSpec;
+
+    const S: Duration = Duration::from_secs(1);
+    const T0: u64 = 1_796_000_000_000;
+
+    fn route(n: u8) -> RouteSpec {
+        let hop = |i: &str, a: &str| NextHopSpec { interface: i.into(), neighbor: a.into(), mac: None };
+        RouteSpec {
+            prefix: format!("10.{n}.0.0/16"),
+            via: hop(&format!("p{n}"), &format!("10.0.{n}.2")),
+            fallback: vec![hop(&format!("f{n}"), &format!("10.1.{n}.2"))],
+            health: None,
+        }
+    }
+
+    fn settings() -> ProbeSettings {
+        ProbeSettings { interval: S, timeout: S / 2, down_after: 3, window: S * 10, min_samples: 5 }
+    }
+
+    fn watched(n: u8, auto: Option<bool>) -> WatchedRoute {
+        let rule = auto.map(|auto_apply| BoundRule {
+            name: format!("r{n}"),
+            metric: FallbackMetric::ProbeLoss,
+            rule: Rule {
+                metric: Metric::Loss,
+                above: 0.2,
+                trigger_for: S * 5,
+                below: 0.05,
+                recover_for: S * 10,
+                down_after: 3,
+                window: S * 10,
+                min_samples: 5,
+            },
+            auto_apply,
+        });
+        WatchedRoute { index: n as usize, route: route(n), settings: settings(), rule }
+    }
+
+    /// The controller, its routes' hop health, and a store in memory.
+    struct Sim {
+        c: Controller,
+        health: HashMap<HopId, HopHealth>,
+        store: Vec<Proposal>,
+        t: u32,
+        commands: Vec<(u32, Command)>,
+    }
+
+    impl Sim {
+        fn new(routes: Vec<WatchedRoute>) -> Sim {
+            let mut c = Controller::default();
+            c.set_routes(routes, &HashMap::new());
+            Sim { c, health: HashMap::new(), store: Vec::new(), t: 0, commands: Vec::new() }
+        }
+
+        /// One second: every hop probed (`rtt(hop)`), then one tick whose
+        /// commands are carried out on the fake store.
+        fn step(&mut self, rtt: impl Fn(&HopId, u32) -> Option<Duration>) {
+            self.t += 1;
+            let now = S * self.t;
+            let hops: Vec<HopId> = self.c.hops().into_keys().collect();
+            for h in hops {
+                let r = rtt(&h, self.t);
+                self.health.entry(h.clone()).or_default().record_probe(now, r);
+            }
+            let views = view(&self.store);
+            let out = self.c.tick(now, T0 + now.as_millis() as u64, &self.health, &views);
+            for cmd in out {
+                match &cmd {
+                    Command::Create(p) => self.store.push((**p).clone()),
+                    Command::Revert { id, .. } => {
+                        let p = self.store.iter_mut().find(|p| &p.id == id).unwrap();
+                        p.transition(Status::Reverted, "agent", 0, "").unwrap();
+                    }
+                }
+                self.commands.push((self.t, cmd));
+            }
+        }
+
+        fn run(&mut self, seconds: u32, rtt: impl Fn(&HopId, u32) -> Option<Duration>) {
+            for _ in 0..seconds {
+                self.step(&rtt);
+            }
+        }
+    }
+
+    /// 2 ms ± 0.3 ms, deterministic.
+    fn jitter(h: &HopId, t: u32) -> Option<Duration> {
+        let seed = h.interface.bytes().map(u32::from).sum::<u32>();
+        Some(Duration::from_micros(1700 + ((t * 7919 + seed * 104_729) % 600) as u64))
+    }
+
+    fn primary_of(h: &HopId) -> bool {
+        h.interface.starts_with('p')
+    }
+
+    #[test]
+    fn an_hour_of_clean_jittery_probes_makes_no_command_with_or_without_rules() {
+        let mut sim = Sim::new(vec![watched(1, Some(true)), watched(2, None), watched(3, Some(false))]);
+        sim.run(3600, jitter);
+        assert!(sim.commands.is_empty(), "{:?}", sim.commands);
+    }
+
+    #[test]
+    fn a_hard_failure_is_applied_at_once_verified_and_reverted_after_recovery() {
+        let mut sim = Sim::new(vec![watched(1, Some(true))]);
+        sim.run(20, jitter);
+        // Primary dead from t=21 to t=40.
+        sim.run(40, |h, t| if primary_of(h) && t <= 40 { None } else { jitter(h, t) });
+        let kinds: Vec<String> = sim
+            .commands
+            .iter()
+            .map(|(t, c)| match c {
+                Command::Create(p) => format!("{t}:{}", p.status),
+                Command::Revert { reason, .. } => format!("{t}:revert {reason}"),
+            })
+            .collect();
+        assert_eq!(kinds[0], "23:applied", "three misses in a row: {kinds:?}");
+        assert_eq!(kinds.len(), 2, "{kinds:?}");
+        // Back once the primary's window is clean (10 s) and held 10 s.
+        let (t_back, _) = sim.commands[1];
+        assert!(t_back >= 41 + 10, "{kinds:?}");
+        assert!(kinds[1].contains("primary below 0.05"), "{kinds:?}");
+    }
+
+    #[test]
+    fn without_auto_apply_a_proposal_waits_and_is_not_repeated_until_decided() {
+        let mut sim = Sim::new(vec![watched(1, Some(false))]);
+        sim.run(10, jitter);
+        sim.run(30, |h, t| if primary_of(h) { None } else { jitter(h, t) });
+        assert_eq!(sim.commands.len(), 1, "one question at a time: {:?}", sim.commands);
+        let Command::Create(p) = &sim.commands[0].1 else { panic!() };
+        assert_eq!(p.status, Status::Pending);
+        assert_eq!(p.queued_because.as_deref(), Some("rule `r1` does not set `auto-apply`"));
+        // A person approves: the route is on its fallback; recovery reverts.
+        sim.store[0].transition(Status::Applied, "user:x", 0, "").unwrap();
+        sim.run(40, jitter);
+        assert!(matches!(sim.commands.last(), Some((_, Command::Revert { .. }))), "{:?}", sim.commands);
+    }
+
+    #[test]
+    fn many_routes_degrading_at_once_look_local_and_are_queued() {
+        let routes: Vec<WatchedRoute> = (1..=4).map(|n| watched(n, Some(true))).collect();
+        let mut sim = Sim::new(routes);
+        sim.run(10, jitter);
+        // Two of four primaries fail together: more than a quarter.
+        let failing = |h: &HopId| h.interface == "p1" || h.interface == "p2";
+        sim.run(5, |h, t| if failing(h) { None } else { jitter(h, t) });
+        let created: Vec<&Proposal> = sim
+            .commands
+            .iter()
+            .filter_map(|(_, c)| if let Command::Create(p) = c { Some(&**p) } else { None })
+            .collect();
+        assert_eq!(created.len(), 2, "{created:?}");
+        for p in created {
+            assert_eq!(p.status, Status::Pending);
+            assert!(p.queued_because.as_deref().unwrap().contains("2 of 4 watched routes"), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn a_switch_whose_target_stops_answering_goes_back_and_says_why() {
+        let mut sim = Sim::new(vec![watched(1, Some(true))]);
+        sim.run(10, jitter);
+        // The primary dies at t=11; the fallback dies right after the switch.
+        sim.run(10, |h, t| if primary_of(h) || t >= 14 { None } else { jitter(h, t) });
+        let reasons: Vec<String> = sim
+            .commands
+            .iter()
+            .filter_map(|(_, c)| if let Command::Revert { reason, .. } = c { Some(reason.clone()) } else { None })
+            .collect();
+        assert_eq!(reasons.len(), 1, "{:?}", sim.commands);
+        assert!(reasons[0].starts_with("verification failed"), "{reasons:?}");
+    }
+
+    #[test]
+    fn a_route_without_a_rule_gets_baseline_findings_for_review_once_per_long_window() {
+        let mut sim = Sim::new(vec![watched(1, None)]);
+        sim.run(300, jitter);
+        // The primary's RTT jumps tenfold.
+        sim.run(200, |h, t| if primary_of(h) { Some(Duration::from_millis(20)) } else { jitter(h, t) });
+        let created: Vec<&Proposal> = sim
+            .commands
+            .iter()
+            .filter_map(|(_, c)| if let Command::Create(p) = c { Some(&**p) } else { None })
+            .collect();
+        assert_eq!(created.len(), 1, "{created:?}");
+        assert_eq!(created[0].source, "baseline detector");
+        assert_eq!(created[0].status, Status::Pending);
+        assert!(created[0].evidence.reason.contains("probe RTT"), "{:?}", created[0].evidence);
+    }
+}
