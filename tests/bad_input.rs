@@ -114,3 +114,19 @@ fn only_regular_files_of_bounded_size_are_read_as_specs() {
     let out = run(&["validate", bom.to_str().unwrap()]);
     assert!(out.status.success(), "a BOM is accepted: {}", common::stderr(&out));
 }
+
+/// Every example spec is valid as a whole (schema, meaning, objects), not
+/// only against the schema: a newcomer copies them.
+#[test]
+fn every_example_spec_validates() {
+    for e in fs::read_dir("examples").unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_none_or(|x| x != "yaml") {
+            continue;
+        }
+        let source = fs::read_to_string(&path).unwrap();
+        if let Err(d) = load_and_compile(&path, &source, &[], &mut ObjectLoader::default()) {
+            panic!("{}:\n{d}", path.display());
+        }
+    }
+}
