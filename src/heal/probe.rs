@@ -1,15 +1,20 @@
 //! Active probes of a next hop: ICMP echo (ICMPv6 for IPv6 neighbours)
 //! sent through the hop's own interface (`SO_BINDTODEVICE`), so the answer
-//! says whether that path works, not whether some other route does. Each
-//! prober has its own identifier and counts sequence numbers; answers that
-//! are not its own (other probers, other pings) are skipped. A socket edge
-//! of the heal loop: the decisions stay pure ([`super::detector`]).
+//! says whether that path works, not whether some other route does.
+//!
+//! One raw socket per interface and family ([`ProbeSocket`]) serves every
+//! hop behind that interface: the kernel hands each raw socket a copy of
+//! every ICMP packet it may see, so a socket per hop would cost hops²
+//! copies (a million a second for 1,000 hops behind one link). Answers are
+//! told apart by their source, identifier and sequence number; answers to
+//! anyone else (other agents, `ping`) are skipped. A socket edge of the
+//! heal loop: the decisions stay pure ([`super::detector`]).
 //!
 //! Needs `CAP_NET_RAW` (raw sockets), which the agent has as root.
 
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
@@ -18,14 +23,12 @@ const ICMP_ECHO_REPLY: u8 = 0;
 const ICMPV6_ECHO: u8 = 128;
 const ICMPV6_ECHO_REPLY: u8 = 129;
 
-/// Identifiers handed out so far (two probers never share one).
+/// Identifiers handed out so far (two hops never share one).
 static NEXT_ID: AtomicU16 = AtomicU16::new(0);
 
-pub struct Prober {
-    fd: OwnedFd,
-    target: IpAddr,
-    id: u16,
-    seq: u16,
+/// A fresh echo identifier, unique within this process.
+pub fn new_id() -> u16 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed) ^ (std::process::id() as u16).rotate_left(8)
 }
 
 fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
@@ -41,13 +44,33 @@ fn checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-impl Prober {
-    /// A prober of `target` through `interface`.
-    pub fn new(interface: &str, target: IpAddr) -> io::Result<Prober> {
-        let (domain, proto) = match target {
-            IpAddr::V4(_) => (libc::AF_INET, libc::IPPROTO_ICMP),
-            IpAddr::V6(_) => (libc::AF_INET6, libc::IPPROTO_ICMPV6),
-        };
+/// An echo reply: who answered, to which identifier and sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer {
+    pub from: IpAddr,
+    pub id: u16,
+    pub seq: u16,
+}
+
+/// A raw ICMP (or ICMPv6) socket bound to one interface.
+pub struct ProbeSocket {
+    fd: OwnedFd,
+    v6: bool,
+}
+
+/// Errors that mean "the path does not work right now": a lost probe, not
+/// a failure to probe (rtnetlink says why, as link or neighbour state).
+fn path_down(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENETDOWN) | Some(libc::ENETUNREACH) | Some(libc::EHOSTUNREACH) | Some(libc::ENOBUFS)
+    )
+}
+
+impl ProbeSocket {
+    pub fn new(interface: &str, v6: bool) -> io::Result<ProbeSocket> {
+        let (domain, proto) =
+            if v6 { (libc::AF_INET6, libc::IPPROTO_ICMPV6) } else { (libc::AF_INET, libc::IPPROTO_ICMP) };
         // SAFETY: plain socket(2); the descriptor is owned right after.
         let raw = check(unsafe { libc::socket(domain, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) })?;
         // SAFETY: `raw` is a new descriptor nothing else owns.
@@ -63,17 +86,25 @@ impl Prober {
                 name.len() as libc::socklen_t,
             )
         })?;
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed) ^ (std::process::id() as u16);
-        Ok(Prober { fd, target, id, seq: 0 })
+        Ok(ProbeSocket { fd, v6 })
     }
 
-    fn send_echo(&self, seq: u16) -> io::Result<()> {
-        let v6 = self.target.is_ipv6();
-        let mut pkt = vec![if v6 { ICMPV6_ECHO } else { ICMP_ECHO }, 0, 0, 0];
-        pkt.extend_from_slice(&self.id.to_be_bytes());
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Sends one echo without waiting. `Ok(false)`: the path is down right
+    /// now (count the probe lost). An error is a probe that could not be
+    /// made (no interface, no permission, a target of the other family).
+    pub fn send(&self, target: IpAddr, id: u16, seq: u16) -> io::Result<bool> {
+        if target.is_ipv6() != self.v6 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "target of the other address family"));
+        }
+        let mut pkt = vec![if self.v6 { ICMPV6_ECHO } else { ICMP_ECHO }, 0, 0, 0];
+        pkt.extend_from_slice(&id.to_be_bytes());
         pkt.extend_from_slice(&seq.to_be_bytes());
         pkt.extend_from_slice(b"bpfsync-probe");
-        if !v6 {
+        if !self.v6 {
             // The kernel computes ICMPv6 checksums itself, not ICMP ones.
             let c = checksum(&pkt);
             pkt[2..4].copy_from_slice(&c.to_be_bytes());
@@ -81,7 +112,7 @@ impl Prober {
         // SAFETY: a zeroed sockaddr_storage is valid and large enough for
         // either family; only the family's fields are set below.
         let mut sa: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let len = match self.target {
+        let len = match target {
             IpAddr::V4(a) => {
                 // SAFETY: sockaddr_storage is aligned and sized for sockaddr_in.
                 let sin = unsafe { &mut *(&mut sa as *mut _ as *mut libc::sockaddr_in) };
@@ -108,62 +139,32 @@ impl Prober {
                 len as libc::socklen_t,
             )
         };
-        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
-    }
-
-    /// The sequence number of `buf` (as the socket returned it) if it is
-    /// an echo reply to this prober.
-    fn answer_seq(&self, buf: &[u8]) -> Option<u16> {
-        let icmp = match self.target {
-            // Raw IPv4 sockets return the IP header too; check the source.
-            IpAddr::V4(a) => {
-                let ihl = ((buf.first()? & 0x0f) as usize) * 4;
-                if buf.len() < ihl + 8 || buf.get(12..16) != Some(&a.octets()[..]) {
-                    return None;
-                }
-                &buf[ihl..]
-            }
-            IpAddr::V6(_) => buf,
-        };
-        let reply = if self.target.is_ipv6() { ICMPV6_ECHO_REPLY } else { ICMP_ECHO_REPLY };
-        (icmp.len() >= 8 && icmp[0] == reply && u16::from_be_bytes([icmp[4], icmp[5]]) == self.id)
-            .then(|| u16::from_be_bytes([icmp[6], icmp[7]]))
-    }
-
-    /// The socket, to wait on with poll(2) beside other probers.
-    pub fn raw_fd(&self) -> std::os::fd::RawFd {
-        self.fd.as_raw_fd()
-    }
-
-    /// Sends the next echo without waiting: its sequence number, or None
-    /// when the path is down right now (a lost probe, not a failure to
-    /// probe: rtnetlink says why, as link or neighbour state). An error is a
-    /// probe that could not be made (no interface, no permission).
-    pub fn send(&mut self) -> io::Result<Option<u16>> {
-        self.seq = self.seq.wrapping_add(1);
-        match self.send_echo(self.seq) {
-            Ok(()) => Ok(Some(self.seq)),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ENETDOWN) | Some(libc::ENETUNREACH) | Some(libc::EHOSTUNREACH) | Some(libc::ENOBUFS)
-                ) =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(e),
+        if rc >= 0 {
+            return Ok(true);
         }
+        let e = io::Error::last_os_error();
+        if path_down(&e) { Ok(false) } else { Err(e) }
     }
 
-    /// The sequence numbers of our answers waiting on the socket (reads
-    /// without blocking until it is empty; at most 64 datagrams a call).
-    pub fn answers(&self) -> io::Result<Vec<u16>> {
+    /// The echo replies waiting on the socket, read without blocking (at
+    /// most 256 datagrams a call, so one busy link cannot starve others).
+    pub fn answers(&self) -> io::Result<Vec<Answer>> {
         let mut out = Vec::new();
         let mut buf = [0u8; 1500];
-        for _ in 0..64 {
-            // SAFETY: `buf` is writable for its whole length.
+        for _ in 0..256 {
+            // SAFETY: zeroed sockaddr_storage is a valid out-parameter.
+            let mut sa: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+            let mut sa_len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            // SAFETY: `buf` and `sa` are writable for the lengths given.
             let n = unsafe {
-                libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), libc::MSG_DONTWAIT)
+                libc::recvfrom(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                    &mut sa as *mut _ as *mut libc::sockaddr,
+                    &mut sa_len,
+                )
             };
             if n < 0 {
                 let e = io::Error::last_os_error();
@@ -172,30 +173,68 @@ impl Prober {
                     _ => Err(e),
                 };
             }
-            if let Some(seq) = self.answer_seq(&buf[..n as usize]) {
-                out.push(seq);
+            if let Some(a) = self.parse(&buf[..n as usize], &sa) {
+                out.push(a);
             }
         }
         Ok(out)
     }
 
+    fn parse(&self, buf: &[u8], sa: &libc::sockaddr_storage) -> Option<Answer> {
+        let (from, icmp, reply) = if self.v6 {
+            // SAFETY: the kernel filled a sockaddr_in6 for this AF_INET6 socket.
+            let sin6 = unsafe { &*(sa as *const _ as *const libc::sockaddr_in6) };
+            (IpAddr::from(sin6.sin6_addr.s6_addr), buf, ICMPV6_ECHO_REPLY)
+        } else {
+            // Raw IPv4 sockets return the IP header too.
+            let ihl = ((buf.first()? & 0x0f) as usize) * 4;
+            let src: [u8; 4] = buf.get(12..16)?.try_into().ok()?;
+            (IpAddr::from(src), buf.get(ihl..)?, ICMP_ECHO_REPLY)
+        };
+        (icmp.len() >= 8 && icmp[0] == reply).then(|| Answer {
+            from,
+            id: u16::from_be_bytes([icmp[4], icmp[5]]),
+            seq: u16::from_be_bytes([icmp[6], icmp[7]]),
+        })
+    }
+}
+
+/// One hop probed on a socket of its own, one echo at a time: for tools
+/// and tests. The agent shares sockets between hops ([`ProbeSocket`]).
+pub struct Prober {
+    socket: ProbeSocket,
+    target: IpAddr,
+    id: u16,
+    seq: u16,
+}
+
+impl Prober {
+    /// A prober of `target` through `interface`.
+    pub fn new(interface: &str, target: IpAddr) -> io::Result<Prober> {
+        Ok(Prober { socket: ProbeSocket::new(interface, target.is_ipv6())?, target, id: new_id(), seq: 0 })
+    }
+
     /// Sends one echo and waits up to `timeout` for its answer: the
     /// round-trip time, or None when it did not come.
     pub fn probe(&mut self, timeout: Duration) -> io::Result<Option<Duration>> {
+        self.seq = self.seq.wrapping_add(1);
         let started = Instant::now();
-        let Some(seq) = self.send()? else { return Ok(None) };
+        if !self.socket.send(self.target, self.id, self.seq)? {
+            return Ok(None);
+        }
         loop {
             let left = timeout.saturating_sub(started.elapsed());
             if left.is_zero() {
                 return Ok(None);
             }
-            let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            let mut pfd = libc::pollfd { fd: self.socket.raw_fd(), events: libc::POLLIN, revents: 0 };
             // SAFETY: one valid pollfd.
             let rc = unsafe { libc::poll(&mut pfd, 1, left.as_millis().clamp(1, i32::MAX as u128) as i32) };
             if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
                 return Err(io::Error::last_os_error());
             }
-            if self.answers()?.contains(&seq) {
+            let mine = Answer { from: self.target, id: self.id, seq: self.seq };
+            if self.socket.answers()?.contains(&mine) {
                 return Ok(Some(started.elapsed()));
             }
         }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use super::controller::{Command, Controller, ProbeSettings, RouteReport, WatchedRoute, view};
 use super::detector::FlapMemory;
 use super::health::HopHealth;
-use super::probe::Prober;
+use super::probe::{ProbeSocket, new_id};
 use super::proposal::{HopId, Proposal, Status};
 use super::store::{Store, now_unix_ms};
 use serde_json::json;
@@ -88,7 +88,10 @@ pub trait Observer: Send {
 struct Hop {
     settings: ProbeSettings,
     target: IpAddr,
-    prober: Option<Prober>,
+    /// The socket of its interface and family, when it could be opened.
+    socket: Option<SocketKey>,
+    id: u16,
+    seq: u16,
     error: Option<String>,
     next_due: Instant,
     inflight: Option<(u16, Instant)>,
@@ -96,7 +99,13 @@ struct Hop {
     ifindex: u32,
 }
 
+/// One probe socket per interface and address family.
+type SocketKey = (String, bool);
+
 pub struct Runner {
+    sockets: HashMap<SocketKey, ProbeSocket>,
+    /// Echo identifier → the hop it belongs to.
+    ids: HashMap<u16, HopId>,
     store: Store,
     routes: Arc<RoutesCell>,
     generation: u64,
@@ -154,6 +163,8 @@ impl Runner {
             }
         };
         Runner {
+            sockets: HashMap::new(),
+            ids: HashMap::new(),
             store: Store::new(state_dir),
             routes,
             generation: 0,
@@ -199,6 +210,7 @@ impl Runner {
         self.controller.set_routes(routes.as_ref().clone(), &memory);
         let wanted = self.controller.hops();
         self.hops.retain(|id, _| wanted.contains_key(id));
+        self.ids.retain(|_, hop| wanted.contains_key(hop));
         let now = Instant::now();
         for (id, settings) in wanted {
             if let Some(h) = self.hops.get_mut(&id) {
@@ -206,9 +218,17 @@ impl Runner {
                 continue;
             }
             let Ok(target) = id.neighbor.parse::<IpAddr>() else { continue };
-            let (prober, error) = match Prober::new(&id.interface, target) {
-                Ok(p) => (Some(p), None),
-                Err(e) => (None, Some(format!("cannot probe through `{}`: {e}", id.interface))),
+            let key: SocketKey = (id.interface.clone(), target.is_ipv6());
+            let error = match self.sockets.entry(key.clone()) {
+                std::collections::hash_map::Entry::Occupied(_) => None,
+                std::collections::hash_map::Entry::Vacant(v) => match ProbeSocket::new(&id.interface, target.is_ipv6())
+                {
+                    Ok(s) => {
+                        v.insert(s);
+                        None
+                    }
+                    Err(e) => Some(format!("cannot probe through `{}`: {e}", id.interface)),
+                },
             };
             if let Some(e) = &error {
                 tracing::warn!(hop = %id, "{e}");
@@ -221,9 +241,29 @@ impl Runner {
             if ifindex != 0 {
                 health.set_neighbor_state(crate::kernel::netlink::neighbor_state(ifindex, target).ok().flatten());
             }
-            self.hops
-                .insert(id, Hop { settings, target, prober, error, next_due: now, inflight: None, health, ifindex });
+            let echo_id = (0..16).map(|_| new_id()).find(|i| !self.ids.contains_key(i)).unwrap_or_else(new_id);
+            self.ids.insert(echo_id, id.clone());
+            let socket = error.is_none().then_some(key);
+            self.hops.insert(
+                id,
+                Hop {
+                    settings,
+                    target,
+                    socket,
+                    id: echo_id,
+                    seq: 0,
+                    error,
+                    next_due: now,
+                    inflight: None,
+                    health,
+                    ifindex,
+                },
+            );
         }
+        // Sockets no hop uses any more are closed.
+        let used: std::collections::HashSet<&SocketKey> =
+            self.hops.values().filter_map(|h| h.socket.as_ref()).collect();
+        self.sockets.retain(|k, _| used.contains(k));
         self.dirty = true;
     }
 
@@ -290,13 +330,14 @@ impl Runner {
             if h.next_due < now {
                 h.next_due = now + h.settings.interval;
             }
-            let Some(p) = h.prober.as_mut() else { continue };
+            let Some(socket) = h.socket.as_ref().and_then(|k| self.sockets.get(k)) else { continue };
             if h.inflight.is_some() {
                 continue;
             }
-            match p.send() {
-                Ok(Some(seq)) => h.inflight = Some((seq, now)),
-                Ok(None) => {
+            h.seq = h.seq.wrapping_add(1);
+            match socket.send(h.target, h.id, h.seq) {
+                Ok(true) => h.inflight = Some((h.seq, now)),
+                Ok(false) => {
                     h.health.record_probe(clock, None);
                     self.observer.probe(id, None);
                     self.dirty = true;
@@ -315,27 +356,31 @@ impl Runner {
     fn collect_answers(&mut self, readable: &[std::os::fd::RawFd]) {
         let now = Instant::now();
         let clock = self.clock(now);
-        for (id, h) in self.hops.iter_mut() {
-            let Some(p) = h.prober.as_ref() else { continue };
-            if !readable.contains(&p.raw_fd()) {
+        for (key, socket) in &self.sockets {
+            if !readable.contains(&socket.raw_fd()) {
                 continue;
             }
-            let answered = match p.answers() {
+            let answers = match socket.answers() {
                 Ok(a) => a,
                 Err(e) => {
-                    h.error = Some(format!("reading answers through `{}` failed: {e}", id.interface));
+                    tracing::warn!(interface = %key.0, error = %e, "reading probe answers failed");
                     continue;
                 }
             };
-            if let Some((seq, sent)) = h.inflight
-                && answered.contains(&seq)
-            {
-                let rtt = now.saturating_duration_since(sent);
-                h.inflight = None;
-                h.error = None;
-                h.health.record_probe(clock, Some(rtt));
-                self.observer.probe(id, Some(rtt));
-                self.dirty = true;
+            for a in answers {
+                let Some(id) = self.ids.get(&a.id) else { continue };
+                let Some(h) = self.hops.get_mut(id) else { continue };
+                match h.inflight {
+                    Some((seq, sent)) if seq == a.seq && a.from == h.target && h.socket.as_ref() == Some(key) => {
+                        let rtt = now.saturating_duration_since(sent);
+                        h.inflight = None;
+                        h.error = None;
+                        h.health.record_probe(clock, Some(rtt));
+                        self.observer.probe(id, Some(rtt));
+                        self.dirty = true;
+                    }
+                    _ => {} // late (already counted lost), or not ours
+                }
             }
         }
     }
@@ -350,12 +395,8 @@ impl Runner {
                 until = until.min(sent + h.settings.timeout);
             }
         }
-        let mut fds: Vec<libc::pollfd> = self
-            .hops
-            .values()
-            .filter_map(|h| h.prober.as_ref())
-            .map(|p| libc::pollfd { fd: p.raw_fd(), events: libc::POLLIN, revents: 0 })
-            .collect();
+        let mut fds: Vec<libc::pollfd> =
+            self.sockets.values().map(|s| libc::pollfd { fd: s.raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
         if let Some(e) = &self.events {
             fds.push(libc::pollfd { fd: e.raw_fd(), events: libc::POLLIN, revents: 0 });
         }

@@ -502,8 +502,11 @@ fn check_health(l: &LoadedSpec, d: &mut Vec<Diagnostic>, base: &str, h: &HealthS
         && (t > interval || t.is_zero())
     {
         // One echo in flight per hop: a longer wait would skip the next.
-        let (at, from) =
-            if own_timeout.is_some() { ("probe-timeout", "") } else { ("probe-interval", ", from the global `health`") };
+        let (at, from) = if own_timeout.is_some() {
+            ("probe-timeout", "")
+        } else {
+            ("probe-interval", ", from the global `health`")
+        };
         d.push(l.diag(
             &format!("{base}/{at}"),
             format!("`probe-timeout` ({t:?}{from}) must be above zero and at most `probe-interval` ({interval:?})"),
