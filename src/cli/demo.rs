@@ -19,7 +19,7 @@ use crate::kernel::real::RealKernel;
 use crate::kernel::{Kernel, Scope};
 use crate::model::MapRef;
 use crate::plan::{self, text::TextOptions};
-use crate::sandbox::{Sandbox, TempBpffs, TempDir};
+use crate::sandbox::{Sandbox, TempBpffs, TempDir, TwoPaths};
 
 pub const DEMO_SPEC: &str = include_str!("../../examples/demo.yaml");
 const NETNS: &str = "bpfsync-demo";
@@ -37,6 +37,9 @@ pub struct Args {
     pub bpffs_root: Option<std::path::PathBuf>,
     #[arg(long, hide = true, value_name = "IGNORED")]
     pub state_dir: Option<std::path::PathBuf>,
+    /// Skip the self-healing scene (a route failing over to its fallback).
+    #[arg(long)]
+    pub no_heal: bool,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -85,7 +88,10 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     let demo_ctx = Context { bpffs_root: bpffs.root(), state_dir: state.path().to_path_buf(), ..ctx.clone() };
     let spec_path = state.path().join("demo.yaml");
     std::fs::write(&spec_path, DEMO_SPEC)?;
-    let result = run_in_sandbox(&demo_ctx, &spec_path, &sandbox, args);
+    let mut result = run_in_sandbox(&demo_ctx, &spec_path, &sandbox, args);
+    if result.is_ok() && !interrupted() && !args.no_heal {
+        result = heal_scene(ctx);
+    }
 
     section(ctx.color, "teardown");
     let down = teardown(&demo_ctx);
@@ -165,4 +171,114 @@ fn run_in_sandbox(ctx: &Context, spec_path: &std::path::Path, sandbox: &Sandbox,
     let p = plan::plan(&desired.state, &observed);
     print!("{}", plan::text::render(&p, TextOptions { color: ctx.color }));
     Ok(())
+}
+
+/// The heal loop in a sandbox of its own: A — R — B with two links, the
+/// agent on R, the primary link cut and restored.
+fn heal_scene(ctx: &Context) -> anyhow::Result<()> {
+    section(ctx.color, "self-healing: a route with a fallback hop, the agent watching both");
+    let paths = TwoPaths::create().context("cannot create the two-path sandbox")?;
+    let bpffs = TempBpffs::create().context("cannot mount a bpffs for the demo")?;
+    let state = TempDir::create("bpfsync-demo-heal")?;
+    let heal_ctx = Context { bpffs_root: bpffs.root(), state_dir: state.path().to_path_buf(), ..ctx.clone() };
+    let rule = paths.rule("primary-down", "{ metric: link-down }", "{ below: 0.05, for: 1s }", true);
+    let spec = state.path().join("heal.yaml");
+    std::fs::write(&spec, paths.spec("", &rule))?;
+    println!(
+        "route {} via {} ({}), fallback via {} ({}); probes every 100 ms",
+        paths.prefix(),
+        paths.ip(6),
+        paths.h1,
+        paths.ip(10),
+        paths.h2
+    );
+    let result = with_agent(&heal_ctx, &spec, |store| {
+        wait_until(Duration::from_secs(20), || hops_answering(store))?;
+        section(ctx.color, &format!("`ip link set b1 down`: the primary link loses its carrier"));
+        let cut = Instant::now();
+        paths.primary_down(true)?;
+        wait_until(Duration::from_secs(10), || applied_count(store) == 1)?;
+        println!("switched to the fallback {:?} after the cut\n", cut.elapsed());
+        super::proposals::run(&heal_ctx, &list_args())?;
+        section(ctx.color, "bpfsync status   (the self-healing part)");
+        wait_until(Duration::from_secs(5), || hop_down_seen(store))?;
+        let (v, _, drift) = crate::status::report(&heal_ctx)?;
+        let text = super::status::render_text(&v, drift.as_ref());
+        let part = text.split("\nSELF-HEALING").nth(1).map(|p| p.split("\n\n").next().unwrap_or(p)).unwrap_or_default();
+        println!("SELF-HEALING{part}");
+        section(ctx.color, "`ip link set b1 up`: the primary answers again");
+        paths.primary_down(false)?;
+        let back = Instant::now();
+        wait_until(Duration::from_secs(20), || applied_count(store) == 0)?;
+        println!("back on the primary {:?} after it recovered (recover.for 1s)\n", back.elapsed());
+        let all =
+            super::proposals::Args { command: super::proposals::Sub::List { all: true, output: super::Output::Text } };
+        super::proposals::run(&heal_ctx, &all)?;
+        Ok(())
+    });
+    println!("\nthe spec file was never written: the switch lived in the overlay in the state directory");
+    let down = teardown(&heal_ctx);
+    result.and(down)
+}
+
+fn list_args() -> super::proposals::Args {
+    super::proposals::Args { command: super::proposals::Sub::List { all: false, output: super::Output::Text } }
+}
+
+fn applied_count(store: &crate::heal::store::Store) -> usize {
+    store
+        .list()
+        .map(|l| l.proposals.iter().filter(|p| p.status == crate::heal::proposal::Status::Applied).count())
+        .unwrap_or(0)
+}
+
+/// The agent's snapshot (written once a second) shows the primary down.
+fn hop_down_seen(store: &crate::heal::store::Store) -> bool {
+    let Ok(text) = std::fs::read_to_string(store.snapshot_path()) else { return false };
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    v["snapshot"]["routes"].as_array().is_some_and(|r| r.iter().any(|r| r["on_fallback"] == true))
+}
+
+/// The agent's snapshot says every hop answers.
+fn hops_answering(store: &crate::heal::store::Store) -> bool {
+    let Ok(text) = std::fs::read_to_string(store.snapshot_path()) else { return false };
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let hops = v["snapshot"]["hops"].as_array().cloned().unwrap_or_default();
+    !hops.is_empty() && hops.iter().all(|h| h["loss"].as_f64() == Some(0.0))
+}
+
+fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        if interrupted() {
+            anyhow::bail!("interrupted");
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("the demo's agent did not get there within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// Runs `f` beside a `bpfsync agent` on `spec` (this binary), stopped after.
+fn with_agent(
+    ctx: &Context,
+    spec: &std::path::Path,
+    f: impl FnOnce(&crate::heal::store::Store) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut agent = std::process::Command::new(std::env::current_exe()?)
+        .args(["--bpffs-root", &ctx.bpffs_root.to_string_lossy(), "--state-dir", &ctx.state_dir.to_string_lossy()])
+        .args(["agent", "--spec", &spec.to_string_lossy(), "--debounce", "50ms"])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("BPFSYNC_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("cannot start the agent")?;
+    let result = f(&crate::heal::store::Store::new(&ctx.state_dir));
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let _ = agent.wait();
+    result
 }

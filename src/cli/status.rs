@@ -215,7 +215,7 @@ fn render_heal(o: &mut String, heal: &Value) {
             let state = h["hard_failure"].as_str().map(|x| format!("DOWN ({x})")).unwrap_or_else(|| "up".into());
             let _ = writeln!(
                 o,
-                "    {:<32} {state:<28} loss {:<7} rtt p50 {:<9} p99 {:<9}",
+                "    {:<32} {state:<28} loss {:<7} rtt p50 {:<9} p99 {}",
                 format!("{} via {}", s(&h["hop"]["neighbor"]), s(&h["hop"]["interface"])),
                 f(&h["loss"], 100.0, "%"),
                 f(&h["rtt_p50_ms"], 1.0, "ms"),

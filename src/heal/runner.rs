@@ -400,6 +400,10 @@ impl Runner {
         if let Some(e) = &self.events {
             fds.push(libc::pollfd { fd: e.raw_fd(), events: libc::POLLIN, revents: 0 });
         }
+        if self.dirty {
+            // A decision is owed: wake up as soon as the tick may run.
+            until = until.min(self.last_tick + MIN_TICK);
+        }
         let timeout = until.saturating_duration_since(now).as_millis().min(200) as i32;
         // SAFETY: `fds` is a valid array of pollfd of the given length.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
