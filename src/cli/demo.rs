@@ -194,7 +194,7 @@ fn heal_scene(ctx: &Context) -> anyhow::Result<()> {
     );
     let result = with_agent(&heal_ctx, &spec, |store| {
         wait_until(Duration::from_secs(20), || hops_answering(store))?;
-        section(ctx.color, &format!("`ip link set b1 down`: the primary link loses its carrier"));
+        section(ctx.color, "`ip link set b1 down`: the primary link loses its carrier");
         let cut = Instant::now();
         paths.primary_down(true)?;
         wait_until(Duration::from_secs(10), || applied_count(store) == 1)?;
