@@ -240,7 +240,7 @@ fn false_positives(routes: u32, hours: u32) -> (usize, usize, f64) {
             };
             health.entry(h.clone()).or_default().record_probe(now, r);
         }
-        for cmd in c.tick(now, now.as_millis() as u64, &health, &view(&store)) {
+        for cmd in c.tick(now, now.as_millis() as u64, &health, &view(&store), None) {
             if let HealCommand::Create(p) = cmd {
                 if p.status == Status::Applied {
                     switches += 1;

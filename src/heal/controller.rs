@@ -167,6 +167,17 @@ fn review_only_rule(s: &ProbeSettings) -> Rule {
     }
 }
 
+/// Where the controller reads a hop's health.
+pub trait Healths {
+    fn health(&self, hop: &HopId) -> Option<&HopHealth>;
+}
+
+impl Healths for HashMap<HopId, HopHealth> {
+    fn health(&self, hop: &HopId) -> Option<&HopHealth> {
+        self.get(hop)
+    }
+}
+
 /// What the store holds for one route.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RouteView {
@@ -316,22 +327,35 @@ impl Controller {
             .collect()
     }
 
-    /// One evaluation of every route at `now`.
+    /// One evaluation at `now` of the routes with a hop in `changed` (new
+    /// probe results, link or neighbour events), or of every route when
+    /// `changed` is None. Metrics only move with new results, so the
+    /// runner passes the hops that changed and a full pass now and then
+    /// (for verification deadlines and a person's decisions).
     pub fn tick(
         &mut self,
         now: Duration,
         now_unix_ms: u64,
-        health: &HashMap<HopId, HopHealth>,
+        health: &dyn Healths,
         views: &HashMap<String, RouteView>,
+        changed: Option<&std::collections::HashSet<HopId>>,
     ) -> Vec<Command> {
         let empty = HopHealth::default();
-        let hop = |h: &HopId| health.get(h).unwrap_or(&empty);
+        let hop = |h: &HopId| health.health(h).unwrap_or(&empty);
         let degraded = self.routes.values().filter(|s| s.detector.degraded(hop(&s.watch.primary()), now)).count();
         // A quarter of the routes, or one: more at once is likely this node.
         let watched = self.routes.len();
         let local_fault = degraded > (watched / 4).max(1);
         let mut out = Vec::new();
         for (key, s) in self.routes.iter_mut() {
+            let touched = changed.is_none_or(|c| {
+                s.verify.is_some()
+                    || c.contains(&s.watch.primary())
+                    || s.watch.fallbacks().iter().any(|h| c.contains(h))
+            });
+            if !touched {
+                continue;
+            }
             let view = views.get(key).cloned().unwrap_or_default();
             // The store is the truth: a person may have approved, reverted
             // or rejected since the last tick.
@@ -347,7 +371,7 @@ impl Controller {
                 s.verify = None;
             }
             let primary = hop(&s.watch.primary());
-            let fallbacks: Vec<HopHealth> = s.watch.fallbacks().iter().map(|h| hop(h).clone()).collect();
+            let fallbacks: Vec<&HopHealth> = s.watch.fallbacks().iter().map(|h| hop(h)).collect();
 
             if let (Some(v), Some((id, _))) = (&s.verify, &view.applied) {
                 let target = hop(&v.hop);
@@ -471,7 +495,7 @@ fn new_switch(
     queued_because: Option<String>,
     now_unix_ms: u64,
     primary: &HopHealth,
-    fallbacks: &[HopHealth],
+    fallbacks: &[&HopHealth],
 ) -> Proposal {
     let w = &s.watch;
     let now = Duration::from_millis(now_unix_ms);
@@ -593,7 +617,7 @@ mod tests {
                 self.health.entry(h.clone()).or_default().record_probe(now, r);
             }
             let views = view(&self.store);
-            let out = self.c.tick(now, T0 + now.as_millis() as u64, &self.health, &views);
+            let out = self.c.tick(now, T0 + now.as_millis() as u64, &self.health, &views, None);
             for cmd in out {
                 match &cmd {
                     Command::Create(p) => self.store.push((**p).clone()),

@@ -183,7 +183,7 @@ impl RouteDetector {
         self.rule.recover_for * (1u32 << self.reverts.min(MAX_HOLD_FACTOR.trailing_zeros()))
     }
 
-    pub fn evaluate(&mut self, now: Duration, primary: &HopHealth, fallbacks: &[HopHealth]) -> Decision {
+    pub fn evaluate(&mut self, now: Duration, primary: &HopHealth, fallbacks: &[&HopHealth]) -> Decision {
         if self.locked {
             return Decision::Stay;
         }
@@ -193,7 +193,7 @@ impl RouteDetector {
         }
     }
 
-    fn while_on_primary(&mut self, now: Duration, primary: &HopHealth, fallbacks: &[HopHealth]) -> Decision {
+    fn while_on_primary(&mut self, now: Duration, primary: &HopHealth, fallbacks: &[&HopHealth]) -> Decision {
         let value = self.value(primary, now);
         let hard = primary.hard_failure(self.rule.down_after);
         let evidence = match (&hard, value) {
@@ -296,7 +296,7 @@ mod tests {
         for t in 1..=seconds {
             primary.record_probe(S * t, if lose(t) { None } else { RTT });
             fallback.record_probe(S * t, RTT);
-            let dec = d.evaluate(S * t, &primary, std::slice::from_ref(&fallback));
+            let dec = d.evaluate(S * t, &primary, &[&fallback]);
             if dec != Decision::Stay {
                 out.push((t, dec));
             }
@@ -338,7 +338,7 @@ mod tests {
         let mut d = RouteDetector::new(rule());
         let (primary, fallback) = (HopHealth::default(), HopHealth::default());
         for t in 1..100 {
-            assert_eq!(d.evaluate(S * t, &primary, std::slice::from_ref(&fallback)), Decision::Stay);
+            assert_eq!(d.evaluate(S * t, &primary, &[&fallback]), Decision::Stay);
         }
     }
 
@@ -349,7 +349,7 @@ mod tests {
         for t in 1..=60 {
             primary.record_probe(S * t, None);
             fallback.record_probe(S * t, None);
-            assert_eq!(d.evaluate(S * t, &primary, std::slice::from_ref(&fallback)), Decision::Stay);
+            assert_eq!(d.evaluate(S * t, &primary, &[&fallback]), Decision::Stay);
         }
     }
 

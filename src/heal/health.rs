@@ -108,7 +108,11 @@ impl HopHealth {
     /// The probes within `window` before `now`.
     fn recent(&self, now: Duration, window: Duration) -> impl Iterator<Item = &Probe> {
         let from = now.saturating_sub(window);
-        self.probes.iter().filter(move |p| p.at > from && p.at <= now)
+        // Probes are recorded in time order: find the window by bisection,
+        // not by walking an hour of history at every evaluation.
+        let start = self.probes.partition_point(|p| p.at <= from);
+        let end = self.probes.partition_point(|p| p.at <= now);
+        self.probes.range(start..end.max(start))
     }
 
     /// The results within `window` before `now`, oldest first: the RTT, or

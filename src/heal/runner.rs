@@ -102,6 +102,15 @@ struct Hop {
 /// One probe socket per interface and address family.
 type SocketKey = (String, bool);
 
+/// The hops' health, read in place (histories are not copied per tick).
+struct HopsHealth<'a>(&'a BTreeMap<HopId, Hop>);
+
+impl super::controller::Healths for HopsHealth<'_> {
+    fn health(&self, hop: &HopId) -> Option<&HopHealth> {
+        self.0.get(hop).map(|h| &h.health)
+    }
+}
+
 pub struct Runner {
     sockets: HashMap<SocketKey, ProbeSocket>,
     /// Echo identifier → the hop it belongs to.
@@ -119,6 +128,10 @@ pub struct Runner {
     origin: (Instant, Duration),
     last_tick: Instant,
     dirty: bool,
+    /// Hops with new results or events since the last tick.
+    changed: std::collections::HashSet<HopId>,
+    /// When every route was last evaluated.
+    last_full_tick: Instant,
     /// The applied proposals at the last tick: a change made elsewhere (a
     /// person's approval) is reconciled at once too.
     last_overlay: Option<Vec<String>>,
@@ -175,6 +188,8 @@ impl Runner {
             origin: (Instant::now(), unix),
             last_tick: Instant::now(),
             dirty: true,
+            changed: Default::default(),
+            last_full_tick: Instant::now(),
             last_overlay: None,
             last_snapshot_file: None,
         }
@@ -297,12 +312,14 @@ impl Runner {
                         if let Some(up) = read_link_up(&id.interface) {
                             h.health.set_link(up);
                         }
+                        self.changed.insert(id.clone());
                         self.dirty = true;
                     }
                 }
                 HealthEvent::Neighbor { ifindex, addr, reachable } => {
-                    for h in self.hops.values_mut().filter(|h| h.ifindex == ifindex && h.target == addr) {
+                    for (id, h) in self.hops.iter_mut().filter(|(_, h)| h.ifindex == ifindex && h.target == addr) {
                         h.health.set_neighbor_state(reachable);
+                        self.changed.insert(id.clone());
                         self.dirty = true;
                     }
                 }
@@ -320,6 +337,7 @@ impl Runner {
                 h.inflight = None;
                 h.health.record_probe(clock, None);
                 self.observer.probe(id, None);
+                self.changed.insert(id.clone());
                 self.dirty = true;
             }
             if now < h.next_due {
@@ -340,6 +358,7 @@ impl Runner {
                 Ok(false) => {
                     h.health.record_probe(clock, None);
                     self.observer.probe(id, None);
+                    self.changed.insert(id.clone());
                     self.dirty = true;
                 }
                 Err(e) => {
@@ -377,6 +396,7 @@ impl Runner {
                         h.error = None;
                         h.health.record_probe(clock, Some(rtt));
                         self.observer.probe(id, Some(rtt));
+                        self.changed.insert(id.clone());
                         self.dirty = true;
                     }
                     _ => {} // late (already counted lost), or not ours
@@ -429,9 +449,16 @@ impl Runner {
             }
         };
         let views = view(&listing.proposals);
-        let health: HashMap<HopId, HopHealth> = self.hops.iter().map(|(k, h)| (k.clone(), h.health.clone())).collect();
         let clock = self.clock(now);
-        let commands = self.controller.tick(clock, now_unix_ms(), &health, &views);
+        // Every route once a second (deadlines, decisions made elsewhere);
+        // in between only those whose hops have news.
+        let full = now.saturating_duration_since(self.last_full_tick) >= Duration::from_secs(1);
+        if full {
+            self.last_full_tick = now;
+        }
+        let changed = std::mem::take(&mut self.changed);
+        let hops = HopsHealth(&self.hops);
+        let commands = self.controller.tick(clock, now_unix_ms(), &hops, &views, (!full).then_some(&changed));
         let mut overlay_changed = false;
         for c in &commands {
             overlay_changed |= self.carry_out(c);
