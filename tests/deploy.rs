@@ -31,7 +31,7 @@ fn the_daemonset_runs_the_agent_and_probes_its_endpoints() {
     assert_eq!(c["readinessProbe"]["httpGet"]["path"].as_str(), Some("/readyz"));
     let caps: Vec<&str> =
         c["securityContext"]["capabilities"]["add"].as_sequence().unwrap().iter().filter_map(|a| a.as_str()).collect();
-    for cap in ["BPF", "NET_ADMIN", "PERFMON"] {
+    for cap in ["BPF", "NET_ADMIN", "PERFMON", "NET_RAW"] {
         assert!(caps.contains(&cap), "missing capability {cap}");
     }
     let unit = fs::read_to_string("examples/deploy/bpfsync.service").unwrap();
@@ -43,6 +43,17 @@ fn the_dashboard_queries_only_exported_metrics() {
     let metrics = Metrics::new(PathBuf::from("/nonexistent"), std::sync::Arc::new(FlowHub::new(10, vec![])));
     // Drift kinds appear with the first repair.
     metrics.drift_repairs.get_or_create(&bpfsync::agent::metrics::KindLabel { kind: "attachment-create".into() }).inc();
+    // So do the heal loop's, with the first watched route and probe.
+    use bpfsync::agent::metrics::{HopLabel, RouteHopLabel, RouteLabel, RouteReasonLabel, SourceStateLabel};
+    let h = &metrics.heal;
+    let hop = HopLabel { hop: "10.0.0.2 via mesh0".into() };
+    h.probe_rtt.get_or_create(&hop).observe(0.001);
+    h.probe_loss.get_or_create(&hop).set(0.0);
+    let route = RouteHopLabel { route: "10.20.0.0/16".into(), hop: hop.hop.clone(), role: "primary".into() };
+    h.active_hop.get_or_create(&route).set(1);
+    h.switches.get_or_create(&RouteReasonLabel { route: route.route.clone(), reason: "switch".into() }).inc();
+    h.flap_locked.get_or_create(&RouteLabel { route: route.route.clone() }).set(0);
+    h.proposals.get_or_create(&SourceStateLabel { source: "rule".into(), state: "applied".into() }).set(1);
     let text = metrics.encode();
     let mut families: BTreeSet<String> = text
         .lines()
