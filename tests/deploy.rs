@@ -36,6 +36,8 @@ fn the_daemonset_runs_the_agent_and_probes_its_endpoints() {
     }
     let unit = fs::read_to_string("examples/deploy/bpfsync.service").unwrap();
     assert!(unit.contains("agent --spec /etc/bpfsync/spec.yaml"));
+    // Raw ICMP sockets for the heal loop's probes.
+    assert!(unit.lines().any(|l| l.starts_with("AmbientCapabilities=") && l.contains("CAP_NET_RAW")), "{unit}");
 }
 
 #[test]
