@@ -117,6 +117,33 @@ struct {
 	__type(value, struct proto_stats);
 } route_stats SEC(".maps");
 
+/* Route id → packets whose redirect failed (the target interface down
+ * or gone, a frame over its MTU): counted by `mesh_redirect_err`. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 16);
+	__type(key, __u32);
+	__type(value, struct proto_stats);
+} route_redirect_errors SEC(".maps");
+
+/* The last redirect this CPU's `mesh_ingress` asked for. A redirect fails
+ * after the program returned, in the kernel's xdp_do_redirect on the same
+ * CPU, which then fires `xdp:xdp_redirect_err`: the tracepoint program
+ * finds here which route it was. */
+struct redirect_slot {
+	__u32 in_ifindex; /* 0: none pending */
+	__u32 to_ifindex;
+	__u32 route_id;
+	__u32 len;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct redirect_slot);
+} redirect_slot SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 22); /* 4 MiB: ~47,000 records */
@@ -728,7 +755,42 @@ int mesh_ingress(struct xdp_md *ctx)
 	/* The record names the rule that let it in, else the one that let it out. */
 	flow_allowed(&p, in_ifindex, DIR_INGRESS, FLOW_REDIRECTED, rule_id ? rule_id : out_rule_id,
 		     check == CHECK_REPLY || out_check == CHECK_REPLY);
+	__u32 zero = 0;
+	struct redirect_slot *slot = bpf_map_lookup_elem(&redirect_slot, &zero);
+	if (slot) {
+		slot->in_ifindex = in_ifindex;
+		slot->to_ifindex = r->ifindex;
+		slot->route_id = r->route_id;
+		slot->len = p.len;
+	}
 	return bpf_redirect(r->ifindex, 0);
+}
+
+/* `xdp:xdp_redirect_err` (include/trace/events/xdp.h): for a redirect
+ * without a map, `to_ifindex` is the target. */
+struct xdp_redirect_err_args {
+	__u64 common;
+	int prog_id;
+	__u32 act;
+	int ifindex;
+	int err;
+	int to_ifindex;
+	__u32 map_id;
+	int map_index;
+};
+
+SEC("tracepoint/xdp/xdp_redirect_err")
+int mesh_redirect_err(struct xdp_redirect_err_args *ctx)
+{
+	__u32 zero = 0;
+	struct redirect_slot *slot = bpf_map_lookup_elem(&redirect_slot, &zero);
+	/* Another program's failed redirect on this CPU does not match ours. */
+	if (!slot || !slot->in_ifindex || slot->in_ifindex != (__u32)ctx->ifindex ||
+	    slot->to_ifindex != (__u32)ctx->to_ifindex)
+		return 0;
+	add_keyed_stats(&route_redirect_errors, slot->route_id, slot->len);
+	slot->in_ifindex = 0;
+	return 0;
 }
 
 SEC("classifier")

@@ -68,6 +68,14 @@ pub const BUILTINS: &[Builtin] = &[
         bytes: MESH,
         summary: "TCX egress half of the mesh datapath: egress policy, conntrack (maps shared with `mesh`)",
     },
+    Builtin {
+        name: "mesh_redirect_err",
+        object: "mesh.bpf.o",
+        function: "mesh_redirect_err",
+        program_type: ProgramType::Tracepoint,
+        bytes: MESH,
+        summary: "`xdp/xdp_redirect_err`: counts the mesh routes' failed redirects per route (maps shared with `mesh`)",
+    },
 ];
 
 pub fn find(name: &str) -> Option<&'static Builtin> {

@@ -362,6 +362,18 @@ fn compile_mesh(spec: &LoadedSpec, desired: &mut Desired) {
             attachment(mesh::EGRESS_PROGRAM, None),
         );
     }
+    // Failed redirects, counted per route (a kernel without the
+    // tracepoint leaves it pending; the rest of the datapath runs).
+    let hook = Hook::Tracepoint { event: mesh::REDIRECT_ERR_EVENT.into(), program: mesh::REDIRECT_ERR_PROGRAM.into() };
+    let attachment = Attachment {
+        program: mesh::REDIRECT_ERR_PROGRAM.into(),
+        mode: None,
+        takeover: false,
+        link_id: None,
+        defunct: false,
+        running_mode: None,
+    };
+    desired.state.attachments.insert(hook, attachment);
     desired.state.mesh = Some(crate::model::NodeDependent(Arc::new(model)));
     // Flow record settings: one array entry (all zero = the defaults,
     // which is also what an array holds when nothing was written).
@@ -433,6 +445,7 @@ fn with_mesh_programs(declared: &[ProgramSpec], mesh_on: bool) -> Vec<ProgramSpe
         for (name, program_type, share_maps) in [
             (mesh::PROGRAM, ProgramType::Xdp, None),
             (mesh::EGRESS_PROGRAM, ProgramType::Tc, Some(mesh::PROGRAM.to_string())),
+            (mesh::REDIRECT_ERR_PROGRAM, ProgramType::Tracepoint, Some(mesh::PROGRAM.to_string())),
         ] {
             programs.push(ProgramSpec {
                 name: name.into(),

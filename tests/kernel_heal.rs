@@ -315,3 +315,28 @@ fn clean_probes_and_a_route_without_traffic_make_no_switch_and_no_proposal() {
     assert!(answered > 50.0, "probes ran: {answered}");
     agent.stop();
 }
+
+#[test]
+fn a_redirect_to_an_interface_that_is_down_is_counted_for_its_route() {
+    let t = TwoPaths::create().unwrap();
+    let env = Env::new();
+    let spec = env.state.path().join("spec.yaml");
+    std::fs::write(&spec, t.spec("", "")).unwrap();
+    env.run_ok(&["apply", spec.to_str().unwrap(), "--auto-approve"]);
+    let failed = |env: &Env| -> u64 {
+        let v: Value = serde_json::from_str(&env.run_ok(&["status", "-o", "json"])).unwrap();
+        v["mesh"]["redirect_errors"][t.prefix()]["packets"].as_u64().unwrap_or(0)
+    };
+    let traffic = Traffic::start(&t);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(failed(&env), 0, "redirects to an interface that is up succeed");
+    // R's own end of the primary link administratively down: the kernel
+    // refuses the redirect after the program returned.
+    std::process::Command::new("ip").args(["link", "set", &t.h1, "down"]).status().unwrap();
+    wait("failed redirects counted for the route", Duration::from_secs(5), || failed(&env) > 100);
+    let (sent, received) = traffic.finish();
+    assert!(received < sent, "those packets were lost: {received} of {sent}");
+    let status = env.run_ok(&["status"]);
+    assert!(status.contains("failed redirects"), "{status}");
+    env.run_ok(&["down", "--auto-approve"]);
+}

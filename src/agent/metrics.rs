@@ -278,7 +278,7 @@ pub fn to_classic_text(openmetrics: &str) -> String {
 
 /// Families the [`DatapathCollector`] adds at scrape time when the programs
 /// they count are loaded (without the `bpfsync_` prefix and type suffixes).
-pub const DATAPATH_FAMILIES: [&str; 14] = [
+pub const DATAPATH_FAMILIES: [&str; 15] = [
     "datapath_packets",
     "datapath_bytes",
     "syscall_latency_seconds",
@@ -290,6 +290,7 @@ pub const DATAPATH_FAMILIES: [&str; 14] = [
     "rule_bytes",
     "route_packets",
     "route_bytes",
+    "route_redirect_errors",
     "lost_events",
     "flow_records_suppressed",
     "flow_unrecorded_drops",
@@ -389,6 +390,13 @@ fn encode_mesh(encoder: &mut DescriptorEncoder, c: &MeshCounters) -> Result<(), 
         "Bytes each mesh route forwarded",
         Some(&Unit::Bytes),
         &named(&c.routes, "route", true),
+    )?;
+    counter_family(
+        encoder,
+        "route_redirect_errors",
+        "Packets a mesh route's redirect failed for (its interface down or gone, over its MTU)",
+        None,
+        &named(&c.redirect_errors, "route", false),
     )?;
     let lost: Vec<(Labels, u64)> = ["new", "update", "drop"]
         .iter()

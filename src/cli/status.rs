@@ -112,9 +112,13 @@ pub fn render_text(v: &Value, drift: Option<&Plan>) -> String {
     }
     if let Some(mesh) = v["mesh"].as_object() {
         let _ = writeln!(o, "\nMESH DATAPATH");
-        for (title, key) in
-            [("verdicts", "verdicts"), ("protocols", "protocols"), ("policy rules", "rules"), ("routes", "routes")]
-        {
+        for (title, key) in [
+            ("verdicts", "verdicts"),
+            ("protocols", "protocols"),
+            ("policy rules", "rules"),
+            ("routes", "routes"),
+            ("failed redirects", "redirect_errors"),
+        ] {
             let Some(rows) = mesh[key].as_object().filter(|r| !r.is_empty()) else { continue };
             let _ = writeln!(o, "  {title}");
             for (name, st) in rows {

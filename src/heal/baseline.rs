@@ -3,9 +3,9 @@
 //! Plain statistics, as production alerting uses: the median and the
 //! median absolute deviation (MAD) of the long window are the baseline;
 //! the short window's median must lie beyond it by `K` robust deviations
-//! (and a minimum width, so a flat series does not alarm on noise), and
-//! the short window's EWMA must agree — two views that both say so, like
-//! short and long burn-rate windows. Too few samples in either window is
+//! (and a minimum width, so a flat series does not alarm on noise), and a
+//! second view must agree — the short window's EWMA for RTT, the window
+//! before for loss — like short and long burn-rate windows. Too few samples in either window is
 //! no data, and no data is no finding.
 //!
 //! Findings become proposals for review only: dynamic thresholds are
@@ -21,8 +21,9 @@ pub const K: f64 = 5.0;
 pub const LONG_FACTOR: u32 = 30;
 /// RTT changes below this are never anomalous (ms).
 const MIN_RTT_WIDTH_MS: f64 = 1.0;
-/// Loss changes below this are never anomalous.
-const MIN_LOSS_WIDTH: f64 = 0.1;
+/// Loss changes up to this are never anomalous: at 0.5 % random loss, a
+/// window of 10 probes loses 3 once in ~8,000 windows.
+const MIN_LOSS_WIDTH: f64 = 0.2;
 /// Samples the long window needs before it is a baseline.
 const MIN_LONG_FACTOR: usize = 6;
 
@@ -102,13 +103,13 @@ pub fn assess(h: &HopHealth, now: Duration, short: Duration, min_samples: usize)
     }
     let buckets = loss_buckets(h, now, short);
     if buckets.len() >= MIN_LONG_FACTOR && h.samples(now, short).count() >= min_samples {
-        let (history, last) = buckets.split_at(buckets.len() - 1);
+        // The last two windows must both be beyond the history before them.
+        let (history, recent) = buckets.split_at(buckets.len() - 2);
         let (base, spread) = median_mad(history)?;
-        let recent = last[0];
-        let smooth = ewma(&buckets[buckets.len().saturating_sub(3)..], 0.5)?;
         let limit = base + (K * spread).max(MIN_LOSS_WIDTH);
-        if recent > limit && smooth > limit {
-            return Some(Finding { signal: "probe loss", recent, baseline: base, spread });
+        if recent.iter().all(|r| *r > limit) {
+            let last = recent[1];
+            return Some(Finding { signal: "probe loss", recent: last, baseline: base, spread });
         }
     }
     None

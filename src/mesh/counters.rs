@@ -10,8 +10,16 @@ use crate::datapath::{self, ProtoStats};
 use crate::model::State;
 
 /// Maps to observe for [`MeshCounters::from_state`].
-pub const COUNTER_MAPS: [&str; 7] =
-    ["verdict_stats", "mesh_stats", "rule_stats", "route_stats", "flow_counters", NAMES_MAP, ROUTES_MAP];
+pub const COUNTER_MAPS: [&str; 8] = [
+    "verdict_stats",
+    "mesh_stats",
+    "rule_stats",
+    "route_stats",
+    "route_redirect_errors",
+    "flow_counters",
+    NAMES_MAP,
+    ROUTES_MAP,
+];
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MeshCounters {
@@ -23,6 +31,8 @@ pub struct MeshCounters {
     pub rules: BTreeMap<String, ProtoStats>,
     /// By route prefix.
     pub routes: BTreeMap<String, ProtoStats>,
+    /// Packets whose redirect failed, by route prefix.
+    pub redirect_errors: BTreeMap<String, ProtoStats>,
     /// Flow record counters (`lost-new`, …, `suppressed-drop`).
     pub flow: BTreeMap<&'static str, u64>,
 }
@@ -59,6 +69,7 @@ impl MeshCounters {
                 .unwrap_or_default(),
             rules: named("rule_stats", &rule_names),
             routes: named("route_stats", &route_names),
+            redirect_errors: named("route_redirect_errors", &route_names),
             flow: entries("flow_counters").map(datapath::flow_counters).unwrap_or_default(),
         })
     }
@@ -72,6 +83,7 @@ impl MeshCounters {
             "protocols": stats(&self.protocols),
             "rules": stats(&self.rules),
             "routes": stats(&self.routes),
+            "redirect_errors": stats(&self.redirect_errors),
             "flow_records": self.flow,
         })
     }

@@ -23,7 +23,7 @@ use crate::spec::{NodeSpec, XdpMode};
 
 pub use policy::PolicyTables;
 
-pub use crate::spec::mesh::{EGRESS_PROGRAM, PROGRAM};
+pub use crate::spec::mesh::{EGRESS_PROGRAM, PROGRAM, REDIRECT_ERR_EVENT, REDIRECT_ERR_PROGRAM};
 pub const PEERS_MAP: &str = "policy_peers";
 pub const ACTIONS_MAP: &str = "policy_actions";
 pub const NAMES_MAP: &str = "rule_names";

@@ -10,6 +10,11 @@ use super::{NodeSpec, XdpMode};
 /// Program names of the mesh datapath (implicit when the spec uses it).
 pub const PROGRAM: &str = "mesh";
 pub const EGRESS_PROGRAM: &str = "mesh_egress";
+pub const REDIRECT_ERR_PROGRAM: &str = "mesh_redirect_err";
+/// The tracepoint it counts failed redirects on.
+pub const REDIRECT_ERR_EVENT: &str = "xdp/xdp_redirect_err";
+/// Every program name the mesh datapath reserves.
+pub const PROGRAMS: [&str; 3] = [PROGRAM, EGRESS_PROGRAM, REDIRECT_ERR_PROGRAM];
 
 /// Whether the spec uses the mesh datapath at all.
 pub fn in_use(spec: &NodeSpec) -> bool {

@@ -612,7 +612,7 @@ fn check_mesh(l: &LoadedSpec, s: &NodeSpec, d: &mut Vec<Diagnostic>) {
         return;
     }
     for (i, p) in s.programs.iter().enumerate() {
-        if p.name == mesh::PROGRAM || p.name == mesh::EGRESS_PROGRAM {
+        if mesh::PROGRAMS.contains(&p.name.as_str()) {
             d.push(l.diag(
                 &format!("/programs/{i}/name"),
                 format!(
