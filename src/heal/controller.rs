@@ -371,7 +371,7 @@ impl Controller {
                 s.verify = None;
             }
             let primary = hop(&s.watch.primary());
-            let fallbacks: Vec<&HopHealth> = s.watch.fallbacks().iter().map(|h| hop(h)).collect();
+            let fallbacks: Vec<&HopHealth> = s.watch.fallbacks().iter().map(&hop).collect();
 
             if let (Some(v), Some((id, _))) = (&s.verify, &view.applied) {
                 let target = hop(&v.hop);
