@@ -394,6 +394,12 @@ impl Controller {
             if view.pending && view.applied.is_none() {
                 continue; // one question to a person at a time
             }
+            if view.applied.is_some() && s.watch.rule.is_none() {
+                // A person moved a route no rule watches: a person moves it
+                // back (no `recover` was declared to judge by).
+                self.why.insert(key.clone(), "approved by a person; `bpfsync proposals revert` moves it back".into());
+                continue;
+            }
             match s.detector.evaluate(now, primary, &fallbacks) {
                 Decision::Stay if s.watch.rule.is_none() && view.applied.is_none() && now >= s.baseline_quiet_until => {
                     let w = &s.watch.settings;
@@ -741,5 +747,11 @@ mod tests {
         assert_eq!(created[0].source, "baseline detector");
         assert_eq!(created[0].status, Status::Pending);
         assert!(created[0].evidence.reason.contains("probe RTT"), "{:?}", created[0].evidence);
+        // Approved, the route stays on its fallback until a person moves it
+        // back: no rule declared when recovery counts.
+        sim.store[0].transition(Status::Applied, "user:x", 0, "").unwrap();
+        let before = sim.commands.len();
+        sim.run(600, jitter);
+        assert_eq!(sim.commands.len(), before, "{:?}", &sim.commands[before..]);
     }
 }
