@@ -340,3 +340,32 @@ fn a_redirect_to_an_interface_that_is_down_is_counted_for_its_route() {
     assert!(status.contains("failed redirects"), "{status}");
     env.run_ok(&["down", "--auto-approve"]);
 }
+
+#[test]
+fn a_neighbour_that_stops_answering_fails_its_hop_through_rtnetlink() {
+    let t = TwoPaths::create().unwrap();
+    let env = Env::new();
+    // Misses alone would take 1,000 probes: only the neighbour table's
+    // FAILED state (an rtnetlink event) can make this switch.
+    let rule = t.rule("neigh", "{ metric: neighbor-unreachable }", "{ below: 0.05, for: 1s }", true);
+    let spec = env.state.path().join("spec.yaml");
+    std::fs::write(&spec, t.spec("{ down-after: 1000 }", &rule)).unwrap();
+    // Fast neighbour aging on R's end of the primary, so FAILED comes in
+    // about a second instead of a minute.
+    for (k, v) in [("base_reachable_time_ms", "300"), ("delay_first_probe_time", "0"), ("retrans_time_ms", "100")] {
+        let set = format!("net.ipv4.neigh.{}.{k}={v}", t.h1);
+        assert!(std::process::Command::new("sysctl").args(["-qw", &set]).status().unwrap().success());
+    }
+    let agent = start_agent(&env, &spec);
+    wait_hops_healthy(&agent);
+    // B forgets the primary neighbour's address: ARP goes unanswered.
+    let gone = format!("{}/30", t.ip(6));
+    let ok = std::process::Command::new("ip").args(["-n", &t.b, "addr", "del", &gone, "dev", "b1"]).status().unwrap();
+    assert!(ok.success());
+    wait("the switch on neighbour FAILED", Duration::from_secs(20), || {
+        with_status(&proposals(&env), "applied").len() == 1
+    });
+    let p = with_status(&proposals(&env), "applied")[0].clone();
+    assert!(p["evidence"]["reason"].as_str().unwrap().contains("neighbour unreachable"), "{p}");
+    agent.stop();
+}

@@ -540,4 +540,35 @@ mod tests {
         // Truncated input ends the walk without panicking.
         assert!(link_names(&batch[..20]).is_empty());
     }
+
+    /// An RTM_*NEIGH message: header, `struct ndmsg` (ifindex at 20, state
+    /// at 24), NDA_DST and NDA_LLADDR.
+    fn neigh(kind: u16, ifindex: u32, state: u16, addr: [u8; 4]) -> Vec<u8> {
+        let mut m = vec![0u8; 28];
+        m[4..6].copy_from_slice(&kind.to_ne_bytes());
+        m[16] = libc::AF_INET as u8;
+        m[20..24].copy_from_slice(&ifindex.to_ne_bytes());
+        m[24..26].copy_from_slice(&state.to_ne_bytes());
+        push_attr(&mut m, NDA_DST, &addr);
+        push_attr(&mut m, NDA_LLADDR, &[2, 0, 0, 0, 0, 1]);
+        let len = m.len() as u32;
+        m[..4].copy_from_slice(&len.to_ne_bytes());
+        m
+    }
+
+    #[test]
+    fn neighbour_events_say_reachable_failed_or_unknown() {
+        let ip = std::net::IpAddr::from([10, 0, 0, 2]);
+        let ev = |m: Vec<u8>| health_events(&m);
+        let of = |reachable| vec![HealthEvent::Neighbor { ifindex: 3, addr: ip, reachable }];
+        assert_eq!(ev(neigh(RTM_NEWNEIGH, 3, 0x02, [10, 0, 0, 2])), of(Some(true)), "REACHABLE");
+        assert_eq!(ev(neigh(RTM_NEWNEIGH, 3, 0x04, [10, 0, 0, 2])), of(Some(true)), "STALE still forwards");
+        assert_eq!(ev(neigh(RTM_NEWNEIGH, 3, 0x20, [10, 0, 0, 2])), of(Some(false)), "FAILED");
+        assert_eq!(ev(neigh(RTM_NEWNEIGH, 3, 0x01, [10, 0, 0, 2])), of(None), "INCOMPLETE: no verdict yet");
+        assert_eq!(ev(neigh(RTM_DELNEIGH, 3, 0x02, [10, 0, 0, 2])), of(None), "deleted");
+        let mut both = neigh(RTM_NEWNEIGH, 3, 0x20, [10, 0, 0, 2]);
+        both.extend(neigh(RTM_NEWNEIGH, 3, 0x02, [10, 0, 0, 2]));
+        assert_eq!(ev(both).len(), 2, "a batch carries several");
+        assert!(health_events(&neigh(RTM_NEWNEIGH, 3, 0x02, [10, 0, 0, 2])[..30]).is_empty(), "truncated");
+    }
 }
