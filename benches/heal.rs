@@ -285,11 +285,12 @@ impl Observer for Counting {
     fn overlay_changed(&self) {}
 }
 
-fn rusage_cpu() -> Duration {
+/// User and system CPU time of this process.
+fn rusage_cpu() -> (Duration, Duration) {
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(u.ru_utime) + tv(u.ru_stime)
+    (tv(u.ru_utime), tv(u.ru_stime))
 }
 
 fn rss_kib() -> u64 {
@@ -305,11 +306,17 @@ fn rss_kib() -> u64 {
 fn probing_cost(seconds: u64) {
     let tag = std::process::id() % 10_000;
     let (p, q) = (format!("bhP{tag}"), format!("bhQ{tag}"));
-    let cleanup = || {
-        let _ = Command::new("ip").args(["netns", "del", &p]).output();
-        let _ = Command::new("ip").args(["netns", "del", &q]).output();
-    };
-    cleanup();
+    /// Deletes the namespaces however the bench ends.
+    struct Netns(Vec<String>);
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            for n in &self.0 {
+                let _ = Command::new("ip").args(["netns", "del", n]).output();
+            }
+        }
+    }
+    drop(Netns(vec![p.clone(), q.clone()])); // a run killed earlier
+    let _netns = Netns(vec![p.clone(), q.clone()]);
     sh(&["ip", "netns", "add", &p]);
     sh(&["ip", "netns", "add", &q]);
     for (i, (pe, qe)) in [("l1", "m1"), ("l2", "m2")].iter().enumerate() {
@@ -321,6 +328,8 @@ fn probing_cost(seconds: u64) {
         for n in 0..500u32 {
             batch.push_str(&format!("addr add 10.{}.{}.{}/32 dev {qe}\n", 60 + i, n / 250, n % 250 + 1));
         }
+        // Q answers from its /32s; its replies go back over the same link.
+        batch.push_str(&format!("route add 10.{}.0.0/16 dev {qe}\n", 60 + i));
         let mut child = Command::new("ip").args(["-n", &q, "-batch", "-"]).stdin(Stdio::piped()).spawn().unwrap();
         use std::io::Write;
         child.stdin.take().unwrap().write_all(batch.as_bytes()).unwrap();
@@ -381,22 +390,24 @@ fn probing_cost(seconds: u64) {
     let (cpu0, wall0, a0, l0) =
         (rusage_cpu(), Instant::now(), answered.load(Ordering::Relaxed), lost.load(Ordering::Relaxed));
     std::thread::sleep(Duration::from_secs(seconds));
-    let (cpu, wall) = (rusage_cpu() - cpu0, wall0.elapsed());
+    let (cpu1, wall) = (rusage_cpu(), wall0.elapsed());
+    let (user, sys) = (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1);
     let (a, l) = (answered.load(Ordering::Relaxed) - a0, lost.load(Ordering::Relaxed) - l0);
     let rss_after = rss_kib();
     stop.store(true, Ordering::Relaxed);
     runner.join().unwrap();
     let hops = snapshot.lock().unwrap().hops.len();
     println!(
-        "probing {hops} hops at 1 s for {:.0} s: {a} answered, {l} lost; CPU {:.2} % of a core; RSS +{} KiB",
+        "probing {hops} hops at 1 s for {:.0} s: {a} answered, {l} lost; CPU {:.2} % of a core ({:.2} % user, {:.2} % system — the system part includes the far end's echo replies, which veth runs in the sender's context); RSS +{} KiB",
         wall.as_secs_f64(),
-        cpu.as_secs_f64() / wall.as_secs_f64() * 100.0,
+        (user + sys).as_secs_f64() / wall.as_secs_f64() * 100.0,
+        user.as_secs_f64() / wall.as_secs_f64() * 100.0,
+        sys.as_secs_f64() / wall.as_secs_f64() * 100.0,
         rss_after.saturating_sub(rss_before)
     );
     for (path, old) in &thresholds {
         let _ = std::fs::write(path, old);
     }
-    cleanup();
 }
 
 fn main() {

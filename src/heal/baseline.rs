@@ -84,35 +84,62 @@ fn loss_buckets(h: &HopHealth, now: Duration, short: Duration) -> Vec<f64> {
         .collect()
 }
 
-/// Whether `h` departs from its own history at `now`.
-pub fn assess(h: &HopHealth, now: Duration, short: Duration, min_samples: usize) -> Option<Finding> {
+/// A hop's own history: median and robust spread of RTT and of loss per
+/// window, over the long window. Costly (sorts a few hundred samples), so
+/// the caller keeps it for a window and checks new samples against it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct History {
+    pub at: Duration,
+    rtt: Option<(f64, f64)>,
+    loss: Option<(f64, f64)>,
+}
+
+pub fn history(h: &HopHealth, now: Duration, short: Duration, min_samples: usize) -> History {
     let long = short * LONG_FACTOR;
-    // RTT: answered probes only.
-    let rtt_long: Vec<f64> = h.samples(now, long).flatten().map(|d| d.as_secs_f64() * 1e3).collect();
-    let rtt_short: Vec<f64> = h.samples(now, short).flatten().map(|d| d.as_secs_f64() * 1e3).collect();
-    if rtt_short.len() >= min_samples && rtt_long.len() >= min_samples * MIN_LONG_FACTOR {
-        let history = &rtt_long[..rtt_long.len() - rtt_short.len()];
-        if let (Some((base, spread)), Some(recent), Some(smooth)) =
-            (median_mad(history), median(&mut rtt_short.clone()), ewma(&rtt_short, 0.3))
-        {
-            let limit = base + (K * spread).max(MIN_RTT_WIDTH_MS);
-            if recent > limit && smooth > limit {
-                return Some(Finding { signal: "probe RTT (ms)", recent, baseline: base, spread });
-            }
-        }
-    }
+    // RTT: answered probes only, before the short window.
+    let rtt: Vec<f64> =
+        h.samples(now.saturating_sub(short), long - short).flatten().map(|d| d.as_secs_f64() * 1e3).collect();
+    let rtt = (rtt.len() >= min_samples * MIN_LONG_FACTOR).then(|| median_mad(&rtt)).flatten();
     let buckets = loss_buckets(h, now, short);
-    if buckets.len() >= MIN_LONG_FACTOR && h.samples(now, short).count() >= min_samples {
-        // The last two windows must both be beyond the history before them.
-        let (history, recent) = buckets.split_at(buckets.len() - 2);
-        let (base, spread) = median_mad(history)?;
-        let limit = base + (K * spread).max(MIN_LOSS_WIDTH);
-        if recent.iter().all(|r| *r > limit) {
-            let last = recent[1];
-            return Some(Finding { signal: "probe loss", recent: last, baseline: base, spread });
+    // The last two windows are what is judged, not history.
+    let loss = (buckets.len() >= MIN_LONG_FACTOR).then(|| median_mad(&buckets[..buckets.len() - 2])).flatten();
+    History { at: now, rtt, loss }
+}
+
+/// Whether `h`'s recent samples depart from `hist`.
+pub fn check(h: &HopHealth, now: Duration, short: Duration, min_samples: usize, hist: &History) -> Option<Finding> {
+    let rtt_short: Vec<f64> = h.samples(now, short).flatten().map(|d| d.as_secs_f64() * 1e3).collect();
+    if let Some((base, spread)) = hist.rtt
+        && rtt_short.len() >= min_samples
+        && let (Some(recent), Some(smooth)) = (median(&mut rtt_short.clone()), ewma(&rtt_short, 0.3))
+    {
+        let limit = base + (K * spread).max(MIN_RTT_WIDTH_MS);
+        if recent > limit && smooth > limit {
+            return Some(Finding { signal: "probe RTT (ms)", recent, baseline: base, spread });
         }
     }
-    None
+    let (base, spread) = hist.loss?;
+    if h.samples(now, short).count() < min_samples {
+        return None;
+    }
+    // The last two windows must both be beyond the history before them.
+    let window_loss = |end: Duration| {
+        let (mut n, mut lost) = (0usize, 0usize);
+        for s in h.samples(end, short) {
+            n += 1;
+            lost += s.is_none() as usize;
+        }
+        (n > 0).then(|| lost as f64 / n as f64)
+    };
+    let (last, before) = (window_loss(now)?, window_loss(now.checked_sub(short)?)?);
+    let limit = base + (K * spread).max(MIN_LOSS_WIDTH);
+    (last > limit && before > limit).then_some(Finding { signal: "probe loss", recent: last, baseline: base, spread })
+}
+
+/// Whether `h` departs from its own history at `now` ([`history`] and
+/// [`check`] in one go).
+pub fn assess(h: &HopHealth, now: Duration, short: Duration, min_samples: usize) -> Option<Finding> {
+    check(h, now, short, min_samples, &history(h, now, short, min_samples))
 }
 
 #[cfg(test)]

@@ -230,10 +230,18 @@ struct Verify {
 #[derive(Debug, Clone)]
 struct RouteState {
     watch: WatchedRoute,
+    /// The hops' ids, made once (ticks look them up thousands of times).
+    primary: HopId,
+    fallbacks: Vec<HopId>,
     detector: RouteDetector,
     verify: Option<Verify>,
     /// No new baseline finding before this (one question per long window).
     baseline_quiet_until: Duration,
+    /// The primary's history for the baseline detector, kept a window.
+    baseline: Option<super::baseline::History>,
+    /// Whether the primary was failing or above its threshold when last
+    /// evaluated (counted for the local-fault guard).
+    degraded: bool,
 }
 
 /// Why a route runs where it runs, for `status`.
@@ -269,7 +277,16 @@ impl Controller {
                     if let Some(m) = memory.get(&key) {
                         detector.restore(m);
                     }
-                    RouteState { watch: w, detector, verify: None, baseline_quiet_until: Duration::ZERO }
+                    RouteState {
+                        primary: w.primary(),
+                        fallbacks: w.fallbacks(),
+                        watch: w,
+                        detector,
+                        verify: None,
+                        baseline_quiet_until: Duration::ZERO,
+                        baseline: None,
+                        degraded: false,
+                    }
                 }
             };
             next.insert(key, state);
@@ -342,18 +359,22 @@ impl Controller {
     ) -> Vec<Command> {
         let empty = HopHealth::default();
         let hop = |h: &HopId| health.health(h).unwrap_or(&empty);
-        let degraded = self.routes.values().filter(|s| s.detector.degraded(hop(&s.watch.primary()), now)).count();
+        let touched = |s: &RouteState| {
+            changed.is_none_or(|c| {
+                s.verify.is_some() || c.contains(&s.primary) || s.fallbacks.iter().any(|h| c.contains(h))
+            })
+        };
+        // Routes without news keep their flag: their health did not move.
+        for s in self.routes.values_mut().filter(|s| touched(s)) {
+            s.degraded = s.detector.degraded(hop(&s.primary), now);
+        }
+        let degraded = self.routes.values().filter(|s| s.degraded).count();
         // A quarter of the routes, or one: more at once is likely this node.
         let watched = self.routes.len();
         let local_fault = degraded > (watched / 4).max(1);
         let mut out = Vec::new();
         for (key, s) in self.routes.iter_mut() {
-            let touched = changed.is_none_or(|c| {
-                s.verify.is_some()
-                    || c.contains(&s.watch.primary())
-                    || s.watch.fallbacks().iter().any(|h| c.contains(h))
-            });
-            if !touched {
+            if !touched(s) {
                 continue;
             }
             let view = views.get(key).cloned().unwrap_or_default();
@@ -370,8 +391,8 @@ impl Controller {
             if view.applied.is_none() {
                 s.verify = None;
             }
-            let primary = hop(&s.watch.primary());
-            let fallbacks: Vec<&HopHealth> = s.watch.fallbacks().iter().map(&hop).collect();
+            let primary = hop(&s.primary);
+            let fallbacks: Vec<&HopHealth> = s.fallbacks.iter().map(&hop).collect();
 
             if let (Some(v), Some((id, _))) = (&s.verify, &view.applied) {
                 let target = hop(&v.hop);
@@ -402,8 +423,12 @@ impl Controller {
             }
             match s.detector.evaluate(now, primary, &fallbacks) {
                 Decision::Stay if s.watch.rule.is_none() && view.applied.is_none() && now >= s.baseline_quiet_until => {
-                    let w = &s.watch.settings;
-                    let Some(finding) = super::baseline::assess(primary, now, w.window, w.min_samples) else {
+                    let w = s.watch.settings;
+                    if s.baseline.as_ref().is_none_or(|b| now.saturating_sub(b.at) >= w.window) {
+                        s.baseline = Some(super::baseline::history(primary, now, w.window, w.min_samples));
+                    }
+                    let Some(hist) = &s.baseline else { continue };
+                    let Some(finding) = super::baseline::check(primary, now, w.window, w.min_samples, hist) else {
                         continue;
                     };
                     let Some(to) = fallbacks.iter().position(|f| s.detector.healthy(f, now)) else { continue };
@@ -434,7 +459,7 @@ impl Controller {
                         s.verify = Some(Verify {
                             deadline: now + s.watch.settings.interval * VERIFY_INTERVALS,
                             since: now,
-                            hop: s.watch.fallbacks()[to].clone(),
+                            hop: s.fallbacks[to].clone(),
                             answers_before: fallbacks[to].answers(),
                         });
                     } else {
@@ -466,7 +491,7 @@ impl Controller {
                         primary,
                         &fallbacks,
                     );
-                    p.action = Action::Lock { on: s.watch.fallbacks()[on].clone(), fallback_index: on };
+                    p.action = Action::Lock { on: s.fallbacks[on].clone(), fallback_index: on };
                     p.status = Status::Pending;
                     p.auto_apply = false;
                     p.queued_because = Some("the route flapped: a person decides".into());

@@ -23,6 +23,9 @@ const ICMP_ECHO_REPLY: u8 = 0;
 const ICMPV6_ECHO: u8 = 128;
 const ICMPV6_ECHO_REPLY: u8 = 129;
 
+/// The receive buffer of a probe socket, bytes.
+const RECEIVE_BUFFER: libc::c_int = 4 << 20;
+
 /// Identifiers handed out so far (two hops never share one).
 static NEXT_ID: AtomicU16 = AtomicU16::new(0);
 
@@ -86,6 +89,26 @@ impl ProbeSocket {
                 name.len() as libc::socklen_t,
             )
         })?;
+        // Answers of every hop behind this interface arrive within a
+        // moment of each other: room for a few thousand (the default
+        // ~200 KiB holds ~170). FORCE needs CAP_NET_ADMIN, which the agent
+        // has; without it the kernel's `rmem_max` caps the plain request.
+        let size: libc::c_int = RECEIVE_BUFFER;
+        for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+            // SAFETY: `size` is a valid c_int for its length.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    &size as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc == 0 {
+                break;
+            }
+        }
         Ok(ProbeSocket { fd, v6 })
     }
 

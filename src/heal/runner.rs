@@ -14,12 +14,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::controller::{Command, Controller, ProbeSettings, RouteReport, WatchedRoute, view};
+use super::controller::{Command, Controller, ProbeSettings, RouteReport, RouteView, WatchedRoute, view};
 use super::detector::FlapMemory;
 use super::health::HopHealth;
 use super::probe::{ProbeSocket, new_id};
 use super::proposal::{HopId, Proposal, Status};
-use super::store::{Store, now_unix_ms};
+use super::store::{Store, StoreError, now_unix_ms};
 use serde_json::json;
 
 use crate::kernel::netlink::{HealthEvent, HealthEvents};
@@ -102,6 +102,14 @@ struct Hop {
 /// One probe socket per interface and address family.
 type SocketKey = (String, bool);
 
+/// The last reading of the proposal store.
+struct ProposalCache {
+    mtime: Option<std::time::SystemTime>,
+    read_at: Instant,
+    proposals: Arc<Vec<Proposal>>,
+    views: Arc<HashMap<String, RouteView>>,
+}
+
 /// The hops' health, read in place (histories are not copied per tick).
 struct HopsHealth<'a>(&'a BTreeMap<HopId, Hop>);
 
@@ -128,6 +136,9 @@ pub struct Runner {
     origin: (Instant, Duration),
     last_tick: Instant,
     dirty: bool,
+    cache: Option<ProposalCache>,
+    /// The earliest probe send or timeout (probe_due walks the hops then).
+    next_event: Instant,
     /// Hops with new results or events since the last tick.
     changed: std::collections::HashSet<HopId>,
     /// When every route was last evaluated.
@@ -137,6 +148,8 @@ pub struct Runner {
     last_overlay: Option<Vec<String>>,
     /// When the snapshot file was last written (`bpfsync status` reads it).
     last_snapshot_file: Option<Instant>,
+    /// When the snapshot was last made.
+    last_report: Option<Instant>,
 }
 
 fn source_kind(p: &Proposal) -> &'static str {
@@ -157,6 +170,15 @@ fn read_link_up(interface: &str) -> Option<bool> {
         Ok(s) => Some(matches!(s.trim(), "up" | "unknown")),
         Err(_) => Some(false),
     }
+}
+
+/// The neighbour table's states; one that cannot be read gives no verdict
+/// on any hop (neither reachable nor failed: probes still judge), and says so.
+fn neighbor_states() -> HashMap<(u32, IpAddr), Option<bool>> {
+    crate::kernel::netlink::neighbor_states().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read the neighbour table; hops are judged by probes and events");
+        HashMap::new()
+    })
 }
 
 fn ifindex(interface: &str) -> u32 {
@@ -189,9 +211,12 @@ impl Runner {
             last_tick: Instant::now(),
             dirty: true,
             changed: Default::default(),
+            next_event: Instant::now(),
+            cache: None,
             last_full_tick: Instant::now(),
             last_overlay: None,
             last_snapshot_file: None,
+            last_report: None,
         }
     }
 
@@ -227,6 +252,8 @@ impl Runner {
         self.hops.retain(|id, _| wanted.contains_key(id));
         self.ids.retain(|_, hop| wanted.contains_key(hop));
         let now = Instant::now();
+        // One dump of the neighbour table for every new hop.
+        let neighbors = neighbor_states();
         for (id, settings) in wanted {
             if let Some(h) = self.hops.get_mut(&id) {
                 h.settings = settings;
@@ -253,28 +280,20 @@ impl Runner {
             if let Some(up) = read_link_up(&id.interface) {
                 health.set_link(up);
             }
-            if ifindex != 0 {
-                health.set_neighbor_state(crate::kernel::netlink::neighbor_state(ifindex, target).ok().flatten());
-            }
+            health.set_neighbor_state(neighbors.get(&(ifindex, target)).copied().flatten());
             let echo_id = (0..16).map(|_| new_id()).find(|i| !self.ids.contains_key(i)).unwrap_or_else(new_id);
             self.ids.insert(echo_id, id.clone());
             let socket = error.is_none().then_some(key);
+            // Hops start spread over the interval (20 slots), so a thousand
+            // echoes and their answers do not all meet in one instant.
+            let slot = id.to_string().bytes().fold(0u32, |a, b| a.wrapping_mul(31).wrapping_add(b as u32)) % 20;
+            let next_due = now + settings.interval * slot / 20;
             self.hops.insert(
                 id,
-                Hop {
-                    settings,
-                    target,
-                    socket,
-                    id: echo_id,
-                    seq: 0,
-                    error,
-                    next_due: now,
-                    inflight: None,
-                    health,
-                    ifindex,
-                },
+                Hop { settings, target, socket, id: echo_id, seq: 0, error, next_due, inflight: None, health, ifindex },
             );
         }
+        self.next_event = now;
         // Sockets no hop uses any more are closed.
         let used: std::collections::HashSet<&SocketKey> =
             self.hops.values().filter_map(|h| h.socket.as_ref()).collect();
@@ -289,16 +308,14 @@ impl Runner {
             Err(e) => {
                 // Lost events: read every hop's state again.
                 tracing::warn!(error = %e, "link and neighbour events were lost; reading their state again");
+                let neighbors = neighbor_states();
                 for (id, h) in self.hops.iter_mut() {
                     h.ifindex = ifindex(&id.interface);
                     if let Some(up) = read_link_up(&id.interface) {
                         h.health.set_link(up);
                     }
-                    if h.ifindex != 0 {
-                        h.health.set_neighbor_state(
-                            crate::kernel::netlink::neighbor_state(h.ifindex, h.target).ok().flatten(),
-                        );
-                    }
+                    h.health.set_neighbor_state(neighbors.get(&(h.ifindex, h.target)).copied().flatten());
+                    self.changed.insert(id.clone());
                 }
                 self.dirty = true;
                 return;
@@ -329,7 +346,13 @@ impl Runner {
 
     /// Sends the probes that are due, and times out the ones unanswered.
     fn probe_due(&mut self, now: Instant) {
+        // Nothing is due before the earliest send or timeout: no walk over
+        // every hop at every wakeup.
+        if now < self.next_event {
+            return;
+        }
         let clock = self.clock(now);
+        let mut next_event = now + Duration::from_secs(1);
         for (id, h) in self.hops.iter_mut() {
             if let Some((_, sent)) = h.inflight
                 && now.saturating_duration_since(sent) >= h.settings.timeout
@@ -370,6 +393,13 @@ impl Runner {
                 }
             }
         }
+        for h in self.hops.values() {
+            next_event = next_event.min(h.next_due);
+            if let Some((_, sent)) = h.inflight {
+                next_event = next_event.min(sent + h.settings.timeout);
+            }
+        }
+        self.next_event = next_event;
     }
 
     fn collect_answers(&mut self, readable: &[std::os::fd::RawFd]) {
@@ -408,13 +438,7 @@ impl Runner {
     /// Waits until the next probe is due or a socket is readable.
     fn wait(&self) -> Vec<std::os::fd::RawFd> {
         let now = Instant::now();
-        let mut until = now + Duration::from_millis(200);
-        for h in self.hops.values() {
-            until = until.min(h.next_due);
-            if let Some((_, sent)) = h.inflight {
-                until = until.min(sent + h.settings.timeout);
-            }
-        }
+        let mut until = (now + Duration::from_millis(200)).min(self.next_event);
         let mut fds: Vec<libc::pollfd> =
             self.sockets.values().map(|s| libc::pollfd { fd: s.raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
         if let Some(e) = &self.events {
@@ -433,6 +457,24 @@ impl Runner {
         fds.iter().filter(|p| p.revents != 0).map(|p| p.fd).collect()
     }
 
+    /// The store's proposals and their per-route view, read again when the
+    /// directory changed (a write or a rename) or a second passed.
+    fn proposals(&mut self, now: Instant) -> Result<(Arc<Vec<Proposal>>, Arc<HashMap<String, RouteView>>), StoreError> {
+        let mtime = std::fs::metadata(self.store.proposals_dir()).and_then(|m| m.modified()).ok();
+        if let Some(c) = &self.cache
+            && c.mtime == mtime
+            && mtime.is_some()
+            && now.saturating_duration_since(c.read_at) < Duration::from_secs(1)
+        {
+            return Ok((c.proposals.clone(), c.views.clone()));
+        }
+        let listing = self.store.list()?;
+        let views = Arc::new(view(&listing.proposals));
+        let proposals = Arc::new(listing.proposals);
+        self.cache = Some(ProposalCache { mtime, read_at: now, proposals: proposals.clone(), views: views.clone() });
+        Ok((proposals, views))
+    }
+
     /// Runs the controller and carries out what it says.
     fn tick(&mut self) {
         let now = Instant::now();
@@ -441,14 +483,13 @@ impl Runner {
         }
         self.dirty = false;
         self.last_tick = now;
-        let listing = match self.store.list() {
-            Ok(l) => l,
+        let (proposals, views) = match self.proposals(now) {
+            Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %crate::apply::error_chain(&e), "cannot read the proposals; no decision this round");
                 return;
             }
         };
-        let views = view(&listing.proposals);
         let clock = self.clock(now);
         // Every route once a second (deadlines, decisions made elsewhere);
         // in between only those whose hops have news.
@@ -463,21 +504,35 @@ impl Runner {
         for c in &commands {
             overlay_changed |= self.carry_out(c);
         }
-        overlay_changed |= self.expire(&listing.proposals);
+        overlay_changed |= self.expire(&proposals);
         if !commands.is_empty() {
             self.save_memory();
         }
         if overlay_changed {
             self.observer.overlay_changed();
         }
-        let listing = if commands.is_empty() { listing } else { self.store.list().unwrap_or(listing) };
+        let proposals = if commands.is_empty() {
+            proposals
+        } else {
+            self.cache = None;
+            self.proposals(now).map(|(p, _)| p).unwrap_or(proposals)
+        };
         let applied: Vec<String> =
-            listing.proposals.iter().filter(|p| p.status == Status::Applied).map(|p| p.id.clone()).collect();
+            proposals.iter().filter(|p| p.status == Status::Applied).map(|p| p.id.clone()).collect();
         if self.last_overlay.as_ref().is_some_and(|last| *last != applied) && !overlay_changed {
             self.observer.overlay_changed();
         }
         self.last_overlay = Some(applied);
-        self.report(&listing.proposals, clock);
+        // The snapshot (every hop's percentiles) once a second, or at once
+        // after a decision: not at every tick.
+        if commands.is_empty()
+            && !overlay_changed
+            && self.last_report.is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last_report = Some(now);
+        self.report(&proposals, clock);
     }
 
     /// Returns whether the overlay changed.

@@ -78,7 +78,7 @@ impl Store {
         Store { dir: state_dir.join("heal") }
     }
 
-    fn proposals_dir(&self) -> PathBuf {
+    pub fn proposals_dir(&self) -> PathBuf {
         self.dir.join("proposals")
     }
 

@@ -412,9 +412,9 @@ fn health_events(b: &[u8]) -> Vec<HealthEvent> {
     out
 }
 
-/// The state of one neighbour entry now: as [`HealthEvent::Neighbor`]'s
-/// `reachable`, None when the table has no entry.
-pub fn neighbor_state(ifindex: u32, addr: std::net::IpAddr) -> io::Result<Option<bool>> {
+/// Every neighbour entry's state now, by (ifindex, address): as
+/// [`HealthEvent::Neighbor`]'s `reachable` (an absent entry: no verdict).
+pub fn neighbor_states() -> io::Result<std::collections::HashMap<(u32, std::net::IpAddr), Option<bool>>> {
     // The dump keeps FAILED entries out; ask for every entry instead.
     let s = socket()?;
     let mut msg = Vec::new();
@@ -432,7 +432,7 @@ pub fn neighbor_state(ifindex: u32, addr: std::net::IpAddr) -> io::Result<Option
     if unsafe { libc::send(s.0, msg.as_ptr() as *const libc::c_void, msg.len(), 0) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut found = None;
+    let mut found = std::collections::HashMap::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
         // SAFETY: `buf` is writable for its whole length.
@@ -453,11 +453,8 @@ pub fn neighbor_state(ifindex: u32, addr: std::net::IpAddr) -> io::Result<Option
                 NLMSG_ERROR => check_error(m)?,
                 _ => {
                     for ev in health_events(m) {
-                        if let HealthEvent::Neighbor { ifindex: i, addr: a, reachable } = ev
-                            && i == ifindex
-                            && a == addr
-                        {
-                            found = reachable;
+                        if let HealthEvent::Neighbor { ifindex, addr, reachable } = ev {
+                            found.insert((ifindex, addr), reachable);
                         }
                     }
                 }
