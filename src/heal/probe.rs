@@ -47,12 +47,14 @@ fn checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// An echo reply: who answered, to which identifier and sequence number.
+/// An echo reply: who answered, to which identifier and sequence number,
+/// and when the kernel received it (wall clock, `SO_TIMESTAMPNS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Answer {
     pub from: IpAddr,
     pub id: u16,
     pub seq: u16,
+    pub received: Option<std::time::SystemTime>,
 }
 
 /// A raw ICMP (or ICMPv6) socket bound to one interface.
@@ -109,6 +111,19 @@ impl ProbeSocket {
                 break;
             }
         }
+        // The kernel's receive time on every answer: the agent reads
+        // answers when it wakes for other reasons, and the RTT stays exact.
+        let on: libc::c_int = 1;
+        // SAFETY: `on` is a valid c_int for its length.
+        check(unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_TIMESTAMPNS,
+                &on as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        })?;
         Ok(ProbeSocket { fd, v6 })
     }
 
@@ -177,18 +192,18 @@ impl ProbeSocket {
         for _ in 0..256 {
             // SAFETY: zeroed sockaddr_storage is a valid out-parameter.
             let mut sa: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-            let mut sa_len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            // SAFETY: `buf` and `sa` are writable for the lengths given.
-            let n = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                    &mut sa as *mut _ as *mut libc::sockaddr,
-                    &mut sa_len,
-                )
-            };
+            let mut control = [0u64; 16]; // aligned room for one timespec cmsg
+            let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
+            // SAFETY: a zeroed msghdr is valid; its pointers are set below.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_name = &mut sa as *mut _ as *mut libc::c_void;
+            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+            msg.msg_controllen = std::mem::size_of_val(&control) as _;
+            // SAFETY: every buffer `msg` points at lives across the call.
+            let n = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 return match e.raw_os_error() {
@@ -196,7 +211,8 @@ impl ProbeSocket {
                     _ => Err(e),
                 };
             }
-            if let Some(a) = self.parse(&buf[..n as usize], &sa) {
+            if let Some(mut a) = self.parse(&buf[..n as usize], &sa) {
+                a.received = received_at(&msg);
                 out.push(a);
             }
         }
@@ -218,8 +234,26 @@ impl ProbeSocket {
             from,
             id: u16::from_be_bytes([icmp[4], icmp[5]]),
             seq: u16::from_be_bytes([icmp[6], icmp[7]]),
+            received: None,
         })
     }
+}
+
+/// The `SCM_TIMESTAMPNS` control message of a received datagram.
+fn received_at(msg: &libc::msghdr) -> Option<std::time::SystemTime> {
+    // SAFETY: CMSG_* walk the control buffer recvmsg filled, within
+    // `msg_controllen`.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                let ts = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::timespec);
+                return Some(std::time::UNIX_EPOCH + Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32));
+            }
+            c = libc::CMSG_NXTHDR(msg, c);
+        }
+    }
+    None
 }
 
 /// One hop probed on a socket of its own, one echo at a time: for tools
@@ -256,8 +290,8 @@ impl Prober {
             if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
                 return Err(io::Error::last_os_error());
             }
-            let mine = Answer { from: self.target, id: self.id, seq: self.seq };
-            if self.socket.answers()?.contains(&mine) {
+            let mine = |a: &Answer| a.from == self.target && a.id == self.id && a.seq == self.seq;
+            if self.socket.answers()?.iter().any(mine) {
                 return Ok(Some(started.elapsed()));
             }
         }

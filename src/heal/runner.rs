@@ -94,7 +94,9 @@ struct Hop {
     seq: u16,
     error: Option<String>,
     next_due: Instant,
-    inflight: Option<(u16, Instant)>,
+    /// The echo in flight: its sequence number, when it left (monotonic
+    /// and wall clock: answers carry the kernel's wall-clock receive time).
+    inflight: Option<(u16, Instant, std::time::SystemTime)>,
     health: HopHealth,
     ifindex: u32,
 }
@@ -354,7 +356,7 @@ impl Runner {
         let clock = self.clock(now);
         let mut next_event = now + Duration::from_secs(1);
         for (id, h) in self.hops.iter_mut() {
-            if let Some((_, sent)) = h.inflight
+            if let Some((_, sent, _)) = h.inflight
                 && now.saturating_duration_since(sent) >= h.settings.timeout
             {
                 h.inflight = None;
@@ -377,7 +379,7 @@ impl Runner {
             }
             h.seq = h.seq.wrapping_add(1);
             match socket.send(h.target, h.id, h.seq) {
-                Ok(true) => h.inflight = Some((h.seq, now)),
+                Ok(true) => h.inflight = Some((h.seq, now, std::time::SystemTime::now())),
                 Ok(false) => {
                     h.health.record_probe(clock, None);
                     self.observer.probe(id, None);
@@ -395,20 +397,21 @@ impl Runner {
         }
         for h in self.hops.values() {
             next_event = next_event.min(h.next_due);
-            if let Some((_, sent)) = h.inflight {
+            if let Some((_, sent, _)) = h.inflight {
                 next_event = next_event.min(sent + h.settings.timeout);
             }
         }
         self.next_event = next_event;
     }
 
-    fn collect_answers(&mut self, readable: &[std::os::fd::RawFd]) {
+    /// Reads every answer waiting. Sockets are not polled: answers are
+    /// read when the loop wakes for a send, a timeout or an event, and
+    /// their kernel receive time keeps the RTT exact (a thousand hops cost
+    /// a few dozen wakeups a second, not one per answer).
+    fn collect_answers(&mut self) {
         let now = Instant::now();
         let clock = self.clock(now);
         for (key, socket) in &self.sockets {
-            if !readable.contains(&socket.raw_fd()) {
-                continue;
-            }
             let answers = match socket.answers() {
                 Ok(a) => a,
                 Err(e) => {
@@ -420,12 +423,20 @@ impl Runner {
                 let Some(id) = self.ids.get(&a.id) else { continue };
                 let Some(h) = self.hops.get_mut(id) else { continue };
                 match h.inflight {
-                    Some((seq, sent)) if seq == a.seq && a.from == h.target && h.socket.as_ref() == Some(key) => {
-                        let rtt = now.saturating_duration_since(sent);
+                    Some((seq, sent, sent_wall))
+                        if seq == a.seq && a.from == h.target && h.socket.as_ref() == Some(key) =>
+                    {
+                        let rtt = a
+                            .received
+                            .and_then(|r| r.duration_since(sent_wall).ok())
+                            .unwrap_or_else(|| now.saturating_duration_since(sent));
+                        // Read after its timeout passed: lost, as it would
+                        // have been counted had the loop woken earlier.
+                        let rtt = (rtt < h.settings.timeout).then_some(rtt);
                         h.inflight = None;
                         h.error = None;
-                        h.health.record_probe(clock, Some(rtt));
-                        self.observer.probe(id, Some(rtt));
+                        h.health.record_probe(clock, rtt);
+                        self.observer.probe(id, rtt);
                         self.changed.insert(id.clone());
                         self.dirty = true;
                     }
@@ -435,12 +446,12 @@ impl Runner {
         }
     }
 
-    /// Waits until the next probe is due or a socket is readable.
+    /// Waits until the next probe send or timeout, or a link or neighbour
+    /// event.
     fn wait(&self) -> Vec<std::os::fd::RawFd> {
         let now = Instant::now();
         let mut until = (now + Duration::from_millis(200)).min(self.next_event);
-        let mut fds: Vec<libc::pollfd> =
-            self.sockets.values().map(|s| libc::pollfd { fd: s.raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(1);
         if let Some(e) = &self.events {
             fds.push(libc::pollfd { fd: e.raw_fd(), events: libc::POLLIN, revents: 0 });
         }
@@ -654,12 +665,13 @@ impl Runner {
     pub fn run(mut self, stop: Arc<AtomicBool>) {
         while !stop.load(Ordering::Relaxed) {
             self.refresh_routes();
+            self.collect_answers();
             self.probe_due(Instant::now());
             let readable = self.wait();
             if self.events.as_ref().is_some_and(|e| readable.contains(&e.raw_fd())) {
                 self.on_events();
             }
-            self.collect_answers(&readable);
+            self.collect_answers();
             self.probe_due(Instant::now());
             // A person's decision shows in the store: look at it now and then.
             if self.last_tick.elapsed() >= Duration::from_millis(200) {
