@@ -104,12 +104,15 @@ struct Hop {
 /// One probe socket per interface and address family.
 type SocketKey = (String, bool);
 
+/// What the store holds per route prefix.
+type Views = Arc<HashMap<String, RouteView>>;
+
 /// The last reading of the proposal store.
 struct ProposalCache {
     mtime: Option<std::time::SystemTime>,
     read_at: Instant,
     proposals: Arc<Vec<Proposal>>,
-    views: Arc<HashMap<String, RouteView>>,
+    views: Views,
 }
 
 /// The hops' health, read in place (histories are not copied per tick).
@@ -470,7 +473,7 @@ impl Runner {
 
     /// The store's proposals and their per-route view, read again when the
     /// directory changed (a write or a rename) or a second passed.
-    fn proposals(&mut self, now: Instant) -> Result<(Arc<Vec<Proposal>>, Arc<HashMap<String, RouteView>>), StoreError> {
+    fn proposals(&mut self, now: Instant) -> Result<(Arc<Vec<Proposal>>, Views), StoreError> {
         let mtime = std::fs::metadata(self.store.proposals_dir()).and_then(|m| m.modified()).ok();
         if let Some(c) = &self.cache
             && c.mtime == mtime
