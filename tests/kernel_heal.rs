@@ -292,9 +292,45 @@ fn review_mode_waits_for_a_person_survives_restarts_and_stale_proposals_are_refu
     assert!(!out.status.success());
     let err = common::stderr(&out);
     assert!(err.contains("stale") && err.contains("`test` failed"), "{err}");
-    // Reject works on pending ones; the node is untouched.
+    let p = proposals(&env).into_iter().find(|p| p["id"] == stale.as_str()).unwrap();
+    assert_eq!(p["status"], "superseded", "a refused stale proposal is superseded: {p}");
+
+    // Reject: recorded, nothing changes.
     std::fs::write(&spec, &spec_text).unwrap();
+    let next_pending = |env: &Env, seen: usize| {
+        wait("a new pending proposal", Duration::from_secs(10), || with_status(&proposals(env), "pending").len() == 1);
+        let ps = proposals(env);
+        assert_eq!(ps.len(), seen + 1, "{ps:?}");
+        with_status(&ps, "pending")[0]["id"].as_str().unwrap().to_string()
+    };
+    let rejected = next_pending(&env, 2);
+    let out = env.run_ok(&["proposals", "reject", &rejected, "--note", "not now"]);
+    assert!(out.contains("nothing changes"), "{out}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(proposals(&env).len(), 3, "the same condition is not asked about again after a rejection");
+    let shown = env.run_ok(&["proposals", "show", &rejected]);
+    assert!(shown.contains("rejected") && shown.contains("not now"), "{shown}");
+    assert!(with_status(&proposals(&env), "applied").is_empty());
+    let listed = env.run_ok(&["proposals", "list"]);
+    assert!(!listed.contains(&rejected), "final ones only with --all: {listed}");
+    assert!(env.run_ok(&["proposals", "list", "--all"]).contains(&rejected));
+
+    // Approve, then revert by hand: the route goes back to its primary.
     t.primary_down(false).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    t.primary_down(true).unwrap();
+    let approved = next_pending(&env, 3);
+    env.run_ok(&["proposals", "approve", &approved]);
+    wait("the overlay applied", Duration::from_secs(5), || with_status(&proposals(&env), "applied").len() == 1);
+    t.primary_down(false).unwrap();
+    let out = env.run_ok(&["proposals", "revert", &approved, "--note", "primary is fine"]);
+    assert!(out.contains("goes back to its primary"), "{out}");
+    let plan = env.run_ok(&["plan", spec.to_str().unwrap()]);
+    assert!(!plan.contains("Overlay:"), "{plan}");
+    let history = std::fs::read_to_string(env.state.path().join("heal/history.jsonl")).unwrap();
+    assert!(history.lines().count() >= 10, "every transition is logged: {history}");
+    assert!(history.contains("primary is fine"));
+    assert_eq!(std::fs::read_to_string(&spec).unwrap(), spec_text);
     agent.stop();
 }
 

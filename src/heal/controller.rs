@@ -21,6 +21,9 @@ use crate::spec::{
     DEFAULT_MIN_SAMPLES, DEFAULT_PROBE_INTERVAL, FallbackMetric, FallbackRule, HealthSpec, LoadedSpec, RouteSpec,
 };
 
+/// How long a rejection silences a route whose primary stays degraded.
+pub const SILENCE_AFTER_REJECT: Duration = Duration::from_secs(30 * 60);
+
 /// Probe intervals within which a switched-to hop must answer.
 pub const VERIFY_INTERVALS: u32 = 3;
 /// Default `probe-timeout`: half the interval.
@@ -187,6 +190,9 @@ pub struct RouteView {
     pub pending: bool,
     /// A flap lock, pending or applied.
     pub locked: bool,
+    /// The last proposal a person rejected (a stale one refused is not a
+    /// "no": a fresh proposal against the edited spec may follow).
+    pub rejected: Option<String>,
 }
 
 /// The store's proposals, per route prefix.
@@ -204,6 +210,7 @@ pub fn view(proposals: &[Proposal]) -> HashMap<String, RouteView> {
                 v.pending = true;
                 v.locked |= lock;
             }
+            Status::Rejected => v.rejected = Some(p.id.clone()),
             _ => {}
         }
     }
@@ -242,6 +249,11 @@ struct RouteState {
     /// Whether the primary was failing or above its threshold when last
     /// evaluated (counted for the local-fault guard).
     degraded: bool,
+    /// The last rejection seen, and whether it still silences the route: a
+    /// person said no, so the same condition is not asked about again
+    /// until the primary was healthy once (or [`SILENCE_AFTER_REJECT`]).
+    rejection_seen: Option<String>,
+    silenced_since: Option<Duration>,
 }
 
 /// Why a route runs where it runs, for `status`.
@@ -286,6 +298,8 @@ impl Controller {
                         baseline_quiet_until: Duration::ZERO,
                         baseline: None,
                         degraded: false,
+                        rejection_seen: None,
+                        silenced_since: None,
                     }
                 }
             };
@@ -414,6 +428,21 @@ impl Controller {
             }
             if view.pending && view.applied.is_none() {
                 continue; // one question to a person at a time
+            }
+            if view.rejected.is_some() && view.rejected != s.rejection_seen {
+                s.rejection_seen = view.rejected.clone();
+                s.silenced_since = s.rejection_seen.as_ref().map(|_| now);
+            }
+            if let Some(since) = s.silenced_since {
+                if !s.degraded || now.saturating_sub(since) >= SILENCE_AFTER_REJECT {
+                    s.silenced_since = None;
+                } else if view.applied.is_none() {
+                    self.why.insert(
+                        key.clone(),
+                        "a person rejected the last proposal; asking again once the primary recovered".into(),
+                    );
+                    continue;
+                }
             }
             if view.applied.is_some() && s.watch.rule.is_none() {
                 // A person moved a route no rule watches: a person moves it
@@ -720,6 +749,21 @@ mod tests {
         sim.store[0].transition(Status::Applied, "user:x", 0, "").unwrap();
         sim.run(40, jitter);
         assert!(matches!(sim.commands.last(), Some((_, Command::Revert { .. }))), "{:?}", sim.commands);
+    }
+
+    #[test]
+    fn a_rejection_is_not_asked_again_until_the_primary_recovered() {
+        let mut sim = Sim::new(vec![watched(1, Some(false))]);
+        sim.run(10, jitter);
+        let down = |h: &HopId, t: u32| if primary_of(h) { None } else { jitter(h, t) };
+        sim.run(10, down);
+        assert_eq!(sim.commands.len(), 1);
+        sim.store[0].transition(Status::Rejected, "user:x", 0, "not now").unwrap();
+        sim.run(120, down);
+        assert_eq!(sim.commands.len(), 1, "silenced while the same condition holds: {:?}", sim.commands);
+        sim.run(20, jitter);
+        sim.run(10, down);
+        assert_eq!(sim.commands.len(), 2, "a new episode is asked about: {:?}", sim.commands);
     }
 
     #[test]
