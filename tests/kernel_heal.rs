@@ -247,6 +247,10 @@ fn review_mode_waits_for_a_person_survives_restarts_and_stale_proposals_are_refu
     assert!(plan.contains("No changes") && !plan.contains("Overlay:"), "{plan}");
     let shown = env.run_ok(&["proposals", "show", &id]);
     assert!(shown.contains("Evidence: primary: link down") && shown.contains("via:"), "{shown}");
+    // The plan it leads to, against the kernel now: one route entry.
+    assert!(shown.contains("Plan, if approved, against the kernel now:"), "{shown}");
+    assert!(shown.contains(&format!("mesh/mesh_routes[{}] will be updated in-place", t.prefix())), "{shown}");
+    assert!(shown.contains("Plan: 0 to add, 1 to change, 0 to destroy."), "{shown}");
     let exported = env.run_ok(&["proposals", "export", &id]);
     assert!(exported.contains("--- a/spec.yaml") && exported.contains("\"op\": \"test\""), "{exported}");
     // `GET /proposals` is read-only; nothing else is accepted.

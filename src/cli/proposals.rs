@@ -34,6 +34,9 @@ pub enum Sub {
     Show {
         /// The proposal's id (from `list`).
         id: String,
+        /// The spec file its plan is computed from (default: the last applied one).
+        #[arg(long)]
+        spec: Option<PathBuf>,
         /// Output format: `text` for people, `json` for tools.
         #[arg(short, long, value_enum, default_value = "text")]
         output: Output,
@@ -117,7 +120,7 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     let store = Store::new(&ctx.state_dir);
     match &args.command {
         Sub::List { all, output } => list(&store, *all, *output),
-        Sub::Show { id, output } => show(&store, id, *output),
+        Sub::Show { id, output, spec } => show(ctx, &store, id, spec.as_deref(), *output),
         Sub::Approve { id, spec, note } => approve(ctx, &store, id, spec.as_deref(), note),
         Sub::Reject { id, note } => reject(&store, id, note),
         Sub::Revert { id, note } => {
@@ -151,7 +154,7 @@ fn list(store: &Store, all: bool, output: Output) -> anyhow::Result<Exit> {
     Ok(0)
 }
 
-fn show(store: &Store, id: &str, output: Output) -> anyhow::Result<Exit> {
+fn show(ctx: &Context, store: &Store, id: &str, spec: Option<&Path>, output: Output) -> anyhow::Result<Exit> {
     let p = store.get(id)?;
     if output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&p)?);
@@ -183,13 +186,43 @@ fn show(store: &Store, id: &str, output: Output) -> anyhow::Result<Exit> {
         );
     }
     println!("\nSpec change (through the overlay; the file is not written):\n{}", p.diff);
-    println!("Plan: {}", p.plan);
+    match (p.status, live_plan(ctx, store, &p, spec)) {
+        (Status::Pending, Ok(text)) => print!("Plan, if approved, against the kernel now:\n{text}"),
+        (Status::Applied, Ok(_)) => println!("Plan: {} (in force)", p.plan),
+        (_, Ok(_)) => println!("Plan: {}", p.plan),
+        (_, Err(e)) => println!("Plan: {}\n  (no live plan: {e:#})", p.plan),
+    }
     println!("\nHistory:");
     for t in &p.history {
         let note = if t.note.is_empty() { String::new() } else { format!(": {}", t.note) };
         println!("  {}  {:<10} by {}{note}", when(t.at_unix_ms), t.status, t.by);
     }
     Ok(0)
+}
+
+/// What `bpfsync plan` would show with this proposal in the overlay: the
+/// spec file, the overlay in force, the proposal, against the kernel now
+/// (read only).
+fn live_plan(ctx: &Context, store: &Store, p: &Proposal, spec: Option<&Path>) -> anyhow::Result<String> {
+    use crate::kernel::Kernel;
+    let spec = spec_path(ctx, spec)?;
+    let source = crate::spec::read_limited(&spec, ctx.max_spec_bytes)?;
+    let mut overlay = store.overlay()?;
+    if p.status == Status::Pending {
+        overlay.push(p.overlay_entry());
+    }
+    let (loaded, desired) =
+        crate::compile::load_and_compile(&spec, &source, &overlay, &mut crate::compile::ObjectLoader::default())
+            .map_err(|d| anyhow::anyhow!("the spec does not compile:\n{d}"))?;
+    if let Some(s) = loaded.overlay.superseded.iter().find(|s| s.id == p.id) {
+        anyhow::bail!("it no longer applies: {}", s.reason);
+    }
+    let mut kernel = super::open_kernel_read_only(ctx)?;
+    let observed = kernel
+        .observe(&crate::apply::scope_for(&desired.state))
+        .map_err(|e| anyhow::anyhow!(crate::apply::error_chain(&e)))?;
+    let plan = crate::plan::plan(&desired.state, &observed);
+    Ok(crate::plan::text::render(&plan, crate::plan::text::TextOptions { color: ctx.color }))
 }
 
 /// The spec file's document now, to check a patch against.

@@ -354,6 +354,17 @@ mod tests {
     }
 
     #[test]
+    fn the_flap_history_survives_a_restart() {
+        let mut d = RouteDetector::new(rule());
+        run(500, |t| t % 230 < 30, &mut d); // two cycles done
+        let saved: FlapMemory = serde_json::from_str(&serde_json::to_string(&d.memory()).unwrap()).unwrap();
+        let mut restarted = RouteDetector::new(rule());
+        restarted.restore(&saved);
+        assert_eq!(restarted.hold(), d.hold(), "the doubled hold is kept");
+        assert_eq!(restarted.memory(), d.memory());
+    }
+
+    #[test]
     fn flapping_doubles_the_hold_and_locks_after_three_cycles() {
         let mut d = RouteDetector::new(rule());
         // Loss on for 30 s, off for 200 s, repeatedly.
