@@ -117,6 +117,21 @@ struct {
 	__type(value, struct proto_stats);
 } route_stats SEC(".maps");
 
+/* (ifindex, direction) → packets the policy dropped there. Counted on the
+ * drop path only (no cost to packets that pass); the interface's own
+ * packet counters are the denominator of its drop rate. */
+struct iface_key {
+	__u32 ifindex;
+	__u32 dir;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 12);
+	__type(key, struct iface_key);
+	__type(value, struct proto_stats);
+} iface_drops SEC(".maps");
+
 /* Route id → packets whose redirect failed (the target interface down
  * or gone, a frame over its MTU): counted by `mesh_redirect_err`. */
 struct {
@@ -206,6 +221,21 @@ static __always_inline void add_keyed_stats(void *map, __u32 id, __u32 len)
 		struct proto_stats init = {};
 		bpf_map_update_elem(map, &id, &init, BPF_NOEXIST);
 		s = bpf_map_lookup_elem(map, &id);
+		if (!s)
+			return;
+	}
+	__sync_fetch_and_add(&s->packets, 1);
+	__sync_fetch_and_add(&s->bytes, len);
+}
+
+static __always_inline void add_iface_drop(__u32 ifindex, __u8 dir, __u32 len)
+{
+	struct iface_key k = { .ifindex = ifindex, .dir = dir };
+	struct proto_stats *s = bpf_map_lookup_elem(&iface_drops, &k);
+	if (!s) {
+		struct proto_stats init = {};
+		bpf_map_update_elem(&iface_drops, &k, &init, BPF_NOEXIST);
+		s = bpf_map_lookup_elem(&iface_drops, &k);
 		if (!s)
 			return;
 	}
@@ -672,6 +702,7 @@ static __always_inline int policy_check(__u32 ifindex, __u8 dir, struct pkt *p, 
 		add_stats(&verdict_stats, dir * VERDICT_MAX + (by_default ? VERDICT_DROP_DEFAULT : VERDICT_DROP_RULE),
 			  p->len);
 		add_keyed_stats(&rule_stats, *rule_id, p->len);
+		add_iface_drop(ifindex, dir, p->len);
 		__u8 reason = !*rule_id ? DROP_NO_RULE_SET : by_default ? DROP_DEFAULT_DENY : DROP_POLICY_DENY;
 		flow_dropped(p, ifindex, dir, *rule_id, reason);
 		return CHECK_DROP;

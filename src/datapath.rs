@@ -256,6 +256,19 @@ pub fn keyed_counters(entries: &Entries) -> BTreeMap<u32, ProtoStats> {
         .collect()
 }
 
+/// Decodes `iface_drops` (`struct iface_key { u32 ifindex; u32 dir; }` →
+/// proto_stats): (ifindex, direction name) → what the policy dropped there.
+pub fn interface_counters(entries: &Entries) -> BTreeMap<(u32, &'static str), ProtoStats> {
+    entries
+        .iter()
+        .filter_map(|(k, v)| {
+            let ifindex = u32::from_ne_bytes(k.get(..4)?.try_into().ok()?);
+            let dir = u32::from_ne_bytes(k.get(4..8)?.try_into().ok()?);
+            Some(((ifindex, *DIRECTION_NAMES.get(dir as usize)?), ProtoStats::from_bytes(v)?))
+        })
+        .collect()
+}
+
 /// `LATENCY_BUCKETS`.
 pub const LATENCY_BUCKETS: usize = 64;
 

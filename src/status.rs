@@ -145,5 +145,8 @@ fn spec_now(path: &str, applied_sha256: &str) -> &'static str {
 
 /// The mesh datapath's counters by name (null when it is not loaded).
 fn mesh_counters(observed: &State) -> Value {
-    crate::mesh::counters::MeshCounters::from_state(observed).map_or(Value::Null, |c| c.to_json())
+    crate::mesh::counters::MeshCounters::from_state(observed).map_or(Value::Null, |mut c| {
+        c.name_interfaces(crate::kernel::netlink::interface_name);
+        c.to_json()
+    })
 }

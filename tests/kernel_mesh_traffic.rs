@@ -99,6 +99,10 @@ fn routes_forward_udp_and_tcp_between_namespaces_and_policy_drops_a_port() {
     assert_eq!(packets("routes", &format!("{}/32", b.peer_ip)), N + tcp_from_a, "A → B forwarded: {mesh:#}");
     assert!(packets("routes", &format!("{}/32", a.peer_ip)) >= 3, "B → A forwarded: {mesh:#}");
     assert_eq!(packets("verdicts", "ingress/drop-default"), packets("rules", &default_deny), "{mesh:#}");
+    // Per interface: every policy drop was on A's end, on the way in.
+    let on_a = format!("{}/ingress", a.host_if);
+    assert_eq!(packets("interface_drops", &on_a), packets("rules", &default_deny), "{mesh:#}");
+    assert_eq!(mesh["interface_drops"].as_object().map(|m| m.len()), Some(1), "{mesh:#}");
     for feature in ["lpm_trie", "lru_hash", "tcx"] {
         assert_eq!(status["features"][feature], Value::Bool(true), "{feature} probed: {:#}", status["features"]);
     }

@@ -278,7 +278,7 @@ pub fn to_classic_text(openmetrics: &str) -> String {
 
 /// Families the [`DatapathCollector`] adds at scrape time when the programs
 /// they count are loaded (without the `bpfsync_` prefix and type suffixes).
-pub const DATAPATH_FAMILIES: [&str; 15] = [
+pub const DATAPATH_FAMILIES: [&str; 16] = [
     "datapath_packets",
     "datapath_bytes",
     "syscall_latency_seconds",
@@ -291,6 +291,7 @@ pub const DATAPATH_FAMILIES: [&str; 15] = [
     "route_packets",
     "route_bytes",
     "route_redirect_errors",
+    "interface_drops",
     "lost_events",
     "flow_records_suppressed",
     "flow_unrecorded_drops",
@@ -397,6 +398,21 @@ fn encode_mesh(encoder: &mut DescriptorEncoder, c: &MeshCounters) -> Result<(), 
         "Packets a mesh route's redirect failed for (its interface down or gone, over its MTU)",
         None,
         &named(&c.redirect_errors, "route", false),
+    )?;
+    let iface: Vec<(Labels, u64)> = c
+        .interface_drops
+        .iter()
+        .map(|(k, s)| {
+            let (name, dir) = k.rsplit_once('/').unwrap_or((k.as_str(), ""));
+            (vec![("interface", name.to_string()), ("direction", dir.to_string())], s.packets)
+        })
+        .collect();
+    counter_family(
+        encoder,
+        "interface_drops",
+        "Packets the mesh policy dropped on each interface and direction (their rate over the interface's packet rate is its drop rate)",
+        None,
+        &iface,
     )?;
     let lost: Vec<(Labels, u64)> = ["new", "update", "drop"]
         .iter()
@@ -521,7 +537,8 @@ impl Collector for DatapathCollector {
         let Ok(state) = kernel.observe(&Scope { map_names: names.collect(), ..Default::default() }) else {
             return Ok(());
         };
-        if let Some(mesh) = MeshCounters::from_state(&state) {
+        if let Some(mut mesh) = MeshCounters::from_state(&state) {
+            mesh.name_interfaces(crate::kernel::netlink::interface_name);
             encode_mesh(&mut encoder, &mesh)?;
         }
         let wanted: Vec<MapRef> = state.maps.iter().filter(|(_, m)| m.managed).map(|(r, _)| r.clone()).collect();

@@ -58,6 +58,38 @@ pub fn rows(before: &BTreeMap<String, ProtoStats>, after: &BTreeMap<String, Prot
         .collect()
 }
 
+/// The packets an interface received (`ingress`) or sent (`egress`) so far,
+/// from the kernel's own counters: the denominator of its drop rate.
+fn interface_packets(key: &str) -> Option<u64> {
+    let (name, dir) = key.rsplit_once('/')?;
+    let counter = if dir == "ingress" { "rx_packets" } else { "tx_packets" };
+    std::fs::read_to_string(format!("/sys/class/net/{name}/statistics/{counter}")).ok()?.trim().parse().ok()
+}
+
+/// Per `interface/direction`: the policy's drops per second and their
+/// share of the packets the interface carried over the interval (None
+/// when its counters cannot be read).
+pub fn interface_drop_rates(
+    before: &MeshCounters,
+    after: &MeshCounters,
+    packets: &BTreeMap<String, (Option<u64>, Option<u64>)>,
+    secs: f64,
+) -> BTreeMap<String, (f64, Option<f64>)> {
+    after
+        .interface_drops
+        .iter()
+        .map(|(k, a)| {
+            let dropped = a.packets.saturating_sub(before.interface_drops.get(k).map_or(0, |b| b.packets));
+            let ratio = match packets.get(k) {
+                Some((Some(b), Some(a))) if a > b => Some(dropped as f64 / (a - b) as f64),
+                Some((Some(_), Some(_))) => Some(0.0),
+                _ => None,
+            };
+            (k.clone(), (dropped as f64 / secs, ratio))
+        })
+        .collect()
+}
+
 /// Dropped packets per second and their share of all packets over the interval.
 pub fn drop_rate(before: &MeshCounters, after: &MeshCounters, secs: f64) -> (f64, f64) {
     let sum = |c: &MeshCounters, drops: bool| -> u64 {
@@ -72,9 +104,11 @@ fn read(ctx: &Context) -> anyhow::Result<MeshCounters> {
     let mut kernel = open_kernel_read_only(ctx)?;
     let scope = Scope { map_names: COUNTER_MAPS.iter().map(|m| m.to_string()).collect(), ..Default::default() };
     let state = kernel.observe(&scope).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
-    MeshCounters::from_state(&state).ok_or_else(|| {
+    let mut counters = MeshCounters::from_state(&state).ok_or_else(|| {
         anyhow::anyhow!("the mesh datapath is not loaded: apply a spec with policies, routes or `mesh:` interfaces")
-    })
+    })?;
+    counters.name_interfaces(crate::kernel::netlink::interface_name);
+    Ok(counters)
 }
 
 fn render_text(sections: &[(&str, Vec<Row>)], secs: f64, drop: (f64, f64), flow: &BTreeMap<&str, u64>) -> String {
@@ -109,10 +143,18 @@ fn render_text(sections: &[(&str, Vec<Row>)], secs: f64, drop: (f64, f64), flow:
 
 pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     let before = read(ctx)?;
+    let first: BTreeMap<String, Option<u64>> =
+        before.interface_drops.keys().map(|k| (k.clone(), interface_packets(k))).collect();
     let started = Instant::now();
     std::thread::sleep(args.interval);
     let after = read(ctx)?;
     let secs = started.elapsed().as_secs_f64();
+    let packets: BTreeMap<String, (Option<u64>, Option<u64>)> = after
+        .interface_drops
+        .keys()
+        .map(|k| (k.clone(), (first.get(k).copied().flatten(), interface_packets(k))))
+        .collect();
+    let per_interface = interface_drop_rates(&before, &after, &packets, secs);
     let sections = [
         ("PROTOCOL", rows(&before.protocols, &after.protocols, secs)),
         ("VERDICT", rows(&before.verdicts, &after.verdicts, secs)),
@@ -142,11 +184,22 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
                 "routes": section(&sections[3].1),
                 "drops_per_second": drop.0,
                 "drop_ratio": drop.1,
+                "interfaces": per_interface.iter().map(|(k, (rate, ratio))| {
+                    (k.clone(), json!({ "drops_per_second": rate, "drop_ratio": ratio }))
+                }).collect::<serde_json::Map<_, _>>(),
                 "flow_records": after.flow,
             });
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
-        Output::Text => print!("{}", render_text(&sections, secs, drop, &after.flow)),
+        Output::Text => {
+            print!("{}", render_text(&sections, secs, drop, &after.flow));
+            for (k, (rate, ratio)) in &per_interface {
+                let share = ratio
+                    .map(|r| format!("{:.2} % of its packets", r * 100.0))
+                    .unwrap_or_else(|| "its packet counters are unreadable".into());
+                println!("policy drops on {k}: {rate:.1}/s, {share}");
+            }
+        }
     }
     Ok(0)
 }
@@ -154,6 +207,19 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_interface_drop_rate_is_its_drops_over_its_own_packets() {
+        let counters = |drops: u64| MeshCounters {
+            interface_drops: [("veth0/ingress".to_string(), stats(drops, drops * 100))].into(),
+            ..Default::default()
+        };
+        let packets = [("veth0/ingress".to_string(), (Some(1_000), Some(1_400)))].into();
+        let rates = interface_drop_rates(&counters(10), &counters(30), &packets, 2.0);
+        assert_eq!(rates["veth0/ingress"], (10.0, Some(0.05)), "20 of 400 packets over 2 s");
+        let unreadable = [("veth0/ingress".to_string(), (None, Some(1_400)))].into();
+        assert_eq!(interface_drop_rates(&counters(10), &counters(30), &unreadable, 2.0)["veth0/ingress"].1, None);
+    }
 
     fn stats(p: u64, b: u64) -> ProtoStats {
         ProtoStats { packets: p, bytes: b }

@@ -171,6 +171,18 @@ pub fn link_mac(ifindex: u32) -> io::Result<Option<[u8; 6]>> {
     Ok(attrs(&a).find(|(k, _)| *k == IFLA_ADDRESS).and_then(|(_, p)| p.try_into().ok()))
 }
 
+/// The name of interface `ifindex` in this namespace, if it exists.
+pub fn interface_name(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has room for IF_NAMESIZE bytes, as if_indextoname needs.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    Some(unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+}
+
 /// One usable entry of the kernel's neighbour table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Neighbor {

@@ -10,12 +10,13 @@ use crate::datapath::{self, ProtoStats};
 use crate::model::State;
 
 /// Maps to observe for [`MeshCounters::from_state`].
-pub const COUNTER_MAPS: [&str; 8] = [
+pub const COUNTER_MAPS: [&str; 9] = [
     "verdict_stats",
     "mesh_stats",
     "rule_stats",
     "route_stats",
     "route_redirect_errors",
+    "iface_drops",
     "flow_counters",
     NAMES_MAP,
     ROUTES_MAP,
@@ -33,6 +34,9 @@ pub struct MeshCounters {
     pub routes: BTreeMap<String, ProtoStats>,
     /// Packets whose redirect failed, by route prefix.
     pub redirect_errors: BTreeMap<String, ProtoStats>,
+    /// Packets the policy dropped, by `interface/direction` (the
+    /// interface's name when the observation knows it, else its ifindex).
+    pub interface_drops: BTreeMap<String, ProtoStats>,
     /// Flow record counters (`lost-new`, …, `suppressed-drop`).
     pub flow: BTreeMap<&'static str, u64>,
 }
@@ -70,8 +74,38 @@ impl MeshCounters {
             rules: named("rule_stats", &rule_names),
             routes: named("route_stats", &route_names),
             redirect_errors: named("route_redirect_errors", &route_names),
+            interface_drops: entries("iface_drops")
+                .map(datapath::interface_counters)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|((ifindex, dir), st)| {
+                    let name = observed
+                        .interfaces
+                        .iter()
+                        .find(|(_, i)| **i == ifindex)
+                        .map(|(n, _)| n.clone())
+                        .unwrap_or_else(|| format!("ifindex {ifindex}"));
+                    (format!("{name}/{dir}"), st)
+                })
+                .collect(),
             flow: entries("flow_counters").map(datapath::flow_counters).unwrap_or_default(),
         })
+    }
+
+    /// Names the interfaces the observation did not (`ifindex N/dir` →
+    /// `name/dir`) with `name_of`, the kernel's own lookup at the edges.
+    pub fn name_interfaces(&mut self, name_of: impl Fn(u32) -> Option<String>) {
+        let drops = std::mem::take(&mut self.interface_drops);
+        self.interface_drops = drops
+            .into_iter()
+            .map(|(k, st)| {
+                let renamed = k.strip_prefix("ifindex ").and_then(|rest| {
+                    let (index, dir) = rest.split_once('/')?;
+                    Some(format!("{}/{dir}", name_of(index.parse().ok()?)?))
+                });
+                (renamed.unwrap_or(k), st)
+            })
+            .collect();
     }
 
     pub fn to_json(&self) -> Value {
@@ -84,6 +118,7 @@ impl MeshCounters {
             "rules": stats(&self.rules),
             "routes": stats(&self.routes),
             "redirect_errors": stats(&self.redirect_errors),
+            "interface_drops": stats(&self.interface_drops),
             "flow_records": self.flow,
         })
     }
