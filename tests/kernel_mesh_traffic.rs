@@ -109,5 +109,22 @@ fn routes_forward_udp_and_tcp_between_namespaces_and_policy_drops_a_port() {
     let text = env.run_ok(&["status"]);
     assert!(text.contains("MESH DATAPATH") && text.contains("edge ingress[1]"), "{text}");
 
+    // `stats`: A's end drops what arrives for the denied port — its drop
+    // rate against the interface's own packet counter.
+    let sender = a.spawn_in_netns(move || {
+        let s = UdpSocket::bind(SocketAddrV4::new(src, 0)).unwrap();
+        for i in 0..600u64 {
+            s.send_to(&i.to_be_bytes(), SocketAddrV4::new(dst, 9999)).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let stats: Value = serde_json::from_str(&env.run_ok(&["stats", "--interval", "500ms", "-o", "json"])).unwrap();
+    sender.join().unwrap().unwrap();
+    let on_a = &stats["interfaces"][format!("{}/ingress", a.host_if)];
+    assert!(on_a["drops_per_second"].as_f64().unwrap() > 100.0, "{stats:#}");
+    let ratio = on_a["drop_ratio"].as_f64().unwrap();
+    assert!(ratio > 0.8 && ratio <= 1.0, "nearly every packet A sends now is dropped: {stats:#}");
+
     env.run_ok(&["down", "--auto-approve"]);
 }
