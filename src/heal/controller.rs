@@ -270,6 +270,9 @@ pub struct RouteReport {
 #[derive(Debug, Default)]
 pub struct Controller {
     routes: BTreeMap<String, RouteState>,
+    /// Hop → the routes it serves, to find the routes with news without
+    /// looking at every route.
+    routes_of_hop: HashMap<HopId, Vec<String>>,
     /// Last decision reason per route, for `status`.
     why: HashMap<String, String>,
 }
@@ -306,6 +309,12 @@ impl Controller {
             next.insert(key, state);
         }
         self.routes = next;
+        self.routes_of_hop.clear();
+        for (key, s) in &self.routes {
+            for hop in std::iter::once(&s.primary).chain(&s.fallbacks) {
+                self.routes_of_hop.entry(hop.clone()).or_default().push(key.clone());
+            }
+        }
     }
 
     pub fn routes(&self) -> impl Iterator<Item = &WatchedRoute> {
@@ -373,24 +382,30 @@ impl Controller {
     ) -> Vec<Command> {
         let empty = HopHealth::default();
         let hop = |h: &HopId| health.health(h).unwrap_or(&empty);
-        let touched = |s: &RouteState| {
-            changed.is_none_or(|c| {
-                s.verify.is_some() || c.contains(&s.primary) || s.fallbacks.iter().any(|h| c.contains(h))
-            })
+        // The routes with news (a hop of theirs changed, or a switch being
+        // verified), or all of them.
+        let keys: Vec<String> = match changed {
+            None => self.routes.keys().cloned().collect(),
+            Some(c) => {
+                let mut keys: std::collections::BTreeSet<&String> =
+                    c.iter().filter_map(|h| self.routes_of_hop.get(h)).flatten().collect();
+                keys.extend(self.routes.iter().filter(|(_, s)| s.verify.is_some()).map(|(k, _)| k));
+                keys.into_iter().cloned().collect()
+            }
         };
         // Routes without news keep their flag: their health did not move.
-        for s in self.routes.values_mut().filter(|s| touched(s)) {
-            s.degraded = s.detector.degraded(hop(&s.primary), now);
+        for key in &keys {
+            if let Some(s) = self.routes.get_mut(key) {
+                s.degraded = s.detector.degraded(hop(&s.primary), now);
+            }
         }
         let degraded = self.routes.values().filter(|s| s.degraded).count();
         // A quarter of the routes, or one: more at once is likely this node.
         let watched = self.routes.len();
         let local_fault = degraded > (watched / 4).max(1);
         let mut out = Vec::new();
-        for (key, s) in self.routes.iter_mut() {
-            if !touched(s) {
-                continue;
-            }
+        for key in &keys {
+            let Some(s) = self.routes.get_mut(key) else { continue };
             let view = views.get(key).cloned().unwrap_or_default();
             // The store is the truth: a person may have approved, reverted
             // or rejected since the last tick.
