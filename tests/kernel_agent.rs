@@ -157,6 +157,11 @@ fn every_kind_of_drift_is_repaired_within_one_resync() {
     wait("the program pinned again", Duration::from_secs(5), || {
         std::fs::read_dir(&prog_dir).is_ok_and(|d| d.count() == 1) && repairs("program-create") >= 1.0
     });
+    // Repairs are counted when planned: let that apply finish (a later
+    // resync finds nothing to do) before the next drift, or the two race.
+    let no_change = || agent.metric("bpfsync_reconciles_total{result=\"no_change\"}").unwrap_or(0.0);
+    let before = no_change();
+    wait("the repair finished", Duration::from_secs(5), || no_change() > before);
 
     // The XDP link detached by hand (its program is no longer attached).
     let ifindex = sys::ifindex(&sb.host_if).unwrap();
