@@ -68,7 +68,8 @@ fn interface_packets(key: &str) -> Option<u64> {
 
 /// Per `interface/direction`: the policy's drops per second and their
 /// share of the packets the interface carried over the interval (None
-/// when its counters cannot be read).
+/// when its counters cannot be read; at most 1 — the two sources are
+/// not read in the same instant).
 pub fn interface_drop_rates(
     before: &MeshCounters,
     after: &MeshCounters,
@@ -80,9 +81,14 @@ pub fn interface_drop_rates(
         .iter()
         .map(|(k, a)| {
             let dropped = a.packets.saturating_sub(before.interface_drops.get(k).map_or(0, |b| b.packets));
+            // What arrived includes what the policy dropped on the way in;
+            // what left does not include what it dropped on the way out.
+            let egress = k.ends_with("/egress");
             let ratio = match packets.get(k) {
-                Some((Some(b), Some(a))) if a > b => Some(dropped as f64 / (a - b) as f64),
-                Some((Some(_), Some(_))) => Some(0.0),
+                Some((Some(b), Some(a))) => {
+                    let carried = a.saturating_sub(*b) + if egress { dropped } else { 0 };
+                    Some(if carried == 0 { 0.0 } else { (dropped as f64 / carried as f64).min(1.0) })
+                }
                 _ => None,
             };
             (k.clone(), (dropped as f64 / secs, ratio))
@@ -142,9 +148,12 @@ fn render_text(sections: &[(&str, Vec<Row>)], secs: f64, drop: (f64, f64), flow:
 }
 
 pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
-    let before = read(ctx)?;
+    // The interfaces' own counters are read outside the two readings of
+    // ours (first before, last after), so the drops counted fall within
+    // the packets counted.
     let first: BTreeMap<String, Option<u64>> =
-        before.interface_drops.keys().map(|k| (k.clone(), interface_packets(k))).collect();
+        read(ctx)?.interface_drops.keys().map(|k| (k.clone(), interface_packets(k))).collect();
+    let before = read(ctx)?;
     let started = Instant::now();
     std::thread::sleep(args.interval);
     let after = read(ctx)?;
@@ -217,6 +226,13 @@ mod tests {
         let packets = [("veth0/ingress".to_string(), (Some(1_000), Some(1_400)))].into();
         let rates = interface_drop_rates(&counters(10), &counters(30), &packets, 2.0);
         assert_eq!(rates["veth0/ingress"], (10.0, Some(0.05)), "20 of 400 packets over 2 s");
+        // On the way out, dropped packets never reach the interface's count.
+        let out = |drops: u64| MeshCounters {
+            interface_drops: [("veth0/egress".to_string(), stats(drops, 0))].into(),
+            ..Default::default()
+        };
+        let sent = [("veth0/egress".to_string(), (Some(0), Some(60)))].into();
+        assert_eq!(interface_drop_rates(&out(0), &out(20), &sent, 1.0)["veth0/egress"].1, Some(0.25));
         let unreadable = [("veth0/ingress".to_string(), (None, Some(1_400)))].into();
         assert_eq!(interface_drop_rates(&counters(10), &counters(30), &unreadable, 2.0)["veth0/ingress"].1, None);
     }
