@@ -194,6 +194,41 @@ pub struct Neighbor {
 /// The neighbour table (IPv4 ARP and IPv6 NDP) of this network namespace,
 /// without entries that are still resolving or have failed.
 pub fn neighbors() -> io::Result<Vec<Neighbor>> {
+    let mut out = Vec::new();
+    dump_neighbors(|m| {
+        if u16_at(m, 4) == RTM_NEWNEIGH
+            && let Some(n) = parse_neighbor(m)
+            && n.state & NUD_UNUSABLE == 0
+            && n.state != 0
+            && let Some(mac) = n.mac
+        {
+            out.push(Neighbor { ifindex: n.ifindex, addr: n.addr, mac });
+        }
+    })?;
+    Ok(out)
+}
+
+/// The netlink messages in a buffer the kernel filled, each whole (a
+/// truncated or malformed one ends the walk).
+fn messages(b: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut off = 0;
+    std::iter::from_fn(move || {
+        if off + 16 > b.len() {
+            return None;
+        }
+        let len = u32_at(b, off) as usize;
+        if len < 16 || off + len > b.len() {
+            return None;
+        }
+        let m = &b[off..off + len];
+        off += (len + 3) & !3;
+        Some(m)
+    })
+}
+
+/// Dumps the whole neighbour table (every family, every state), handing
+/// each message to `each`.
+fn dump_neighbors(mut each: impl FnMut(&[u8])) -> io::Result<()> {
     let s = socket()?;
     let mut msg = Vec::new();
     let hdr = NlMsgHdr {
@@ -210,7 +245,6 @@ pub fn neighbors() -> io::Result<Vec<Neighbor>> {
     if unsafe { libc::send(s.0, msg.as_ptr() as *const libc::c_void, msg.len(), 0) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut out = Vec::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
         // SAFETY: `buf` is writable for its whole length.
@@ -218,30 +252,12 @@ pub fn neighbors() -> io::Result<Vec<Neighbor>> {
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        let b = &buf[..n as usize];
-        let mut off = 0;
-        while off + 16 <= b.len() {
-            let len = u32_at(b, off) as usize;
-            let kind = u16_at(b, off + 4);
-            if len < 16 || off + len > b.len() {
-                break;
-            }
-            let m = &b[off..off + len];
-            match kind {
-                NLMSG_DONE => return Ok(out),
+        for m in messages(&buf[..n as usize]) {
+            match u16_at(m, 4) {
+                NLMSG_DONE => return Ok(()),
                 NLMSG_ERROR => check_error(m)?,
-                RTM_NEWNEIGH => {
-                    if let Some(n) = parse_neighbor(m)
-                        && n.state & NUD_UNUSABLE == 0
-                        && n.state != 0
-                        && let Some(mac) = n.mac
-                    {
-                        out.push(Neighbor { ifindex: n.ifindex, addr: n.addr, mac });
-                    }
-                }
-                _ => {}
+                _ => each(m),
             }
-            off += (len + 3) & !3;
         }
     }
 }
@@ -334,17 +350,7 @@ impl LinkEvents {
     /// the timeout). ENOBUFS (events were lost: the socket overflowed) is
     /// reported as an error so the caller can resynchronise.
     pub fn recv(&mut self) -> io::Result<Vec<String>> {
-        let mut buf = vec![0u8; 1 << 16];
-        // SAFETY: `buf` is writable for its whole length.
-        let n = unsafe { libc::recv(self.0.0, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(Vec::new()),
-                _ => Err(e),
-            };
-        }
-        Ok(link_names(&buf[..n as usize]))
+        Ok(recv_events(&self.0)?.map(|b| link_names(&b)).unwrap_or_default())
     }
 }
 
@@ -381,29 +387,13 @@ impl HealthEvents {
     /// The events since the last call (empty after the timeout); ENOBUFS
     /// (events lost) is an error, so the caller reads the state again.
     pub fn recv(&mut self) -> io::Result<Vec<HealthEvent>> {
-        let mut buf = vec![0u8; 1 << 16];
-        // SAFETY: `buf` is writable for its whole length.
-        let n = unsafe { libc::recv(self.0.0, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(Vec::new()),
-                _ => Err(e),
-            };
-        }
-        Ok(health_events(&buf[..n as usize]))
+        Ok(recv_events(&self.0)?.map(|b| health_events(&b)).unwrap_or_default())
     }
 }
 
 fn health_events(b: &[u8]) -> Vec<HealthEvent> {
     let mut out: Vec<HealthEvent> = link_names(b).into_iter().map(HealthEvent::Link).collect();
-    let mut off = 0;
-    while off + 16 <= b.len() {
-        let len = u32_at(b, off) as usize;
-        if len < 16 || off + len > b.len() {
-            break;
-        }
-        let m = &b[off..off + len];
+    for m in messages(b) {
         let kind = u16_at(m, 4);
         if matches!(kind, RTM_NEWNEIGH | RTM_DELNEIGH)
             && let Some(n) = parse_neighbor(m)
@@ -419,7 +409,6 @@ fn health_events(b: &[u8]) -> Vec<HealthEvent> {
             };
             out.push(HealthEvent::Neighbor { ifindex: n.ifindex, addr: n.addr, reachable });
         }
-        off += (len + 3) & !3;
     }
     out
 }
@@ -427,53 +416,33 @@ fn health_events(b: &[u8]) -> Vec<HealthEvent> {
 /// Every neighbour entry's state now, by (ifindex, address): as
 /// [`HealthEvent::Neighbor`]'s `reachable` (an absent entry: no verdict).
 pub fn neighbor_states() -> io::Result<std::collections::HashMap<(u32, std::net::IpAddr), Option<bool>>> {
-    // The dump keeps FAILED entries out; ask for every entry instead.
-    let s = socket()?;
-    let mut msg = Vec::new();
-    let hdr = NlMsgHdr {
-        len: (size_of::<NlMsgHdr>() + 12) as u32,
-        kind: RTM_GETNEIGH,
-        flags: NLM_F_REQUEST | NLM_F_DUMP,
-        seq: 1,
-        pid: 0,
-    };
-    // SAFETY: repr(C) plain struct viewed as bytes.
-    msg.extend_from_slice(unsafe { std::slice::from_raw_parts(&hdr as *const _ as *const u8, size_of::<NlMsgHdr>()) });
-    msg.extend_from_slice(&[0u8; 12]);
-    // SAFETY: `msg` is a valid buffer of the given length.
-    if unsafe { libc::send(s.0, msg.as_ptr() as *const libc::c_void, msg.len(), 0) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
     let mut found = std::collections::HashMap::new();
+    dump_neighbors(|m| {
+        for ev in health_events(m) {
+            if let HealthEvent::Neighbor { ifindex, addr, reachable } = ev {
+                found.insert((ifindex, addr), reachable);
+            }
+        }
+    })?;
+    Ok(found)
+}
+
+/// One read of an event subscription: the messages, or None after the
+/// timeout. ENOBUFS (events were lost: the socket overflowed) is an error,
+/// so the caller can read the state again.
+fn recv_events(s: &Socket) -> io::Result<Option<Vec<u8>>> {
     let mut buf = vec![0u8; 1 << 16];
-    loop {
-        // SAFETY: `buf` is writable for its whole length.
-        let n = unsafe { libc::recv(s.0, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let b = &buf[..n as usize];
-        let mut off = 0;
-        while off + 16 <= b.len() {
-            let len = u32_at(b, off) as usize;
-            if len < 16 || off + len > b.len() {
-                break;
-            }
-            let m = &b[off..off + len];
-            match u16_at(m, 4) {
-                NLMSG_DONE => return Ok(found),
-                NLMSG_ERROR => check_error(m)?,
-                _ => {
-                    for ev in health_events(m) {
-                        if let HealthEvent::Neighbor { ifindex, addr, reachable } = ev {
-                            found.insert((ifindex, addr), reachable);
-                        }
-                    }
-                }
-            }
-            off += (len + 3) & !3;
-        }
+    // SAFETY: `buf` is writable for its whole length.
+    let n = unsafe { libc::recv(s.0, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(None),
+            _ => Err(e),
+        };
     }
+    buf.truncate(n as usize);
+    Ok(Some(buf))
 }
 
 fn subscribe_groups(groups: u32, timeout: std::time::Duration) -> io::Result<Socket> {
@@ -508,13 +477,7 @@ fn subscribe_groups(groups: u32, timeout: std::time::Duration) -> io::Result<Soc
 /// Interface names in a batch of RTM_NEWLINK / RTM_DELLINK messages.
 fn link_names(b: &[u8]) -> Vec<String> {
     let mut names = Vec::new();
-    let mut off = 0;
-    while off + 16 <= b.len() {
-        let len = u32_at(b, off) as usize;
-        if len < 16 || off + len > b.len() {
-            break;
-        }
-        let m = &b[off..off + len];
+    for m in messages(b) {
         if matches!(u16_at(m, 4), RTM_NEWLINK | RTM_DELLINK) && m.len() >= 32 {
             for (k, p) in attrs(&m[32..]) {
                 if k == IFLA_IFNAME {
@@ -523,7 +486,6 @@ fn link_names(b: &[u8]) -> Vec<String> {
                 }
             }
         }
-        off += (len + 3) & !3;
     }
     names
 }
