@@ -214,13 +214,15 @@ static __always_inline void add_stats(void *map, __u32 key, __u32 len)
 }
 
 /* Counts into a hash map keyed by id, creating the slot on first use. */
-static __always_inline void add_keyed_stats(void *map, __u32 id, __u32 len)
+/* Adds a packet of `len` bytes to the proto_stats at `key` of a hash
+ * map, creating it at zero first. */
+static __always_inline void add_stats_at(void *map, const void *key, __u32 len)
 {
-	struct proto_stats *s = bpf_map_lookup_elem(map, &id);
+	struct proto_stats *s = bpf_map_lookup_elem(map, key);
 	if (!s) {
 		struct proto_stats init = {};
-		bpf_map_update_elem(map, &id, &init, BPF_NOEXIST);
-		s = bpf_map_lookup_elem(map, &id);
+		bpf_map_update_elem(map, key, &init, BPF_NOEXIST);
+		s = bpf_map_lookup_elem(map, key);
 		if (!s)
 			return;
 	}
@@ -228,19 +230,15 @@ static __always_inline void add_keyed_stats(void *map, __u32 id, __u32 len)
 	__sync_fetch_and_add(&s->bytes, len);
 }
 
+static __always_inline void add_keyed_stats(void *map, __u32 id, __u32 len)
+{
+	add_stats_at(map, &id, len);
+}
+
 static __always_inline void add_iface_drop(__u32 ifindex, __u8 dir, __u32 len)
 {
 	struct iface_key k = { .ifindex = ifindex, .dir = dir };
-	struct proto_stats *s = bpf_map_lookup_elem(&iface_drops, &k);
-	if (!s) {
-		struct proto_stats init = {};
-		bpf_map_update_elem(&iface_drops, &k, &init, BPF_NOEXIST);
-		s = bpf_map_lookup_elem(&iface_drops, &k);
-		if (!s)
-			return;
-	}
-	__sync_fetch_and_add(&s->packets, 1);
-	__sync_fetch_and_add(&s->bytes, len);
+	add_stats_at(&iface_drops, &k, len);
 }
 
 static __always_inline void l4_ports(struct pkt *p, void *l4, void *data_end)
