@@ -317,10 +317,6 @@ impl Controller {
         }
     }
 
-    pub fn routes(&self) -> impl Iterator<Item = &WatchedRoute> {
-        self.routes.values().map(|s| &s.watch)
-    }
-
     /// Every hop to probe, with the settings of the route that probes it
     /// most often.
     pub fn hops(&self) -> BTreeMap<HopId, ProbeSettings> {

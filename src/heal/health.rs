@@ -86,11 +86,6 @@ impl HopHealth {
         self.consecutive_misses
     }
 
-    /// The last answer's round-trip time within `window`, if any.
-    pub fn last_rtt(&self) -> Option<Duration> {
-        self.probes.back().and_then(|p| p.rtt)
-    }
-
     /// Whether the neighbour entry is usable (Some(true)), FAILED
     /// (Some(false)) or unknown (None: resolving, deleted, never seen).
     pub fn set_neighbor_state(&mut self, reachable: Option<bool>) {

@@ -518,7 +518,7 @@ impl Runner {
         for c in &commands {
             overlay_changed |= self.carry_out(c);
         }
-        overlay_changed |= self.expire(&proposals);
+        self.expire(&proposals);
         if !commands.is_empty() {
             self.save_memory();
         }
@@ -602,7 +602,9 @@ impl Runner {
         }
     }
 
-    fn expire(&self, proposals: &[Proposal]) -> bool {
+    /// Pending proposals past [`EXPIRE_PENDING_AFTER`] expire (the overlay
+    /// holds applied ones only, so it does not change).
+    fn expire(&self, proposals: &[Proposal]) {
         let now = now_unix_ms();
         let old: Vec<&Proposal> = proposals
             .iter()
@@ -612,14 +614,13 @@ impl Runner {
             })
             .collect();
         if old.is_empty() {
-            return false;
+            return;
         }
         if let Ok(lock) = self.store.lock() {
             for p in old {
                 let _ = lock.transition(&p.id, Status::Expired, "agent", "pending for longer than an hour");
             }
         }
-        false
     }
 
     fn report(&mut self, proposals: &[Proposal], clock: Duration) {
