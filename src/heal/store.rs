@@ -172,12 +172,20 @@ impl Locked<'_> {
     /// Writes a new proposal (and logs its first status). Makes room by
     /// deleting the oldest final proposals past [`MAX_PROPOSALS`].
     pub fn create(&self, p: &Proposal) -> Result<(), StoreError> {
-        let listing = self.store.list()?;
-        let count = listing.proposals.len();
-        if count >= MAX_PROPOSALS {
+        // Counting names is cheap; reading every proposal only when full.
+        let dir = self.store.proposals_dir();
+        let files = fs::read_dir(&dir)
+            .map_err(|e| StoreError::io("list", &dir, e))?
+            .filter(|e| e.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == "json")))
+            .count();
+        if files >= MAX_PROPOSALS {
+            let listing = self.store.list()?;
+            let count = listing.proposals.len();
+            // (Unreadable files were set aside by the listing: fewer may be left.)
+            let excess = (count + 1).saturating_sub(MAX_PROPOSALS);
             let mut finals: Vec<&Proposal> = listing.proposals.iter().filter(|p| p.status.is_final()).collect();
-            finals.truncate(count + 1 - MAX_PROPOSALS);
-            if finals.len() < count + 1 - MAX_PROPOSALS {
+            finals.truncate(excess);
+            if finals.len() < excess {
                 return Err(StoreError::Full { count });
             }
             for old in finals {
@@ -286,6 +294,75 @@ fn read_proposal(path: &Path) -> Result<Option<Proposal>, Unreadable> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn proposal(id: &str, at: u64, status: Status) -> Proposal {
+        use super::super::proposal::{Action, Evidence, HopId, Transition};
+        let hop = |i: &str| HopId { interface: i.into(), neighbor: "10.0.0.2".into() };
+        Proposal {
+            id: id.into(),
+            created_unix_ms: at,
+            source: "rule r".into(),
+            route: "10.20.0.0/16".into(),
+            action: Action::Switch { from: hop("a"), to: hop("b"), fallback_index: 0 },
+            auto_apply: true,
+            queued_because: None,
+            evidence: Evidence {
+                reason: "test".into(),
+                metric: "probe-loss".into(),
+                value: None,
+                threshold: None,
+                window_ms: 0,
+                held_ms: 0,
+                hops: vec![],
+            },
+            patch: vec![],
+            diff: String::new(),
+            plan: String::new(),
+            status,
+            history: vec![Transition { status, by: "agent".into(), at_unix_ms: at, note: String::new() }],
+        }
+    }
+
+    #[test]
+    fn hostile_files_in_the_store_are_set_aside_not_trusted_and_ids_cannot_escape() {
+        let dir = crate::sandbox::TempDir::create("bpfsync-store-test").unwrap();
+        let store = Store::new(dir.path());
+        let lock = store.lock().unwrap();
+        lock.create(&proposal("p1", 1, Status::Applied)).unwrap();
+        let pdir = store.proposals_dir();
+        fs::write(pdir.join("garbage.json"), "{ not json").unwrap();
+        fs::write(pdir.join("huge.json"), vec![b' '; (MAX_PROPOSAL_BYTES + 10) as usize]).unwrap();
+        fs::write(pdir.join("notes.txt"), "ignored").unwrap();
+        let listing = store.list().unwrap();
+        assert_eq!(listing.proposals.len(), 1);
+        assert_eq!(listing.set_aside.len(), 2, "{:?}", listing.set_aside);
+        assert!(pdir.join("garbage.json.corrupt").exists() && !pdir.join("garbage.json").exists());
+        assert_eq!(store.overlay().unwrap().len(), 1, "only the applied, readable proposal");
+        assert!(matches!(store.get("../../etc/passwd"), Err(StoreError::NotFound(_))));
+        assert!(matches!(store.get("p2"), Err(StoreError::NotFound(_))));
+        // A transition the lifecycle does not allow changes nothing.
+        assert!(matches!(lock.transition("p1", Status::Pending, "user:x", ""), Err(StoreError::Transition(_))));
+        assert_eq!(store.get("p1").unwrap().status, Status::Applied);
+        let log = fs::read_to_string(store.history_path()).unwrap();
+        assert_eq!(log.lines().count(), 1, "{log}");
+    }
+
+    #[test]
+    fn the_store_is_bounded_and_never_drops_a_proposal_a_person_must_decide() {
+        let dir = crate::sandbox::TempDir::create("bpfsync-store-test").unwrap();
+        let store = Store::new(dir.path());
+        let lock = store.lock().unwrap();
+        lock.create(&proposal("old-final", 0, Status::Rejected)).unwrap();
+        for i in 1..MAX_PROPOSALS as u64 {
+            lock.create(&proposal(&format!("p{i}"), i, Status::Pending)).unwrap();
+        }
+        // Full: the oldest final one makes room.
+        lock.create(&proposal("next", 5_000, Status::Pending)).unwrap();
+        assert!(matches!(store.get("old-final"), Err(StoreError::NotFound(_))));
+        // Only pending ones left: a new one is refused, none is dropped.
+        assert!(matches!(lock.create(&proposal("more", 6_000, Status::Pending)), Err(StoreError::Full { .. })));
+        assert_eq!(store.list().unwrap().proposals.len(), MAX_PROPOSALS);
+    }
 
     #[test]
     fn ids_are_dates_and_safe_file_names() {
