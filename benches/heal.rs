@@ -228,7 +228,10 @@ fn false_positives(
     let watched: Vec<WatchedRoute> = (0..routes).map(|n| route(n, n % 2 == 0)).collect();
     c.set_routes(watched, &Default::default());
     let mut health: std::collections::HashMap<HopId, HopHealth> = Default::default();
-    let hops: Vec<HopId> = c.hops().into_keys().collect();
+    let hops: Vec<HopId> = c.hops().iter().map(|(h, _)| h.clone()).collect();
+    // Every hop has news every second: the routes are evaluated as the
+    // agent evaluates them (on news, not in full passes).
+    let all: Vec<usize> = (0..hops.len()).collect();
     let mut rng = Rng(0x5eed);
     let mut store: Vec<Proposal> = Vec::new();
     let (mut switches, mut proposals) = (0, 0);
@@ -246,7 +249,7 @@ fn false_positives(
             };
             health.entry(h.clone()).or_default().record_probe(now, r);
         }
-        for cmd in c.tick(now, now.as_millis() as u64, &health, &view(&store), None) {
+        for cmd in c.tick(now, now.as_millis() as u64, &health, &view(&store), Some(&all)) {
             if let HealCommand::Create(mut p) = cmd {
                 if p.status == Status::Applied {
                     switches += 1;

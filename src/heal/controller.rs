@@ -11,7 +11,7 @@
 //! After an automatic switch the target must answer within
 //! [`VERIFY_INTERVALS`] probe intervals, or the route goes back.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use super::detector::{Active, Decision, Evidence, FlapMemory, Metric, RouteDetector, Rule};
@@ -173,6 +173,13 @@ fn review_only_rule(s: &ProbeSettings) -> Rule {
 /// Where the controller reads a hop's health.
 pub trait Healths {
     fn health(&self, hop: &HopId) -> Option<&HopHealth>;
+
+    /// The health of `hop`, the one at `at` in [`Controller::hops`]' order:
+    /// healths kept in that order answer without a lookup.
+    fn health_at(&self, at: usize, hop: &HopId) -> Option<&HopHealth> {
+        let _ = at;
+        self.health(hop)
+    }
 }
 
 impl Healths for HashMap<HopId, HopHealth> {
@@ -231,15 +238,21 @@ struct Verify {
     deadline: Duration,
     since: Duration,
     hop: HopId,
+    hop_at: usize,
     answers_before: u64,
 }
 
 #[derive(Debug, Clone)]
 struct RouteState {
+    /// The route's prefix.
+    key: String,
     watch: WatchedRoute,
-    /// The hops' ids, made once (ticks look them up thousands of times).
+    /// The hops' ids, made once (ticks look them up thousands of times),
+    /// and their places in [`Controller::hops`].
     primary: HopId,
     fallbacks: Vec<HopId>,
+    primary_at: usize,
+    fallbacks_at: Vec<usize>,
     detector: RouteDetector,
     verify: Option<Verify>,
     /// No new baseline finding before this (one question per long window).
@@ -267,12 +280,26 @@ pub struct RouteReport {
     pub why: String,
 }
 
+/// Routes and hops are named by their places in [`Controller::routes`] and
+/// [`Controller::hops`] inside a tick: a thousand hops' results a second
+/// are too many to look up by strings.
 #[derive(Debug, Default)]
 pub struct Controller {
-    routes: BTreeMap<String, RouteState>,
-    /// Hop → the routes it serves, to find the routes with news without
-    /// looking at every route.
-    routes_of_hop: HashMap<HopId, Vec<String>>,
+    /// Every route, in prefix order.
+    routes: Vec<RouteState>,
+    /// Every hop the routes name, in [`HopId`] order, with the settings it
+    /// is probed with.
+    hops: Vec<(HopId, ProbeSettings)>,
+    /// Hop place → the routes it serves (and whether as their primary), to
+    /// find the routes with news without looking at every route.
+    routes_of_hop: Vec<Vec<(usize, bool)>>,
+    /// Routes to which a fallback's news matters too
+    /// ([`RouteState::watches_fallbacks`]); updated after every evaluation.
+    watching_fallbacks: Vec<bool>,
+    /// When a route must be evaluated, news or not ([`RouteState::deadline`]).
+    deadlines: BTreeMap<usize, Duration>,
+    /// Routes whose primary was degraded when last evaluated.
+    degraded: usize,
     /// Last decision reason per route, for `status`.
     why: HashMap<String, String>,
 }
@@ -281,11 +308,12 @@ impl Controller {
     /// Takes the routes of a (new) spec. A route whose hops and rule did
     /// not change keeps its detector (timers, flap history).
     pub fn set_routes(&mut self, routes: Vec<WatchedRoute>, memory: &HashMap<String, FlapMemory>) {
+        let mut old: HashMap<String, RouteState> = self.routes.drain(..).map(|s| (s.key.clone(), s)).collect();
         let mut next = BTreeMap::new();
         for w in routes {
             let key = w.route.prefix.clone();
             let rule = w.rule.as_ref().map(|r| r.rule.clone()).unwrap_or_else(|| review_only_rule(&w.settings));
-            let state = match self.routes.remove(&key) {
+            let state = match old.remove(&key) {
                 Some(old) if old.watch == w => old,
                 _ => {
                     let mut detector = RouteDetector::new(rule);
@@ -293,8 +321,11 @@ impl Controller {
                         detector.restore(m);
                     }
                     RouteState {
+                        key: key.clone(),
                         primary: w.primary(),
                         fallbacks: w.fallbacks(),
+                        primary_at: 0,
+                        fallbacks_at: Vec::new(),
                         watch: w,
                         detector,
                         verify: None,
@@ -308,22 +339,12 @@ impl Controller {
             };
             next.insert(key, state);
         }
-        self.routes = next;
-        self.routes_of_hop.clear();
-        for (key, s) in &self.routes {
+        self.routes = next.into_values().collect();
+        // Every hop, with the settings of the route that probes it most often.
+        let mut hops: BTreeMap<HopId, ProbeSettings> = BTreeMap::new();
+        for s in &self.routes {
             for hop in std::iter::once(&s.primary).chain(&s.fallbacks) {
-                self.routes_of_hop.entry(hop.clone()).or_default().push(key.clone());
-            }
-        }
-    }
-
-    /// Every hop to probe, with the settings of the route that probes it
-    /// most often.
-    pub fn hops(&self) -> BTreeMap<HopId, ProbeSettings> {
-        let mut out: BTreeMap<HopId, ProbeSettings> = BTreeMap::new();
-        for s in self.routes.values() {
-            for hop in std::iter::once(s.watch.primary()).chain(s.watch.fallbacks()) {
-                out.entry(hop)
+                hops.entry(hop.clone())
                     .and_modify(|cur| {
                         if s.watch.settings.interval < cur.interval {
                             *cur = s.watch.settings;
@@ -332,18 +353,43 @@ impl Controller {
                     .or_insert(s.watch.settings);
             }
         }
-        out
+        self.hops = hops.into_iter().collect();
+        let place =
+            |hop: &HopId, hops: &[(HopId, ProbeSettings)]| hops.binary_search_by(|(h, _)| h.cmp(hop)).unwrap_or(0);
+        self.routes_of_hop = vec![Vec::new(); self.hops.len()];
+        for (r, s) in self.routes.iter_mut().enumerate() {
+            s.primary_at = place(&s.primary, &self.hops);
+            s.fallbacks_at = s.fallbacks.iter().map(|h| place(h, &self.hops)).collect();
+            self.routes_of_hop[s.primary_at].push((r, true));
+            for &f in &s.fallbacks_at {
+                self.routes_of_hop[f].push((r, false));
+            }
+        }
+        self.watching_fallbacks = vec![false; self.routes.len()];
+        self.deadlines = BTreeMap::new();
+        let all: Vec<usize> = (0..self.routes.len()).collect();
+        self.note_evaluated(&all, Duration::ZERO);
+        self.degraded = self.routes.iter().filter(|s| s.degraded).count();
+    }
+
+    /// Every hop to probe, in [`HopId`] order, with the settings of the
+    /// route that probes it most often. A hop's place in this list is how
+    /// [`Controller::tick`] names it in `changed` and in
+    /// [`Healths::health_at`].
+    pub fn hops(&self) -> &[(HopId, ProbeSettings)] {
+        &self.hops
     }
 
     /// Flap history per route, to save.
     pub fn memory(&self) -> HashMap<String, FlapMemory> {
-        self.routes.iter().map(|(k, s)| (k.clone(), s.detector.memory())).collect()
+        self.routes.iter().map(|s| (s.key.clone(), s.detector.memory())).collect()
     }
 
     pub fn reports(&self, views: &HashMap<String, RouteView>) -> Vec<RouteReport> {
         self.routes
             .iter()
-            .map(|(k, s)| {
+            .map(|s| {
+                let k = &s.key;
                 let view = views.get(k).cloned().unwrap_or_default();
                 let active = match view.applied {
                     Some((_, i)) => s.watch.fallbacks().get(i).cloned().unwrap_or_else(|| s.watch.primary()),
@@ -363,45 +409,57 @@ impl Controller {
             .collect()
     }
 
-    /// One evaluation at `now` of the routes with a hop in `changed` (new
-    /// probe results, link or neighbour events), or of every route when
-    /// `changed` is None. Metrics only move with new results, so the
-    /// runner passes the hops that changed and a full pass now and then
-    /// (for verification deadlines and a person's decisions).
+    /// One evaluation at `now` of the routes with news in `changed` (new
+    /// probe results, link or neighbour events) and the busy ones, or of
+    /// every route when `changed` is None. Metrics only move with new
+    /// results, so the runner passes the hops that changed, and a full pass
+    /// when a person's decision changed the store.
+    ///
+    /// A route at rest (on its primary, not degraded, no timer) depends on
+    /// its primary alone: a fallback's news is news to it only when busy.
     pub fn tick(
         &mut self,
         now: Duration,
         now_unix_ms: u64,
         health: &dyn Healths,
         views: &HashMap<String, RouteView>,
-        changed: Option<&std::collections::HashSet<HopId>>,
+        changed: Option<&[usize]>,
     ) -> Vec<Command> {
         let empty = HopHealth::default();
-        let hop = |h: &HopId| health.health(h).unwrap_or(&empty);
-        // The routes with news (a hop of theirs changed, or a switch being
-        // verified), or all of them.
-        let keys: Vec<String> = match changed {
-            None => self.routes.keys().cloned().collect(),
+        let hop = |at: usize, h: &HopId| health.health_at(at, h).unwrap_or(&empty);
+        // The routes with news (a hop of theirs changed, or a deadline
+        // passed), or all of them.
+        let keys: Vec<usize> = match changed {
+            None => (0..self.routes.len()).collect(),
             Some(c) => {
-                let mut keys: std::collections::BTreeSet<&String> =
-                    c.iter().filter_map(|h| self.routes_of_hop.get(h)).flatten().collect();
-                keys.extend(self.routes.iter().filter(|(_, s)| s.verify.is_some()).map(|(k, _)| k));
-                keys.into_iter().cloned().collect()
+                let mut keys: BTreeSet<usize> =
+                    self.deadlines.iter().filter(|(_, d)| **d <= now).map(|(r, _)| *r).collect();
+                for &(r, primary) in c.iter().filter_map(|&h| self.routes_of_hop.get(h)).flatten() {
+                    if primary || self.watching_fallbacks[r] {
+                        keys.insert(r);
+                    }
+                }
+                keys.into_iter().collect()
             }
         };
         // Routes without news keep their flag: their health did not move.
-        for key in &keys {
-            if let Some(s) = self.routes.get_mut(key) {
-                s.degraded = s.detector.degraded(hop(&s.primary), now);
+        for &r in &keys {
+            if let Some(s) = self.routes.get_mut(r) {
+                let was = s.degraded;
+                s.degraded = s.detector.degraded(hop(s.primary_at, &s.primary), now);
+                if s.degraded != was {
+                    self.degraded = if s.degraded { self.degraded + 1 } else { self.degraded.saturating_sub(1) };
+                }
             }
         }
-        let degraded = self.routes.values().filter(|s| s.degraded).count();
+        let degraded = self.degraded;
         // A quarter of the routes, or one: more at once is likely this node.
         let watched = self.routes.len();
         let local_fault = degraded > (watched / 4).max(1);
         let mut out = Vec::new();
-        for key in &keys {
-            let Some(s) = self.routes.get_mut(key) else { continue };
+        for &r in &keys {
+            let Some(s) = self.routes.get_mut(r) else { continue };
+            let key = &s.key;
             let view = views.get(key).cloned().unwrap_or_default();
             // The store is the truth: a person may have approved, reverted
             // or rejected since the last tick.
@@ -416,11 +474,12 @@ impl Controller {
             if view.applied.is_none() {
                 s.verify = None;
             }
-            let primary = hop(&s.primary);
-            let fallbacks: Vec<&HopHealth> = s.fallbacks.iter().map(&hop).collect();
+            let primary = hop(s.primary_at, &s.primary);
+            let fallbacks: Vec<&HopHealth> =
+                s.fallbacks_at.iter().zip(&s.fallbacks).map(|(&at, h)| hop(at, h)).collect();
 
             if let (Some(v), Some((id, _))) = (&s.verify, &view.applied) {
-                let target = hop(&v.hop);
+                let target = hop(v.hop_at, &v.hop);
                 let failed = target.hard_failure(s.watch.settings.down_after);
                 if target.answers() > v.answers_before && failed.is_none() {
                     s.verify = None;
@@ -500,6 +559,7 @@ impl Controller {
                             deadline: now + s.watch.settings.interval * VERIFY_INTERVALS,
                             since: now,
                             hop: s.fallbacks[to].clone(),
+                            hop_at: s.fallbacks_at[to],
                             answers_before: fallbacks[to].answers(),
                         });
                     } else {
@@ -541,7 +601,42 @@ impl Controller {
                 }
             }
         }
+        self.note_evaluated(&keys, now);
         out
+    }
+
+    /// Files what the routes in `keys`, evaluated at `now`, wait for: their
+    /// deadline, and whether their fallbacks' news matters. A deadline
+    /// already past did its work in this evaluation; what changes the route
+    /// next is news.
+    fn note_evaluated(&mut self, routes: &[usize], now: Duration) {
+        for &r in routes {
+            let Some(s) = self.routes.get(r) else { continue };
+            self.watching_fallbacks[r] = s.watches_fallbacks();
+            match s.deadline().filter(|d| *d > now) {
+                Some(d) => self.deadlines.insert(r, d),
+                None => self.deadlines.remove(&r),
+            };
+        }
+    }
+}
+
+impl RouteState {
+    /// Whether a fallback's health may change what the route does: it is
+    /// degraded (a fallback may become healthy to switch to), a switch is
+    /// being verified, a timer runs, or it runs on a fallback. A route at
+    /// rest on its primary depends on the primary alone.
+    fn watches_fallbacks(&self) -> bool {
+        self.degraded || self.verify.is_some() || self.detector.timing() || self.detector.active != Active::Primary
+    }
+
+    /// When time alone may change what the route needs: a timer of its
+    /// detector ends, a switch's verification is due, a rejection's
+    /// silence ends.
+    fn deadline(&self) -> Option<Duration> {
+        let verify = self.verify.as_ref().map(|v| v.deadline);
+        let silence = self.silenced_since.map(|t| t + SILENCE_AFTER_REJECT);
+        self.detector.deadline().into_iter().chain(verify).chain(silence).min()
     }
 }
 
@@ -682,7 +777,7 @@ mod tests {
         fn step(&mut self, rtt: impl Fn(&HopId, u32) -> Option<Duration>) {
             self.t += 1;
             let now = S * self.t;
-            let hops: Vec<HopId> = self.c.hops().into_keys().collect();
+            let hops: Vec<HopId> = self.c.hops().iter().map(|(h, _)| h.clone()).collect();
             for h in hops {
                 let r = rtt(&h, self.t);
                 self.health.entry(h.clone()).or_default().record_probe(now, r);
@@ -706,6 +801,89 @@ mod tests {
                 self.step(&rtt);
             }
         }
+    }
+
+    /// Runs `routes` for `half_seconds` steps of 500 ms: primaries are
+    /// probed on even steps, fallbacks on odd ones (`rtt(hop, step)`; None:
+    /// no result at all, as from a hop that cannot be probed). With
+    /// `news_only`, each tick gets the hops probed in its step (as the
+    /// runner passes them) and a full pass only when the store changed.
+    fn replay(
+        routes: Vec<WatchedRoute>,
+        half_seconds: u32,
+        news_only: bool,
+        rtt: impl Fn(&HopId, u32) -> Option<Option<Duration>>,
+    ) -> Vec<(u32, Command)> {
+        let mut c = Controller::default();
+        c.set_routes(routes, &HashMap::new());
+        let hops: Vec<HopId> = c.hops().iter().map(|(h, _)| h.clone()).collect();
+        let (mut health, mut store, mut out) = (HashMap::<HopId, HopHealth>::new(), Vec::<Proposal>::new(), vec![]);
+        let mut last_views = None;
+        for step in 1..=half_seconds {
+            let now = S * step / 2;
+            let mut changed = Vec::new();
+            for (i, h) in hops.iter().enumerate() {
+                if primary_of(h) == step.is_multiple_of(2)
+                    && let Some(r) = rtt(h, step)
+                {
+                    health.entry(h.clone()).or_default().record_probe(now, r);
+                    changed.push(i);
+                }
+            }
+            let views = view(&store);
+            let full = !news_only || last_views.as_ref() != Some(&views);
+            let cmds = c.tick(now, T0 + now.as_millis() as u64, &health, &views, (!full).then_some(&changed));
+            last_views = Some(views);
+            for cmd in cmds {
+                match &cmd {
+                    Command::Create(p) => store.push((**p).clone()),
+                    Command::Revert { id, .. } => {
+                        let p = store.iter_mut().find(|p| &p.id == id).unwrap();
+                        p.transition(Status::Reverted, "agent", 0, "").unwrap();
+                    }
+                }
+                out.push((step, cmd));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn ticks_on_news_decide_as_full_passes_do() {
+        let routes = || vec![watched(1, Some(true)), watched(2, Some(true)), watched(3, None), watched(4, Some(false))];
+        // Seconds 20–40 route 1's primary dead; 100–160 every other probe
+        // of route 2's primary lost (50 %, a soft breach held `for`);
+        // 200–260 route 2's primary dead and 201–230 its fallback too (a
+        // failed verification); 300–330 route 1's primary dead again;
+        // 400–420 route 4's (a question for a person); from 450 route 1's
+        // primary dead, then no result from either of its hops: the
+        // switch's verification fails by its deadline alone.
+        let rtt = |h: &HopId, step: u32| {
+            let t = step / 2;
+            let i = h.interface.as_str();
+            if (i == "p1" && t >= 453) || (i == "f1" && t >= 452) {
+                return None;
+            }
+            let dead = (i == "p1" && ((20..40).contains(&t) || (300..330).contains(&t)))
+                || (i == "p2" && (100..160).contains(&t) && step.is_multiple_of(4))
+                || (i == "p2" && (200..260).contains(&t))
+                || (i == "f2" && (201..230).contains(&t))
+                || (i == "p4" && (400..420).contains(&t))
+                || (i == "p1" && t >= 450);
+            Some(if dead { None } else { jitter(h, step) })
+        };
+        let full = replay(routes(), 1000, false, rtt);
+        let news = replay(routes(), 1000, true, rtt);
+        let kinds: Vec<String> = full
+            .iter()
+            .map(|(t, c)| match c {
+                Command::Create(p) => format!("{t}:{} {}", p.route, p.status),
+                Command::Revert { route, reason, .. } => format!("{t}:{route} revert: {reason}"),
+            })
+            .collect();
+        assert!(kinds.len() >= 7, "the series makes decisions: {kinds:?}");
+        assert!(kinds.iter().any(|k| k.contains("verification failed")), "{kinds:#?}");
+        assert_eq!(news, full);
     }
 
     /// 2 ms ± 0.3 ms, deterministic.

@@ -147,6 +147,19 @@ impl RouteDetector {
             || self.value(primary, now).is_some_and(|v| v > self.rule.above)
     }
 
+    /// Whether a timer runs (a breach or a recovery being held).
+    pub fn timing(&self) -> bool {
+        self.breach_since.is_some() || self.recover_since.is_some()
+    }
+
+    /// When a running timer ends (a breach held `for`, a recovery held its
+    /// hold): the route must be looked at then, news or not.
+    pub fn deadline(&self) -> Option<Duration> {
+        let breach = self.breach_since.map(|t| t + self.rule.trigger_for);
+        let recover = self.recover_since.map(|t| t + self.hold());
+        breach.into_iter().chain(recover).min()
+    }
+
     /// What must survive a restart: reverts (the doubling hold), the end
     /// of each recent cycle, and the lock.
     pub fn memory(&self) -> FlapMemory {

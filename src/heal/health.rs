@@ -130,13 +130,28 @@ impl HopHealth {
     /// The `q`-quantile (0..=1) of answered probes' RTT within `window`, in
     /// milliseconds; None with fewer than `min_samples` answers.
     pub fn rtt_quantile_ms(&self, now: Duration, window: Duration, q: f64, min_samples: usize) -> Option<f64> {
+        let [v] = self.rtt_quantiles_ms(now, window, [q], min_samples);
+        v
+    }
+
+    /// Several quantiles at once (one sort): what [`HopHealth::rtt_quantile_ms`]
+    /// gives for each of `qs`.
+    pub fn rtt_quantiles_ms<const N: usize>(
+        &self,
+        now: Duration,
+        window: Duration,
+        qs: [f64; N],
+        min_samples: usize,
+    ) -> [Option<f64>; N] {
         let mut rtts: Vec<Duration> = self.recent(now, window).filter_map(|p| p.rtt).collect();
         if rtts.len() < min_samples.max(1) {
-            return None;
+            return [None; N];
         }
         rtts.sort_unstable();
-        let i = ((rtts.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
-        Some(rtts[i].as_secs_f64() * 1e3)
+        qs.map(|q| {
+            let i = ((rtts.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
+            Some(rtts[i].as_secs_f64() * 1e3)
+        })
     }
 
     /// A failure that needs no `for`: the link is down, the neighbour is

@@ -47,6 +47,47 @@ fn checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
+/// Echoes sent or read per system call.
+const MAX_BATCH: usize = 64;
+/// What a probe carries after the ICMP header.
+const PAYLOAD: &[u8; 13] = b"bpfsync-probe";
+const ECHO_LEN: usize = 8 + PAYLOAD.len();
+/// Room for an answer: an IPv4 header with options and the echo; longer
+/// datagrams are truncated (only the first bytes are read).
+const ANSWER_ROOM: usize = 60 + ECHO_LEN;
+
+/// One echo to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Echo {
+    pub target: IpAddr,
+    pub id: u16,
+    pub seq: u16,
+}
+
+/// The socket address of `target`.
+fn sockaddr(target: IpAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: a zeroed sockaddr_storage is valid and large enough for
+    // either family; only the family's fields are set below.
+    let mut sa: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match target {
+        IpAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is aligned and sized for sockaddr_in.
+            let sin = unsafe { &mut *(&mut sa as *mut _ as *mut libc::sockaddr_in) };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_addr.s_addr = u32::from_ne_bytes(a.octets());
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        IpAddr::V6(a) => {
+            // SAFETY: sockaddr_storage is aligned and sized for sockaddr_in6.
+            let sin6 = unsafe { &mut *(&mut sa as *mut _ as *mut libc::sockaddr_in6) };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_addr.s6_addr = a.octets();
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (sa, len as libc::socklen_t)
+}
+
 /// An echo reply: who answered, to which identifier and sequence number,
 /// and when the kernel received it (wall clock, `SO_TIMESTAMPNS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,85 +176,142 @@ impl ProbeSocket {
     /// now (count the probe lost). An error is a probe that could not be
     /// made (no interface, no permission, a target of the other family).
     pub fn send(&self, target: IpAddr, id: u16, seq: u16) -> io::Result<bool> {
-        if target.is_ipv6() != self.v6 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "target of the other address family"));
+        self.send_all(&[Echo { target, id, seq }]).pop().unwrap_or(Ok(false))
+    }
+
+    /// Sends every echo of `batch` with as few system calls as the kernel
+    /// allows (sendmmsg(2): one per batch unless one of them fails), and
+    /// says for each what [`ProbeSocket::send`] would have.
+    pub fn send_all(&self, batch: &[Echo]) -> Vec<io::Result<bool>> {
+        let mut results: Vec<io::Result<bool>> = Vec::with_capacity(batch.len());
+        let mut packets: Vec<[u8; ECHO_LEN]> = Vec::with_capacity(batch.len());
+        let mut addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)> = Vec::with_capacity(batch.len());
+        let mut ready = Vec::with_capacity(batch.len());
+        for (i, e) in batch.iter().enumerate() {
+            if e.target.is_ipv6() != self.v6 {
+                results.push(Err(io::Error::new(io::ErrorKind::InvalidInput, "target of the other address family")));
+                continue;
+            }
+            results.push(Ok(true));
+            packets.push(self.echo(e.id, e.seq));
+            addrs.push(sockaddr(e.target));
+            ready.push(i);
         }
-        let mut pkt = vec![if self.v6 { ICMPV6_ECHO } else { ICMP_ECHO }, 0, 0, 0];
-        pkt.extend_from_slice(&id.to_be_bytes());
-        pkt.extend_from_slice(&seq.to_be_bytes());
-        pkt.extend_from_slice(b"bpfsync-probe");
+        let mut iovs: Vec<libc::iovec> = packets
+            .iter_mut()
+            .map(|p| libc::iovec { iov_base: p.as_mut_ptr() as *mut libc::c_void, iov_len: p.len() })
+            .collect();
+        let mut msgs: Vec<libc::mmsghdr> = iovs
+            .iter_mut()
+            .zip(addrs.iter_mut())
+            .map(|(iov, (sa, len))| {
+                // SAFETY: a zeroed mmsghdr is valid; its pointers are set here.
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                m.msg_hdr.msg_name = sa as *mut _ as *mut libc::c_void;
+                m.msg_hdr.msg_namelen = *len;
+                m.msg_hdr.msg_iov = iov;
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        let mut at = 0;
+        while at < msgs.len() {
+            let rest = &mut msgs[at..];
+            let chunk = rest.len().min(MAX_BATCH) as libc::c_uint;
+            // SAFETY: every header points at a packet and an address that
+            // live until the call returns.
+            let rc = unsafe { libc::sendmmsg(self.fd.as_raw_fd(), rest.as_mut_ptr(), chunk, 0) };
+            if rc > 0 {
+                at += rc as usize;
+                continue;
+            }
+            // The first message of the rest failed: it alone carries the error.
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            results[ready[at]] = if path_down(&e) { Ok(false) } else { Err(e) };
+            at += 1;
+        }
+        results
+    }
+
+    /// An echo request with its checksum.
+    fn echo(&self, id: u16, seq: u16) -> [u8; ECHO_LEN] {
+        let mut pkt = [0u8; ECHO_LEN];
+        pkt[0] = if self.v6 { ICMPV6_ECHO } else { ICMP_ECHO };
+        pkt[4..6].copy_from_slice(&id.to_be_bytes());
+        pkt[6..8].copy_from_slice(&seq.to_be_bytes());
+        pkt[8..].copy_from_slice(PAYLOAD);
         if !self.v6 {
             // The kernel computes ICMPv6 checksums itself, not ICMP ones.
             let c = checksum(&pkt);
             pkt[2..4].copy_from_slice(&c.to_be_bytes());
         }
-        // SAFETY: a zeroed sockaddr_storage is valid and large enough for
-        // either family; only the family's fields are set below.
-        let mut sa: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let len = match target {
-            IpAddr::V4(a) => {
-                // SAFETY: sockaddr_storage is aligned and sized for sockaddr_in.
-                let sin = unsafe { &mut *(&mut sa as *mut _ as *mut libc::sockaddr_in) };
-                sin.sin_family = libc::AF_INET as libc::sa_family_t;
-                sin.sin_addr.s_addr = u32::from_ne_bytes(a.octets());
-                std::mem::size_of::<libc::sockaddr_in>()
-            }
-            IpAddr::V6(a) => {
-                // SAFETY: sockaddr_storage is aligned and sized for sockaddr_in6.
-                let sin6 = unsafe { &mut *(&mut sa as *mut _ as *mut libc::sockaddr_in6) };
-                sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-                sin6.sin6_addr.s6_addr = a.octets();
-                std::mem::size_of::<libc::sockaddr_in6>()
-            }
-        };
-        // SAFETY: `pkt` and `sa` are valid for the lengths given.
-        let rc = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                pkt.as_ptr() as *const libc::c_void,
-                pkt.len(),
-                0,
-                &sa as *const _ as *const libc::sockaddr,
-                len as libc::socklen_t,
-            )
-        };
-        if rc >= 0 {
-            return Ok(true);
-        }
-        let e = io::Error::last_os_error();
-        if path_down(&e) { Ok(false) } else { Err(e) }
+        pkt
     }
 
-    /// The echo replies waiting on the socket, read without blocking (at
-    /// most 256 datagrams a call, so one busy link cannot starve others).
+    /// The echo replies waiting on the socket, read without blocking, up
+    /// to [`MAX_BATCH`] a system call (recvmmsg(2)) and at most 256 a call,
+    /// so one busy link cannot starve others.
     pub fn answers(&self) -> io::Result<Vec<Answer>> {
         let mut out = Vec::new();
-        let mut buf = [0u8; 1500];
-        for _ in 0..256 {
-            // SAFETY: zeroed sockaddr_storage is a valid out-parameter.
-            let mut sa: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-            let mut control = [0u64; 16]; // aligned room for one timespec cmsg
-            let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
-            // SAFETY: a zeroed msghdr is valid; its pointers are set below.
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_name = &mut sa as *mut _ as *mut libc::c_void;
-            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-            msg.msg_controllen = std::mem::size_of_val(&control) as _;
-            // SAFETY: every buffer `msg` points at lives across the call.
-            let n = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+        let mut bufs = vec![[0u8; ANSWER_ROOM]; MAX_BATCH];
+        // SAFETY: zeroed sockaddr_storage values are valid out-parameters.
+        let mut addrs: Vec<libc::sockaddr_storage> = vec![unsafe { std::mem::zeroed() }; MAX_BATCH];
+        let mut controls = vec![[0u64; 8]; MAX_BATCH]; // aligned room for one timespec cmsg
+        let mut read = 0;
+        while read < 256 {
+            let mut iovs: Vec<libc::iovec> = bufs
+                .iter_mut()
+                .map(|b| libc::iovec { iov_base: b.as_mut_ptr() as *mut libc::c_void, iov_len: b.len() })
+                .collect();
+            let mut msgs: Vec<libc::mmsghdr> = iovs
+                .iter_mut()
+                .zip(addrs.iter_mut())
+                .zip(controls.iter_mut())
+                .map(|((iov, sa), control)| {
+                    // SAFETY: a zeroed mmsghdr is valid; its pointers are set here.
+                    let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                    m.msg_hdr.msg_name = sa as *mut _ as *mut libc::c_void;
+                    m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                    m.msg_hdr.msg_iov = iov;
+                    m.msg_hdr.msg_iovlen = 1;
+                    m.msg_hdr.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+                    m.msg_hdr.msg_controllen = std::mem::size_of_val(control) as _;
+                    m
+                })
+                .collect();
+            // SAFETY: every header points at buffers that live across the
+            // call; MSG_DONTWAIT never blocks, and no timeout is passed.
+            let n = unsafe {
+                libc::recvmmsg(
+                    self.fd.as_raw_fd(),
+                    msgs.as_mut_ptr(),
+                    MAX_BATCH as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 return match e.raw_os_error() {
                     Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(out),
+                    _ if !out.is_empty() => Ok(out), // the error comes back on the next call
                     _ => Err(e),
                 };
             }
-            if let Some(mut a) = self.parse(&buf[..n as usize], &sa) {
-                a.received = received_at(&msg);
-                out.push(a);
+            let n = n as usize;
+            for (i, m) in msgs.iter().enumerate().take(n) {
+                let len = (m.msg_len as usize).min(ANSWER_ROOM);
+                if let Some(mut a) = self.parse(&bufs[i][..len], &addrs[i]) {
+                    a.received = received_at(&m.msg_hdr);
+                    out.push(a);
+                }
+            }
+            read += n;
+            if n < MAX_BATCH {
+                return Ok(out); // the queue is empty
             }
         }
         Ok(out)

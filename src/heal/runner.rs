@@ -8,7 +8,8 @@
 //! One thread waits on every probe socket and the netlink socket with one
 //! poll(2); probes are sent when due, each with its own timeout.
 
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,15 +18,19 @@ use std::time::{Duration, Instant};
 use super::controller::{Command, Controller, ProbeSettings, RouteReport, RouteView, WatchedRoute, view};
 use super::detector::FlapMemory;
 use super::health::HopHealth;
-use super::probe::{ProbeSocket, new_id};
+use super::probe::{Echo, ProbeSocket, new_id};
 use super::proposal::{HopId, Proposal, Status};
 use super::store::{Store, StoreError, now_unix_ms};
-use serde_json::json;
 
 use crate::kernel::netlink::{HealthEvent, HealthEvents};
 
 /// Pending proposals older than this expire (the evidence is stale).
 pub const EXPIRE_PENDING_AFTER: Duration = Duration::from_secs(3600);
+/// The snapshot file's hop figures are at most this old.
+const SNAPSHOT_FILE_EVERY: Duration = Duration::from_secs(2);
+/// Every route is evaluated at least this often (a safety net: routes
+/// are evaluated on news, deadlines and decisions made elsewhere).
+const FULL_PASS_EVERY: Duration = Duration::from_secs(10);
 /// The controller runs at most this often (it reads the store).
 const MIN_TICK: Duration = Duration::from_millis(20);
 
@@ -86,6 +91,7 @@ pub trait Observer: Send {
 }
 
 struct Hop {
+    key: HopId,
     settings: ProbeSettings,
     target: IpAddr,
     /// The socket of its interface and family, when it could be opened.
@@ -99,6 +105,8 @@ struct Hop {
     inflight: Option<(u16, Instant, std::time::SystemTime)>,
     health: HopHealth,
     ifindex: u32,
+    /// In [`Runner::changed`] already.
+    changed: bool,
 }
 
 /// One probe socket per interface and address family.
@@ -116,23 +124,44 @@ struct ProposalCache {
 }
 
 /// The hops' health, read in place (histories are not copied per tick).
-struct HopsHealth<'a>(&'a BTreeMap<HopId, Hop>);
+struct HopsHealth<'a>(&'a [Hop]);
 
 impl super::controller::Healths for HopsHealth<'_> {
     fn health(&self, hop: &HopId) -> Option<&HopHealth> {
-        self.0.get(hop).map(|h| &h.health)
+        self.0.binary_search_by(|h| h.key.cmp(hop)).ok().map(|i| &self.0[i].health)
     }
+
+    fn health_at(&self, at: usize, hop: &HopId) -> Option<&HopHealth> {
+        // The runner keeps the controller's order (`refresh_routes`).
+        debug_assert!(self.0.get(at).is_some_and(|h| h.key == *hop));
+        self.0.get(at).map(|h| &h.health)
+    }
+}
+
+/// What the snapshot file holds (`bpfsync status` reads it).
+#[derive(serde::Serialize)]
+struct SnapshotFile<'a> {
+    at_unix_ms: u64,
+    snapshot: &'a HealSnapshot,
 }
 
 pub struct Runner {
     sockets: HashMap<SocketKey, ProbeSocket>,
+    /// Every hop, in the controller's order ([`Controller::hops`]): the
+    /// runner and the controller name hops by their place here (no string
+    /// hashing per probe).
+    hops: Vec<Hop>,
     /// Echo identifier → the hop it belongs to.
-    ids: HashMap<u16, HopId>,
+    ids: HashMap<u16, usize>,
+    /// Each hop's next send: one entry per hop.
+    sends: BinaryHeap<Reverse<(Instant, usize)>>,
+    /// When an echo in flight counts as lost: (deadline, hop, sequence
+    /// number); entries of echoes answered since are skipped when due.
+    timeouts: BinaryHeap<Reverse<(Instant, usize, u16)>>,
     store: Store,
     routes: Arc<RoutesCell>,
     generation: u64,
     controller: Controller,
-    hops: BTreeMap<HopId, Hop>,
     events: Option<HealthEvents>,
     observer: Box<dyn Observer>,
     /// Start of the heal clock: durations since the Unix epoch at start
@@ -142,17 +171,19 @@ pub struct Runner {
     last_tick: Instant,
     dirty: bool,
     cache: Option<ProposalCache>,
-    /// The earliest probe send or timeout (probe_due walks the hops then).
-    next_event: Instant,
     /// Hops with new results or events since the last tick.
-    changed: std::collections::HashSet<HopId>,
+    changed: Vec<usize>,
     /// When every route was last evaluated.
     last_full_tick: Instant,
+    /// The store's per-route view at the last tick.
+    last_views: Option<Views>,
     /// The applied proposals at the last tick: a change made elsewhere (a
     /// person's approval) is reconciled at once too.
     last_overlay: Option<Vec<String>>,
     /// When the snapshot file was last written (`bpfsync status` reads it).
     last_snapshot_file: Option<Instant>,
+    /// The routes' picture in the file last written.
+    last_file_routes: Vec<RouteReport>,
     /// When the snapshot was last made.
     last_report: Option<Instant>,
 }
@@ -204,23 +235,26 @@ impl Runner {
         };
         Runner {
             sockets: HashMap::new(),
+            hops: Vec::new(),
             ids: HashMap::new(),
+            sends: BinaryHeap::new(),
+            timeouts: BinaryHeap::new(),
             store: Store::new(state_dir),
             routes,
             generation: 0,
             controller: Controller::default(),
-            hops: BTreeMap::new(),
             events,
             observer,
             origin: (Instant::now(), unix),
             last_tick: Instant::now(),
             dirty: true,
-            changed: Default::default(),
-            next_event: Instant::now(),
+            changed: Vec::new(),
             cache: None,
             last_full_tick: Instant::now(),
+            last_views: None,
             last_overlay: None,
             last_snapshot_file: None,
+            last_file_routes: Vec::new(),
             last_report: None,
         }
     }
@@ -254,29 +288,38 @@ impl Runner {
         let memory = self.load_memory();
         self.controller.set_routes(routes.as_ref().clone(), &memory);
         let wanted = self.controller.hops();
-        self.hops.retain(|id, _| wanted.contains_key(id));
-        self.ids.retain(|_, hop| wanted.contains_key(hop));
+        let taken: std::collections::HashSet<u16> = self.hops.iter().map(|h| h.id).collect();
+        let mut old: HashMap<HopId, Hop> = self.hops.drain(..).map(|h| (h.key.clone(), h)).collect();
         let now = Instant::now();
         // One dump of the neighbour table for every new hop.
-        let neighbors = neighbor_states();
+        let neighbors =
+            if wanted.iter().all(|(id, _)| old.contains_key(id)) { HashMap::new() } else { neighbor_states() };
+        // Every hop the controller names, in its order, probed or not.
         for (id, settings) in wanted {
-            if let Some(h) = self.hops.get_mut(&id) {
+            let settings = *settings;
+            if let Some(mut h) = old.remove(id) {
                 h.settings = settings;
+                self.hops.push(h);
                 continue;
             }
-            let Ok(target) = id.neighbor.parse::<IpAddr>() else { continue };
-            let key: SocketKey = (id.interface.clone(), target.is_ipv6());
-            let error = match self.sockets.entry(key.clone()) {
-                std::collections::hash_map::Entry::Occupied(_) => None,
-                std::collections::hash_map::Entry::Vacant(v) => match ProbeSocket::new(&id.interface, target.is_ipv6())
-                {
-                    Ok(s) => {
-                        v.insert(s);
-                        None
+            let target = id.neighbor.parse::<IpAddr>();
+            let key: Option<SocketKey> = target.as_ref().ok().map(|t| (id.interface.clone(), t.is_ipv6()));
+            let error = match (&target, &key) {
+                (Err(_), _) | (_, None) => Some(format!("cannot probe `{}`: not an IP address", id.neighbor)),
+                (Ok(target), Some(key)) => match self.sockets.entry(key.clone()) {
+                    std::collections::hash_map::Entry::Occupied(_) => None,
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        match ProbeSocket::new(&id.interface, target.is_ipv6()) {
+                            Ok(s) => {
+                                v.insert(s);
+                                None
+                            }
+                            Err(e) => Some(format!("cannot probe through `{}`: {e}", id.interface)),
+                        }
                     }
-                    Err(e) => Some(format!("cannot probe through `{}`: {e}", id.interface)),
                 },
             };
+            let target = target.unwrap_or(IpAddr::from([0, 0, 0, 0]));
             if let Some(e) = &error {
                 tracing::warn!(hop = %id, "{e}");
             }
@@ -286,24 +329,63 @@ impl Runner {
                 health.set_link(up);
             }
             health.set_neighbor_state(neighbors.get(&(ifindex, target)).copied().flatten());
-            let echo_id = (0..16).map(|_| new_id()).find(|i| !self.ids.contains_key(i)).unwrap_or_else(new_id);
-            self.ids.insert(echo_id, id.clone());
-            let socket = error.is_none().then_some(key);
+            let in_use = |i: &u16| taken.contains(i) || self.hops.iter().any(|h| h.id == *i);
+            let echo_id = (0..16).map(|_| new_id()).find(|i| !in_use(i)).unwrap_or_else(new_id);
+            let socket = if error.is_none() { key } else { None };
             // Hops start spread over the interval (20 slots), so a thousand
-            // echoes and their answers do not all meet in one instant.
+            // echoes and their answers do not all meet in one instant; the
+            // hops of one slot leave in one batch.
             let slot = id.to_string().bytes().fold(0u32, |a, b| a.wrapping_mul(31).wrapping_add(b as u32)) % 20;
             let next_due = now + settings.interval * slot / 20;
-            self.hops.insert(
-                id,
-                Hop { settings, target, socket, id: echo_id, seq: 0, error, next_due, inflight: None, health, ifindex },
-            );
+            self.hops.push(Hop {
+                key: id.clone(),
+                settings,
+                target,
+                socket,
+                id: echo_id,
+                seq: 0,
+                error,
+                next_due,
+                inflight: None,
+                health,
+                ifindex,
+                changed: false,
+            });
         }
-        self.next_event = now;
+        // Places changed: the indexes and the schedule are built again.
+        self.ids = self.hops.iter().enumerate().map(|(i, h)| (h.id, i)).collect();
+        self.sends = self.hops.iter().enumerate().map(|(i, h)| Reverse((h.next_due, i))).collect();
+        self.timeouts = self
+            .hops
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| h.inflight.map(|(seq, sent, _)| Reverse((sent + h.settings.timeout, i, seq))))
+            .collect();
+        self.changed.clear();
+        for h in &mut self.hops {
+            h.changed = false;
+        }
         // Sockets no hop uses any more are closed.
-        let used: std::collections::HashSet<&SocketKey> =
-            self.hops.values().filter_map(|h| h.socket.as_ref()).collect();
+        let used: std::collections::HashSet<&SocketKey> = self.hops.iter().filter_map(|h| h.socket.as_ref()).collect();
         self.sockets.retain(|k, _| used.contains(k));
         self.dirty = true;
+    }
+
+    /// Marks hop `i` as having news for the next tick.
+    fn touch(&mut self, i: usize) {
+        let h = &mut self.hops[i];
+        if !h.changed {
+            h.changed = true;
+            self.changed.push(i);
+        }
+        self.dirty = true;
+    }
+
+    /// Records one probe result of hop `i`.
+    fn record(&mut self, i: usize, clock: Duration, rtt: Option<Duration>) {
+        self.hops[i].health.record_probe(clock, rtt);
+        self.observer.probe(&self.hops[i].key, rtt);
+        self.touch(i);
     }
 
     fn on_events(&mut self) {
@@ -314,97 +396,117 @@ impl Runner {
                 // Lost events: read every hop's state again.
                 tracing::warn!(error = %e, "link and neighbour events were lost; reading their state again");
                 let neighbors = neighbor_states();
-                for (id, h) in self.hops.iter_mut() {
-                    h.ifindex = ifindex(&id.interface);
-                    if let Some(up) = read_link_up(&id.interface) {
+                for i in 0..self.hops.len() {
+                    let h = &mut self.hops[i];
+                    h.ifindex = ifindex(&h.key.interface);
+                    if let Some(up) = read_link_up(&h.key.interface) {
                         h.health.set_link(up);
                     }
                     h.health.set_neighbor_state(neighbors.get(&(h.ifindex, h.target)).copied().flatten());
-                    self.changed.insert(id.clone());
+                    self.touch(i);
                 }
-                self.dirty = true;
                 return;
             }
         };
         for ev in batch {
             match ev {
                 HealthEvent::Link(name) => {
-                    for (id, h) in self.hops.iter_mut().filter(|(id, _)| id.interface == name) {
-                        h.ifindex = ifindex(&id.interface);
-                        if let Some(up) = read_link_up(&id.interface) {
+                    let up = read_link_up(&name);
+                    let index = ifindex(&name);
+                    for i in 0..self.hops.len() {
+                        let h = &mut self.hops[i];
+                        if h.key.interface != name {
+                            continue;
+                        }
+                        h.ifindex = index;
+                        if let Some(up) = up {
                             h.health.set_link(up);
                         }
-                        self.changed.insert(id.clone());
-                        self.dirty = true;
+                        self.touch(i);
                     }
                 }
                 HealthEvent::Neighbor { ifindex, addr, reachable } => {
-                    for (id, h) in self.hops.iter_mut().filter(|(_, h)| h.ifindex == ifindex && h.target == addr) {
-                        h.health.set_neighbor_state(reachable);
-                        self.changed.insert(id.clone());
-                        self.dirty = true;
+                    for i in 0..self.hops.len() {
+                        let h = &mut self.hops[i];
+                        if h.ifindex == ifindex && h.target == addr {
+                            h.health.set_neighbor_state(reachable);
+                            self.touch(i);
+                        }
                     }
                 }
             }
         }
     }
 
-    /// Sends the probes that are due, and times out the ones unanswered.
+    /// Times out the echoes unanswered, and sends the probes that are due:
+    /// the hops due together leave in one system call per socket.
     fn probe_due(&mut self, now: Instant) {
-        // Nothing is due before the earliest send or timeout: no walk over
-        // every hop at every wakeup.
-        if now < self.next_event {
-            return;
-        }
         let clock = self.clock(now);
-        let mut next_event = now + Duration::from_secs(1);
-        for (id, h) in self.hops.iter_mut() {
-            if let Some((_, sent, _)) = h.inflight
-                && now.saturating_duration_since(sent) >= h.settings.timeout
-            {
-                h.inflight = None;
-                h.health.record_probe(clock, None);
-                self.observer.probe(id, None);
-                self.changed.insert(id.clone());
-                self.dirty = true;
+        while let Some(&Reverse((deadline, i, seq))) = self.timeouts.peek() {
+            if deadline > now {
+                break;
             }
-            if now < h.next_due {
-                continue;
+            self.timeouts.pop();
+            if self.hops[i].inflight.is_some_and(|(s, _, _)| s == seq) {
+                self.hops[i].inflight = None;
+                self.record(i, clock, None);
             }
+        }
+        let mut batches: BTreeMap<SocketKey, Vec<usize>> = BTreeMap::new();
+        while let Some(&Reverse((due, i))) = self.sends.peek() {
+            if due > now {
+                break;
+            }
+            self.sends.pop();
+            let h = &mut self.hops[i];
             // On schedule, not drifting: skip missed slots after a stall.
-            h.next_due += h.settings.interval;
+            h.next_due = due + h.settings.interval;
             if h.next_due < now {
                 h.next_due = now + h.settings.interval;
             }
-            let Some(socket) = h.socket.as_ref().and_then(|k| self.sockets.get(k)) else { continue };
+            self.sends.push(Reverse((h.next_due, i)));
+            // A timeout is never over the interval (the spec says so), so
+            // an echo still in flight is one the loop has not timed out yet.
             if h.inflight.is_some() {
                 continue;
             }
+            let Some(key) = h.socket.as_ref() else { continue };
             h.seq = h.seq.wrapping_add(1);
-            match socket.send(h.target, h.id, h.seq) {
-                Ok(true) => h.inflight = Some((h.seq, now, std::time::SystemTime::now())),
-                Ok(false) => {
-                    h.health.record_probe(clock, None);
-                    self.observer.probe(id, None);
-                    self.changed.insert(id.clone());
-                    self.dirty = true;
-                }
-                Err(e) => {
-                    let msg = format!("probe through `{}` failed: {e}", id.interface);
-                    if h.error.as_deref() != Some(msg.as_str()) {
-                        tracing::warn!(hop = %id, "{msg}");
+            batches.entry(key.clone()).or_default().push(i);
+        }
+        for (key, batch) in batches {
+            let Some(socket) = self.sockets.get(&key) else { continue };
+            let echoes: Vec<Echo> = batch
+                .iter()
+                .map(|&i| Echo { target: self.hops[i].target, id: self.hops[i].id, seq: self.hops[i].seq })
+                .collect();
+            let sent_wall = std::time::SystemTime::now();
+            for (i, result) in batch.into_iter().zip(socket.send_all(&echoes)) {
+                match result {
+                    Ok(true) => {
+                        let h = &mut self.hops[i];
+                        h.inflight = Some((h.seq, now, sent_wall));
+                        self.timeouts.push(Reverse((now + h.settings.timeout, i, h.seq)));
                     }
-                    h.error = Some(msg);
+                    Ok(false) => self.record(i, clock, None),
+                    Err(e) => {
+                        let h = &mut self.hops[i];
+                        let msg = format!("probe through `{}` failed: {e}", h.key.interface);
+                        if h.error.as_deref() != Some(msg.as_str()) {
+                            tracing::warn!(hop = %h.key, "{msg}");
+                        }
+                        h.error = Some(msg);
+                    }
                 }
             }
         }
-        for h in self.hops.values() {
-            next_event = next_event.min(h.next_due);
-            if let Some((_, sent, _)) = h.inflight {
-                next_event = next_event.min(sent + h.settings.timeout);
-            }
-        }
-        self.next_event = next_event;
+    }
+
+    /// The earliest probe send or timeout.
+    fn next_event(&self) -> Option<Instant> {
+        let send = self.sends.peek().map(|Reverse((t, _))| *t);
+        let timeout = self.timeouts.peek().map(|Reverse((t, _, _))| *t);
+        send.into_iter().chain(timeout).min()
     }
 
     /// Reads every answer waiting. Sockets are not polled: answers are
@@ -414,6 +516,7 @@ impl Runner {
     fn collect_answers(&mut self) {
         let now = Instant::now();
         let clock = self.clock(now);
+        let mut results = Vec::new();
         for (key, socket) in &self.sockets {
             let answers = match socket.answers() {
                 Ok(a) => a,
@@ -423,8 +526,8 @@ impl Runner {
                 }
             };
             for a in answers {
-                let Some(id) = self.ids.get(&a.id) else { continue };
-                let Some(h) = self.hops.get_mut(id) else { continue };
+                let Some(&i) = self.ids.get(&a.id) else { continue };
+                let h = &mut self.hops[i];
                 match h.inflight {
                     Some((seq, sent, sent_wall))
                         if seq == a.seq && a.from == h.target && h.socket.as_ref() == Some(key) =>
@@ -438,14 +541,14 @@ impl Runner {
                         let rtt = (rtt < h.settings.timeout).then_some(rtt);
                         h.inflight = None;
                         h.error = None;
-                        h.health.record_probe(clock, rtt);
-                        self.observer.probe(id, rtt);
-                        self.changed.insert(id.clone());
-                        self.dirty = true;
+                        results.push((i, rtt));
                     }
                     _ => {} // late (already counted lost), or not ours
                 }
             }
+        }
+        for (i, rtt) in results {
+            self.record(i, clock, rtt);
         }
     }
 
@@ -453,7 +556,10 @@ impl Runner {
     /// event.
     fn wait(&self) -> Vec<std::os::fd::RawFd> {
         let now = Instant::now();
-        let mut until = (now + Duration::from_millis(200)).min(self.next_event);
+        let mut until = now + Duration::from_millis(200);
+        if let Some(next) = self.next_event() {
+            until = until.min(next);
+        }
         let mut fds: Vec<libc::pollfd> = Vec::with_capacity(1);
         if let Some(e) = &self.events {
             fds.push(libc::pollfd { fd: e.raw_fd(), events: libc::POLLIN, revents: 0 });
@@ -462,7 +568,10 @@ impl Runner {
             // A decision is owed: wake up as soon as the tick may run.
             until = until.min(self.last_tick + MIN_TICK);
         }
-        let timeout = until.saturating_duration_since(now).as_millis().min(200) as i32;
+        // Rounded up: woken a moment late, never early (an early wakeup
+        // finds nothing due and sleeps again for nothing).
+        let left = until.saturating_duration_since(now);
+        let timeout = left.as_micros().div_ceil(1000).min(200) as i32;
         // SAFETY: `fds` is a valid array of pollfd of the given length.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if rc <= 0 {
@@ -505,15 +614,21 @@ impl Runner {
             }
         };
         let clock = self.clock(now);
-        // Every route once a second (deadlines, decisions made elsewhere);
-        // in between only those whose hops have news.
-        let full = now.saturating_duration_since(self.last_full_tick) >= Duration::from_secs(1);
+        // Every route when a decision made elsewhere (a person's) changed
+        // the store, and every ten seconds; in between those with news or
+        // a deadline (the controller knows which).
+        let decided_elsewhere = self.last_views.as_ref().is_none_or(|v| !Arc::ptr_eq(v, &views) && **v != *views);
+        let full = decided_elsewhere || now.saturating_duration_since(self.last_full_tick) >= FULL_PASS_EVERY;
         if full {
             self.last_full_tick = now;
         }
-        let changed = std::mem::take(&mut self.changed);
+        self.last_views = Some(views.clone());
+        let changed = &self.changed;
         let hops = HopsHealth(&self.hops);
-        let commands = self.controller.tick(clock, now_unix_ms(), &hops, &views, (!full).then_some(&changed));
+        let commands = self.controller.tick(clock, now_unix_ms(), &hops, &views, (!full).then_some(changed.as_slice()));
+        for i in std::mem::take(&mut self.changed) {
+            self.hops[i].changed = false;
+        }
         let mut overlay_changed = false;
         for c in &commands {
             overlay_changed |= self.carry_out(c);
@@ -632,15 +747,16 @@ impl Runner {
         let hops = self
             .hops
             .iter()
-            .map(|(id, h)| {
+            .map(|h| {
                 let (w, m) = (h.settings.window, h.settings.min_samples);
+                let [p50, p99] = h.health.rtt_quantiles_ms(clock, w, [0.5, 0.99], 1);
                 HopReport {
-                    hop: id.clone(),
+                    hop: h.key.clone(),
                     probe_interval_ms: h.settings.interval.as_millis() as u64,
                     loss: h.health.loss(clock, w, m),
                     rtt_smoothed_ms: h.health.smoothed_rtt().map(|d| d.as_secs_f64() * 1e3),
-                    rtt_p50_ms: h.health.rtt_quantile_ms(clock, w, 0.5, 1),
-                    rtt_p99_ms: h.health.rtt_quantile_ms(clock, w, 0.99, 1),
+                    rtt_p50_ms: p50,
+                    rtt_p99_ms: p99,
                     consecutive_misses: h.health.consecutive_misses(),
                     link_up: h.health.link_up(),
                     neighbor_reachable: h.health.neighbor_reachable(),
@@ -655,11 +771,16 @@ impl Runner {
             proposals: counts,
             overlay_entries: proposals.iter().filter(|p| p.status == Status::Applied).count(),
         };
-        if self.last_snapshot_file.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+        // A route's move is in the file at once; the hops' figures (a few
+        // hundred kilobytes for a thousand hops) every few seconds.
+        if snapshot.routes != self.last_file_routes
+            || self.last_snapshot_file.is_none_or(|t| t.elapsed() >= SNAPSHOT_FILE_EVERY)
+        {
             self.last_snapshot_file = Some(Instant::now());
-            let value = json!({ "at_unix_ms": now_unix_ms(), "snapshot": snapshot });
+            self.last_file_routes = snapshot.routes.clone();
+            let file = SnapshotFile { at_unix_ms: now_unix_ms(), snapshot: &snapshot };
             if let Ok(lock) = self.store.lock() {
-                let _ = lock.save_json(&self.store.snapshot_path(), &value);
+                let _ = lock.save_json(&self.store.snapshot_path(), &file);
             }
         }
         self.observer.snapshot(snapshot);

@@ -234,9 +234,10 @@ impl Locked<'_> {
     }
 
     /// Saves a small JSON document beside the proposals (atomically).
-    pub fn save_json(&self, path: &Path, value: &serde_json::Value) -> Result<(), StoreError> {
+    pub fn save_json(&self, path: &Path, value: &impl serde::Serialize) -> Result<(), StoreError> {
         let tmp = path.with_extension("tmp");
-        fs::write(&tmp, value.to_string()).map_err(|e| StoreError::io("write", &tmp, e))?;
+        let text = serde_json::to_vec(value).map_err(|e| StoreError::io("write", &tmp, e.into()))?;
+        fs::write(&tmp, text).map_err(|e| StoreError::io("write", &tmp, e))?;
         fs::rename(&tmp, path).map_err(|e| StoreError::io("write", path, e))
     }
 }
