@@ -232,7 +232,8 @@ fn applied_count(store: &crate::heal::store::Store) -> usize {
         .unwrap_or(0)
 }
 
-/// The agent's snapshot (written once a second) shows the primary down.
+/// The agent's snapshot file (written at once when a route moves) shows
+/// the primary down.
 fn hop_down_seen(store: &crate::heal::store::Store) -> bool {
     let Ok(text) = std::fs::read_to_string(store.snapshot_path()) else { return false };
     let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
