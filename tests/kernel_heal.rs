@@ -28,6 +28,11 @@ struct Traffic {
 
 impl Traffic {
     fn start(t: &TwoPaths) -> Traffic {
+        Traffic::start_sized(t, 8)
+    }
+
+    /// UDP datagrams of `size` bytes from A to B, one a millisecond.
+    fn start_sized(t: &TwoPaths, size: usize) -> Traffic {
         let stop = Arc::new(AtomicBool::new(false));
         let (sent, received) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let dest = t.dest_ip();
@@ -54,8 +59,10 @@ impl Traffic {
         let source = TwoPaths::spawn_in(&t.a, move || {
             let s = UdpSocket::bind(SocketAddrV4::new(src, 0)).unwrap();
             let mut i = 0u64;
+            let mut payload = vec![0u8; size.max(8)];
             while !st.load(Ordering::Relaxed) {
-                if s.send_to(&i.to_be_bytes(), SocketAddrV4::new(dest, 7000)).is_ok() {
+                payload[..8].copy_from_slice(&i.to_be_bytes());
+                if s.send_to(&payload, SocketAddrV4::new(dest, 7000)).is_ok() {
                     sn.fetch_add(1, Ordering::Relaxed);
                 }
                 i += 1;
@@ -379,6 +386,39 @@ fn a_redirect_to_an_interface_that_is_down_is_counted_for_its_route() {
     let status = env.run_ok(&["status"]);
     assert!(status.contains("failed redirects"), "{status}");
     env.run_ok(&["down", "--auto-approve"]);
+}
+
+#[test]
+fn a_path_that_answers_probes_but_fails_the_routes_packets_is_left_on_drop_rate() {
+    let t = TwoPaths::create().unwrap();
+    let env = Env::new();
+    let rule = t.rule("delivery", "{ metric: drop-rate, above: 0.5, for: 1s }", "{ below: 0.05, for: 60s }", true);
+    let spec = env.state.path().join("spec.yaml");
+    std::fs::write(&spec, t.spec("", &rule)).unwrap();
+    let agent = start_agent(&env, &spec);
+    wait_hops_healthy(&agent);
+    let traffic = Traffic::start_sized(&t, 1200);
+    let before = t.rx(1);
+    wait("traffic on the primary", Duration::from_secs(5), || t.rx(1) > before + 300);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(with_status(&proposals(&env), "applied").is_empty(), "a path that delivers is kept");
+
+    // R's end of the primary link now takes frames of 1,000 bytes at most:
+    // the probes (small) still pass both ways, the route's 1,242-byte
+    // frames cannot be redirected there. Only the datapath sees it.
+    let mtu = |m: &str| std::process::Command::new("ip").args(["link", "set", &t.h1, "mtu", m]).status().unwrap();
+    assert!(mtu("1000").success());
+    wait("the switch on drop-rate", Duration::from_secs(10), || with_status(&proposals(&env), "applied").len() == 1);
+    let p = with_status(&proposals(&env), "applied")[0].clone();
+    let reason = p["evidence"]["reason"].as_str().unwrap();
+    assert!(reason.contains("the datapath failed to deliver"), "{p}");
+    assert_eq!(p["evidence"]["hops"][0]["loss"].as_f64(), Some(0.0), "the probes saw nothing: {p}");
+    let before = t.rx(2);
+    wait("traffic on the fallback link", Duration::from_secs(5), || t.rx(2) > before + 300);
+    let (sent, received) = traffic.finish();
+    assert!(received > 0 && received < sent, "{received} of {sent}");
+    assert!(mtu("1500").success());
+    agent.stop();
 }
 
 #[test]

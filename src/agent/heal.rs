@@ -11,7 +11,8 @@ use tokio::sync::mpsc;
 use super::Shared;
 use super::metrics::{HopLabel, HopResultLabel, RouteHopLabel, RouteLabel, RouteReasonLabel, SourceStateLabel};
 use crate::heal::proposal::HopId;
-use crate::heal::runner::{HealSnapshot, Observer};
+use crate::heal::runner::{DeliveryCounters, HealSnapshot, Observer};
+use crate::kernel::Kernel;
 
 pub struct AgentObserver {
     pub shared: Arc<Shared>,
@@ -68,5 +69,32 @@ impl Observer for AgentObserver {
 
     fn overlay_changed(&self) {
         let _ = self.overlay.try_send(()); // one hint queued is enough
+    }
+}
+
+/// The routes' delivery counters, read from the mesh datapath's pinned
+/// maps (`route_stats`: packets forwarded; `route_redirect_errors`:
+/// packets whose redirect failed).
+pub struct KernelDelivery {
+    pub bpffs_root: std::path::PathBuf,
+}
+
+impl DeliveryCounters for KernelDelivery {
+    fn read(&mut self, route_ids: &[u32]) -> Result<Vec<(u64, u64)>, String> {
+        let error = |e: crate::kernel::KernelError| crate::apply::error_chain(&e);
+        // Opened afresh each time: a reload may have replaced the maps.
+        let mut kernel = crate::kernel::real::RealKernel::open_read_only(&self.bpffs_root).map_err(error)?;
+        let keys: Vec<Vec<u8>> = route_ids.iter().map(|id| id.to_ne_bytes().to_vec()).collect();
+        let mut read = |map: &str| -> Result<Vec<u64>, String> {
+            let values = kernel.lookup_entries(&crate::mesh::map_ref(map), &keys).map_err(error)?;
+            // No entry yet: the route has counted nothing.
+            Ok(values
+                .iter()
+                .map(|v| v.as_deref().and_then(crate::datapath::ProtoStats::from_bytes).map_or(0, |s| s.packets))
+                .collect())
+        };
+        let forwarded = read("route_stats")?;
+        let failed = read("route_redirect_errors")?;
+        Ok(forwarded.into_iter().zip(failed).collect())
     }
 }

@@ -273,8 +273,10 @@ pub async fn run(
     let link_thread = watch::watch_links(shared.clone(), link_tx, flow_stop.clone());
     let (overlay_tx, overlay_rx) = mpsc::channel::<()>(1);
     let observer = heal::AgentObserver { shared: shared.clone(), overlay: overlay_tx };
+    let delivery = heal::KernelDelivery { bpffs_root: config.ctx.bpffs_root.clone() };
     let runner =
-        crate::heal::runner::Runner::new(&config.ctx.state_dir, shared.heal_routes.clone(), Box::new(observer));
+        crate::heal::runner::Runner::new(&config.ctx.state_dir, shared.heal_routes.clone(), Box::new(observer))
+            .with_delivery_counters(Box::new(delivery));
     let heal_stop = flow_stop.clone();
     let heal_thread = std::thread::Builder::new()
         .name("bpfsync-heal".into())

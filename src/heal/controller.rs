@@ -109,12 +109,13 @@ fn metric_name(m: FallbackMetric) -> &'static str {
 /// happens).
 fn bind_rule(f: &FallbackRule, s: &ProbeSettings) -> Rule {
     let (metric, above) = match f.when.metric {
-        FallbackMetric::DropRate | FallbackMetric::ProbeLoss => (Metric::Loss, f.when.above.unwrap_or(1.0)),
+        FallbackMetric::DropRate => (Metric::DropRate, f.when.above.unwrap_or(1.0)),
+        FallbackMetric::ProbeLoss => (Metric::Loss, f.when.above.unwrap_or(1.0)),
         FallbackMetric::LatencyP99Ms => (Metric::LatencyP99Ms, f.when.above.unwrap_or(f64::INFINITY)),
         FallbackMetric::LinkDown | FallbackMetric::NeighborUnreachable => (Metric::Loss, 1.0),
     };
     let default_below = match metric {
-        Metric::Loss if above >= 1.0 => 0.05,
+        Metric::Loss | Metric::DropRate if above >= 1.0 => 0.05,
         _ => above / 2.0,
     };
     let recover = f.recover.as_ref();
@@ -267,6 +268,43 @@ struct RouteState {
     /// until the primary was healthy once (or [`SILENCE_AFTER_REJECT`]).
     rejection_seen: Option<String>,
     silenced_since: Option<Duration>,
+    /// The datapath's delivery counters of the route (drop-rate rules).
+    delivery: DeliverySeries,
+}
+
+/// Readings of a route's datapath counters: packets forwarded and packets
+/// whose redirect failed, totals since the counters were made.
+#[derive(Debug, Clone, Default)]
+struct DeliverySeries {
+    readings: std::collections::VecDeque<(Duration, u64, u64)>,
+}
+
+impl DeliverySeries {
+    fn record(&mut self, at: Duration, forwarded: u64, failed: u64, keep: Duration) {
+        // Counters that went back were made again (the map was replaced):
+        // what came before says nothing about the new ones.
+        if self.readings.back().is_some_and(|&(_, f, e)| forwarded < f || failed < e) {
+            self.readings.clear();
+        }
+        self.readings.push_back((at, forwarded, failed));
+        while self.readings.len() > super::health::MAX_SAMPLES
+            || self.readings.front().is_some_and(|&(t, _, _)| at.saturating_sub(t) > keep)
+        {
+            self.readings.pop_front();
+        }
+    }
+
+    /// Failed / forwarded over the `window` before `now` (from the last
+    /// reading at or before its start, else the oldest); None with fewer
+    /// than `min_packets` forwarded (an idle route is no data).
+    fn failure_ratio(&self, now: Duration, window: Duration, min_packets: u64) -> Option<f64> {
+        let &(_, f1, e1) = self.readings.back()?;
+        let from = now.saturating_sub(window);
+        let start = self.readings.partition_point(|&(t, _, _)| t <= from).saturating_sub(1);
+        let &(_, f0, e0) = self.readings.get(start)?;
+        let (forwarded, failed) = (f1 - f0, e1 - e0);
+        (forwarded >= min_packets.max(1)).then(|| (failed as f64 / forwarded as f64).min(1.0))
+    }
 }
 
 /// Why a route runs where it runs, for `status`.
@@ -300,6 +338,8 @@ pub struct Controller {
     deadlines: BTreeMap<usize, Duration>,
     /// Routes whose primary was degraded when last evaluated.
     degraded: usize,
+    /// Routes with new datapath readings since the last tick.
+    delivery_news: BTreeSet<usize>,
     /// Last decision reason per route, for `status`.
     why: HashMap<String, String>,
 }
@@ -334,6 +374,7 @@ impl Controller {
                         degraded: false,
                         rejection_seen: None,
                         silenced_since: None,
+                        delivery: DeliverySeries::default(),
                     }
                 }
             };
@@ -366,6 +407,7 @@ impl Controller {
             }
         }
         self.watching_fallbacks = vec![false; self.routes.len()];
+        self.delivery_news.clear();
         self.deadlines = BTreeMap::new();
         let all: Vec<usize> = (0..self.routes.len()).collect();
         self.note_evaluated(&all, Duration::ZERO);
@@ -378,6 +420,26 @@ impl Controller {
     /// [`Healths::health_at`].
     pub fn hops(&self) -> &[(HopId, ProbeSettings)] {
         &self.hops
+    }
+
+    /// The routes whose rule reads the datapath's delivery counters
+    /// (`drop-rate`): their places and prefixes, and how often to read.
+    pub fn delivery_routes(&self) -> Vec<(usize, &str, Duration)> {
+        self.routes
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.detector.rule.metric == Metric::DropRate)
+            .map(|(i, s)| (i, s.key.as_str(), s.watch.settings.interval))
+            .collect()
+    }
+
+    /// One reading of route `route`'s delivery counters at `now`: totals
+    /// of packets forwarded and of packets whose redirect failed.
+    pub fn record_delivery(&mut self, now: Duration, route: usize, forwarded: u64, failed: u64) {
+        let Some(s) = self.routes.get_mut(route) else { return };
+        let keep = s.detector.rule.window * 2;
+        s.delivery.record(now, forwarded, failed, keep);
+        self.delivery_news.insert(route);
     }
 
     /// Flap history per route, to save.
@@ -439,12 +501,18 @@ impl Controller {
                         keys.insert(r);
                     }
                 }
+                keys.extend(self.delivery_news.iter().copied());
                 keys.into_iter().collect()
             }
         };
+        self.delivery_news.clear();
         // Routes without news keep their flag: their health did not move.
         for &r in &keys {
             if let Some(s) = self.routes.get_mut(r) {
+                if s.detector.rule.metric == Metric::DropRate {
+                    let rule = &s.detector.rule;
+                    s.detector.delivery_failures = s.delivery.failure_ratio(now, rule.window, rule.min_samples as u64);
+                }
                 let was = s.degraded;
                 s.degraded = s.detector.degraded(hop(s.primary_at, &s.primary), now);
                 if s.degraded != was {
@@ -884,6 +952,60 @@ mod tests {
         assert!(kinds.len() >= 7, "the series makes decisions: {kinds:?}");
         assert!(kinds.iter().any(|k| k.contains("verification failed")), "{kinds:#?}");
         assert_eq!(news, full);
+    }
+
+    #[test]
+    fn drop_rate_counts_what_the_datapath_failed_to_deliver_on_the_primary() {
+        let mut w = watched(1, Some(true));
+        if let Some(r) = w.rule.as_mut() {
+            r.metric = FallbackMetric::DropRate;
+            r.rule.metric = Metric::DropRate;
+            r.rule.above = 0.5;
+            r.rule.trigger_for = S * 2;
+        }
+        let mut sim = Sim::new(vec![w]);
+        // Clean probes and clean delivery: nothing to do.
+        let (mut forwarded, mut failed) = (0u64, 0u64);
+        for _ in 0..20 {
+            forwarded += 100;
+            sim.c.record_delivery(S * (sim.t + 1), 0, forwarded, failed);
+            sim.step(jitter);
+        }
+        assert!(sim.commands.is_empty(), "{:?}", sim.commands);
+        // No traffic at all: no data, the route holds.
+        for _ in 0..10 {
+            sim.c.record_delivery(S * (sim.t + 1), 0, forwarded, failed);
+            sim.step(jitter);
+        }
+        assert!(sim.commands.is_empty(), "an idle route is no data: {:?}", sim.commands);
+        // Probes still answered, but 80 % of the route's packets fail to
+        // be redirected: switched after `for`, and the proposal says why.
+        for _ in 0..15 {
+            forwarded += 100;
+            failed += 80;
+            sim.c.record_delivery(S * (sim.t + 1), 0, forwarded, failed);
+            sim.step(jitter);
+        }
+        let Some((t, Command::Create(p))) = sim.commands.first() else { panic!("{:?}", sim.commands) };
+        assert_eq!(p.status, Status::Applied);
+        assert!(p.evidence.reason.contains("the datapath failed to deliver 80 %"), "{}", p.evidence.reason);
+        // The window's traffic (after the idle spell) is all failing from
+        // the first reading (t = 31); then `for` (2 s) passes: not before.
+        assert_eq!(*t, 33);
+    }
+
+    #[test]
+    fn delivery_counters_that_go_back_start_a_new_series() {
+        let mut d = DeliverySeries::default();
+        d.record(S, 1000, 0, S * 20);
+        d.record(S * 2, 2000, 500, S * 20);
+        assert_eq!(d.failure_ratio(S * 2, S * 10, 5), Some(0.5));
+        // The map was made again: counts from zero, never a negative delta.
+        d.record(S * 3, 10, 10, S * 20);
+        assert_eq!(d.failure_ratio(S * 3, S * 10, 5), None, "one reading is no rate");
+        d.record(S * 4, 110, 10, S * 20);
+        assert_eq!(d.failure_ratio(S * 4, S * 10, 5), Some(0.0));
+        assert_eq!(d.failure_ratio(S * 4, S * 10, 1000), None, "too few packets");
     }
 
     /// 2 ms ± 0.3 ms, deterministic.

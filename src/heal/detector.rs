@@ -36,6 +36,11 @@ pub enum Metric {
     Loss,
     /// p99 of probe RTT, milliseconds.
     LatencyP99Ms,
+    /// What the route loses (0..=1): probe loss, or — while the route runs
+    /// on its primary and carries traffic — the share of its packets the
+    /// datapath failed to deliver (failed redirects), whichever is higher.
+    /// An idle path is judged by its probes alone.
+    DropRate,
 }
 
 /// A route's rule, with the defaults filled in.
@@ -108,6 +113,10 @@ pub struct RouteDetector {
     recover_since: Option<Duration>,
     /// Reverts so far, for the doubling hold.
     reverts: u32,
+    /// The share of the route's packets the datapath failed to deliver
+    /// over the rule's window, None without enough traffic (set by the
+    /// controller before each evaluation; [`Metric::DropRate`] only).
+    pub delivery_failures: Option<f64>,
     /// When each switch-and-revert cycle ended.
     cycles: VecDeque<Duration>,
 }
@@ -122,6 +131,7 @@ impl RouteDetector {
             recover_since: None,
             reverts: 0,
             cycles: VecDeque::new(),
+            delivery_failures: None,
         }
     }
 
@@ -129,8 +139,18 @@ impl RouteDetector {
     pub fn value(&self, hop: &HopHealth, now: Duration) -> Option<f64> {
         let r = &self.rule;
         match r.metric {
-            Metric::Loss => hop.loss(now, r.window, r.min_samples),
+            Metric::Loss | Metric::DropRate => hop.loss(now, r.window, r.min_samples),
             Metric::LatencyP99Ms => hop.rtt_quantile_ms(now, r.window, 0.99, r.min_samples),
+        }
+    }
+
+    /// The primary's value while it carries the route's traffic: the
+    /// datapath's failed deliveries count too ([`Metric::DropRate`]).
+    fn primary_value(&self, primary: &HopHealth, now: Duration) -> Option<f64> {
+        let probed = self.value(primary, now);
+        match (self.rule.metric, self.active, self.delivery_failures) {
+            (Metric::DropRate, Active::Primary, Some(d)) => Some(probed.map_or(d, |p| p.max(d))),
+            _ => probed,
         }
     }
 
@@ -144,7 +164,7 @@ impl RouteDetector {
     /// the node-wide count that tells a local fault from a path's).
     pub fn degraded(&self, primary: &HopHealth, now: Duration) -> bool {
         primary.hard_failure(self.rule.down_after).is_some()
-            || self.value(primary, now).is_some_and(|v| v > self.rule.above)
+            || self.primary_value(primary, now).is_some_and(|v| v > self.rule.above)
     }
 
     /// Whether a timer runs (a breach or a recovery being held).
@@ -207,7 +227,7 @@ impl RouteDetector {
     }
 
     fn while_on_primary(&mut self, now: Duration, primary: &HopHealth, fallbacks: &[&HopHealth]) -> Decision {
-        let value = self.value(primary, now);
+        let value = self.primary_value(primary, now);
         let hard = primary.hard_failure(self.rule.down_after);
         let evidence = match (&hard, value) {
             (Some(h), _) => Some(Evidence { reason: format!("primary: {h}"), value, held: Duration::ZERO }),
@@ -216,8 +236,15 @@ impl RouteDetector {
             (None, Some(v)) if v > self.rule.above => {
                 let since = *self.breach_since.get_or_insert(now);
                 let held = now.saturating_sub(since);
+                // Say when the datapath, not the probes, saw it.
+                let datapath = match (self.rule.metric, self.delivery_failures) {
+                    (Metric::DropRate, Some(d)) if self.value(primary, now).is_none_or(|p| d > p) => {
+                        format!(" (the datapath failed to deliver {:.0} % of the route's packets)", d * 100.0)
+                    }
+                    _ => String::new(),
+                };
                 (held >= self.rule.trigger_for).then(|| Evidence {
-                    reason: format!("primary above {} for {:?}", self.rule.above, held),
+                    reason: format!("primary above {} for {:?}{datapath}", self.rule.above, held),
                     value,
                     held,
                 })

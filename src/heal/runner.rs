@@ -78,6 +78,21 @@ pub struct HealSnapshot {
     pub overlay_entries: usize,
 }
 
+/// Where the runner reads the datapath's delivery counters of routes
+/// (for `drop-rate` rules). The agent reads the kernel's maps; the runner
+/// never touches eBPF state itself.
+pub trait DeliveryCounters: Send {
+    /// For each route id ([`crate::mesh::route_id`]): packets forwarded and
+    /// packets whose redirect failed, totals (0 for a route that has not
+    /// forwarded yet). An error is no reading this round, not zero.
+    fn read(&mut self, route_ids: &[u32]) -> Result<Vec<(u64, u64)>, String>;
+}
+
+/// Delivery counters are read at most this often, and at least this
+/// rarely, whatever the probe interval.
+const DELIVERY_READ_MIN: Duration = Duration::from_millis(100);
+const DELIVERY_READ_MAX: Duration = Duration::from_secs(1);
+
 /// What the agent is told.
 pub trait Observer: Send {
     /// One probe's result.
@@ -186,6 +201,11 @@ pub struct Runner {
     last_file_routes: Vec<RouteReport>,
     /// When the snapshot was last made.
     last_report: Option<Instant>,
+    delivery: Option<Box<dyn DeliveryCounters>>,
+    /// When the delivery counters are read next.
+    next_delivery_read: Instant,
+    /// The last error reading them (logged once).
+    delivery_error: Option<String>,
 }
 
 fn source_kind(p: &Proposal) -> &'static str {
@@ -256,6 +276,52 @@ impl Runner {
             last_snapshot_file: None,
             last_file_routes: Vec::new(),
             last_report: None,
+            delivery: None,
+            next_delivery_read: Instant::now(),
+            delivery_error: None,
+        }
+    }
+
+    /// Reads the datapath's delivery counters from `source` (without it,
+    /// `drop-rate` is probe loss alone).
+    pub fn with_delivery_counters(mut self, source: Box<dyn DeliveryCounters>) -> Runner {
+        self.delivery = Some(source);
+        self
+    }
+
+    /// Reads the delivery counters of the routes with `drop-rate` rules
+    /// when due, and hands them to the controller.
+    fn read_delivery(&mut self, now: Instant) {
+        if now < self.next_delivery_read {
+            return;
+        }
+        let Some(source) = self.delivery.as_mut() else { return };
+        let routes = self.controller.delivery_routes();
+        let every = routes.iter().map(|r| r.2).min().unwrap_or(DELIVERY_READ_MAX);
+        self.next_delivery_read = now + every.clamp(DELIVERY_READ_MIN, DELIVERY_READ_MAX);
+        if routes.is_empty() {
+            return;
+        }
+        let ids: Vec<u32> = routes
+            .iter()
+            .map(|(_, prefix, _)| prefix.parse().map(|p| crate::mesh::route_id(&p)).unwrap_or(0))
+            .collect();
+        let places: Vec<usize> = routes.iter().map(|r| r.0).collect();
+        match source.read(&ids) {
+            Ok(counters) => {
+                self.delivery_error = None;
+                let clock = self.clock(now);
+                for (route, (forwarded, failed)) in places.into_iter().zip(counters) {
+                    self.controller.record_delivery(clock, route, forwarded, failed);
+                }
+                self.dirty = true;
+            }
+            Err(e) => {
+                if self.delivery_error.as_deref() != Some(e.as_str()) {
+                    tracing::warn!(error = %e, "cannot read the routes' delivery counters; `drop-rate` is probe loss alone until they can be read");
+                }
+                self.delivery_error = Some(e);
+            }
         }
     }
 
@@ -564,6 +630,9 @@ impl Runner {
         if let Some(e) = &self.events {
             fds.push(libc::pollfd { fd: e.raw_fd(), events: libc::POLLIN, revents: 0 });
         }
+        if self.delivery.is_some() {
+            until = until.min(self.next_delivery_read);
+        }
         if self.dirty {
             // A decision is owed: wake up as soon as the tick may run.
             until = until.min(self.last_tick + MIN_TICK);
@@ -798,6 +867,7 @@ impl Runner {
             }
             self.collect_answers();
             self.probe_due(Instant::now());
+            self.read_delivery(Instant::now());
             // A person's decision shows in the store: look at it now and then.
             if self.last_tick.elapsed() >= Duration::from_millis(200) {
                 self.dirty = true;

@@ -91,7 +91,9 @@ pub struct MeshModel {
 
 pub use crate::spec::mesh::{in_use, interfaces};
 
-fn route_id(prefix: &Cidr) -> u32 {
+/// The id a route has in the datapath's maps and counters: a function of
+/// its prefix alone.
+pub fn route_id(prefix: &Cidr) -> u32 {
     use sha2::{Digest, Sha256};
     let d = Sha256::digest(format!("route\0{prefix}").as_bytes());
     u32::from_le_bytes([d[0], d[1], d[2], d[3]])

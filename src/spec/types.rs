@@ -417,10 +417,11 @@ impl DurationSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FallbackMetric {
-    /// Fraction of packets lost on the way to the hop, measured by its
-    /// probes (0..=1).
+    /// What the route loses (0..=1): its probes' loss, or the share of
+    /// its packets the datapath failed to deliver while it runs on its
+    /// primary, whichever is higher.
     DropRate,
-    /// The same measure under its plain name.
+    /// The share of the hop's probes lost (0..=1).
     ProbeLoss,
     LatencyP99Ms,
     LinkDown,
