@@ -9,8 +9,12 @@
 #include <bpf/bpf_helpers.h>
 #include "bpfsync.h"
 
+/* Thread id → when its current syscall entered. LRU: a thread's last
+ * syscall (`exit`) enters and never returns, so every thread that ends
+ * leaves its entry behind; a plain hash would fill after 16,384 of them
+ * and measure nothing more. The least recently used entries go first. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
 	__type(key, __u32);
 	__type(value, __u64);
