@@ -239,6 +239,12 @@ pub trait NodeFacts: Send + Sync + fmt::Debug {
     /// Interfaces whose facts it needs, and next hops (interface, address)
     /// whose MAC must be looked up in the neighbour table.
     fn needs(&self) -> (Vec<String>, Vec<(String, std::net::IpAddr)>);
+    /// Counter maps the datapath fills, keyed by a u32 id (native byte
+    /// order, the key's first four bytes), with the ids still live: an
+    /// entry of any other id counts something that is gone.
+    fn counter_ids(&self) -> Vec<(MapRef, std::collections::BTreeSet<u32>)> {
+        Vec::new()
+    }
 }
 
 /// A desired object that cannot be put in place on this node as it is.

@@ -126,5 +126,19 @@ fn routes_forward_udp_and_tcp_between_namespaces_and_policy_drops_a_port() {
     let ratio = on_a["drop_ratio"].as_f64().unwrap();
     assert!(ratio > 0.8 && ratio <= 1.0, "nearly every packet A sends now is dropped: {stats:#}");
 
+    // The UDP rule goes (and with it the ids of its set): the counters of
+    // rules that are gone go with them, after the apply.
+    let spec = edge_spec(&a, &b, &["ports: [{ port: 8080, protocol: tcp }]"]);
+    let path = write_spec(env.state.path(), "spec.yaml", &spec);
+    env.run_ok(&["apply", &path, "--auto-approve"]);
+    let status: Value = serde_json::from_str(&env.run_ok(&["status", "-o", "json"])).unwrap();
+    let rules = status["mesh"]["rules"].as_object().unwrap();
+    let stale: Vec<&String> = rules.keys().filter(|k| k.contains("no longer in the spec")).collect();
+    assert!(stale.is_empty(), "counters of rules that are gone: {stale:?}");
+    assert!(!rules.contains_key("edge ingress[1]"), "{rules:?}");
+    // The routes stay, and so do their counters.
+    let forwarded = status["mesh"]["routes"][format!("{}/32", b.peer_ip)]["packets"].as_u64().unwrap_or(0);
+    assert!(forwarded > 0, "{status:#}");
+
     env.run_ok(&["down", "--auto-approve"]);
 }

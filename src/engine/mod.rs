@@ -85,9 +85,51 @@ pub fn execute<K: Kernel + ?Sized>(
     prepared: &Prepared,
     retry: Retry,
 ) -> Result<ApplyReport, EngineError> {
-    apply::apply(kernel, &prepared.plan, desired, &prepared.observed, journal, retry).map_err(EngineError::Apply)
+    let report = apply::apply(kernel, &prepared.plan, desired, &prepared.observed, journal, retry)
+        .map_err(EngineError::Apply)?;
+    prune_counters(kernel, desired);
+    Ok(report)
 }
 
+/// Deletes the datapath's counters of rules and routes the applied tables
+/// no longer hold ([`crate::model::NodeFacts::counter_ids`]): the datapath
+/// makes them on a rule's or route's first packet, and without pruning a
+/// counter map fills (65,536 ids) and new rules go uncounted. Best effort:
+/// counters are not desired state; a failure is logged, and the next apply
+/// tries again.
+fn prune_counters<K: Kernel + ?Sized>(kernel: &mut K, desired: &Desired) {
+    let Some(mesh) = &desired.state.mesh else { return };
+    let live = mesh.0.counter_ids();
+    let scope =
+        crate::kernel::Scope { map_names: live.iter().map(|(m, _)| m.map.clone()).collect(), ..Default::default() };
+    let observed = match kernel.observe(&scope) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!(error = %crate::apply::error_chain(&e), "cannot read the rule and route counters to prune them");
+            return;
+        }
+    };
+    for (map, ids) in live {
+        let Some(m) = observed.maps.get(&map) else { continue };
+        let stale: Vec<Vec<u8>> = m
+            .entries
+            .iter()
+            .filter(|(k, _)| {
+                k.get(..4).and_then(|b| b.try_into().ok()).is_some_and(|b| !ids.contains(&u32::from_ne_bytes(b)))
+            })
+            .map(|(k, _)| k.to_vec())
+            .collect();
+        if stale.is_empty() {
+            continue;
+        }
+        match kernel.delete_entries(&map, &stale) {
+            Ok(()) => {
+                tracing::debug!(map = %map, entries = stale.len(), "pruned the counters of rules or routes that are gone")
+            }
+            Err(e) => tracing::warn!(map = %map, error = %crate::apply::error_chain(&e), "cannot prune counters"),
+        }
+    }
+}
 /// [`prepare`], then [`execute`] when there is something to do.
 pub fn reconcile<K: Kernel + ?Sized>(
     kernel: &mut K,

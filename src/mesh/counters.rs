@@ -22,6 +22,12 @@ pub const COUNTER_MAPS: [&str; 9] = [
     ROUTES_MAP,
 ];
 
+/// Counter maps keyed by a rule id (u32), filled by the datapath on first
+/// use and pruned by bpfsync when the rule goes.
+pub const RULE_COUNTER_MAPS: [&str; 1] = ["rule_stats"];
+/// Counter maps keyed by a route id (u32).
+pub const ROUTE_COUNTER_MAPS: [&str; 2] = ["route_stats", "route_redirect_errors"];
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MeshCounters {
     /// `direction/verdict` (`ingress/drop-default`).

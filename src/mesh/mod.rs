@@ -143,6 +143,16 @@ impl crate::model::NodeFacts for MeshModel {
         let neighbors = hops.filter(|h| h.mac.is_none()).map(|h| (h.interface.clone(), h.neighbor)).collect();
         (interfaces, neighbors)
     }
+
+    fn counter_ids(&self) -> Vec<(MapRef, std::collections::BTreeSet<u32>)> {
+        let rules: std::collections::BTreeSet<u32> = self.policy.names.keys().copied().collect();
+        let routes: std::collections::BTreeSet<u32> = self.routes.iter().map(|r| r.id).collect();
+        counters::RULE_COUNTER_MAPS
+            .iter()
+            .map(|m| (map_ref(m), rules.clone()))
+            .chain(counters::ROUTE_COUNTER_MAPS.iter().map(|m| (map_ref(m), routes.clone())))
+            .collect()
+    }
 }
 
 /// `struct route_key`.
