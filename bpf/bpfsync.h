@@ -83,7 +83,8 @@ enum mesh_verdict {
 	VERDICT_DROP_DEFAULT = 3, /* dropped by default deny */
 	VERDICT_REPLY = 4, /* default deny, passed as a reply of a tracked connection */
 	VERDICT_TTL_EXCEEDED = 5, /* route matched but TTL/hop limit expired: to the stack */
-	VERDICT_MAX = 6,
+	VERDICT_DROP_UNPARSEABLE = 6, /* IP, but its headers could not be read, where a policy applies */
+	VERDICT_MAX = 7,
 };
 
 /* Stage one of the policy lookup, `policy_peers` (LPM trie): the peer
@@ -195,6 +196,7 @@ enum drop_reason {
 	DROP_POLICY_DENY = 1, /* an explicit deny rule */
 	DROP_DEFAULT_DENY = 2, /* no rule allows it on an interface a policy selects */
 	DROP_NO_RULE_SET = 3, /* a peer entry without its rule set: fail closed */
+	DROP_UNPARSEABLE = 4, /* IP headers truncated or beyond the walk: fail closed */
 };
 
 /* One record in `flow_events`. A drop record stands for `packets` drops of

@@ -241,13 +241,19 @@ static __always_inline void add_iface_drop(__u32 ifindex, __u8 dir, __u32 len)
 	add_stats_at(&iface_drops, &k, len);
 }
 
-static __always_inline void l4_ports(struct pkt *p, void *l4, void *data_end)
+/* What parse() found. */
+enum { PARSED = 0, NOT_IP = -1, UNPARSEABLE = -2 };
+
+/* Reads the ports (or ICMP echo id) of the transport header at `l4`:
+ * PARSED, or UNPARSEABLE when the header the policy needs is not all
+ * there. */
+static __always_inline int l4_ports(struct pkt *p, void *l4, void *data_end)
 {
 	switch (p->t.protocol) {
 	case IPPROTO_TCP: {
 		struct tcphdr *th = l4;
 		if ((void *)(th + 1) > data_end)
-			return;
+			return UNPARSEABLE;
 		p->t.sport = th->source;
 		p->t.dport = th->dest;
 		p->tcp_flags = ((__u8 *)th)[13];
@@ -256,7 +262,7 @@ static __always_inline void l4_ports(struct pkt *p, void *l4, void *data_end)
 	case IPPROTO_UDP: {
 		struct udphdr *uh = l4;
 		if ((void *)(uh + 1) > data_end)
-			return;
+			return UNPARSEABLE;
 		p->t.sport = uh->source;
 		p->t.dport = uh->dest;
 		break;
@@ -266,7 +272,7 @@ static __always_inline void l4_ports(struct pkt *p, void *l4, void *data_end)
 		/* type, code, checksum, then the echo identifier */
 		__u8 *ic = l4;
 		if ((void *)(ic + 8) > data_end)
-			return;
+			return UNPARSEABLE;
 		__u8 type = ic[0];
 		__be16 id = *(__be16 *)(ic + 4);
 		if (type == ICMP_ECHO || type == ICMPV6_ECHO_REQUEST)
@@ -276,6 +282,67 @@ static __always_inline void l4_ports(struct pkt *p, void *l4, void *data_end)
 		break;
 	}
 	}
+	return PARSED;
+}
+
+/* IPv6 extension headers (RFC 8200 4.1) walked to find the transport
+ * header; a chain longer than this is not classified. */
+#define IPV6_EXT_MAX 8
+#define NEXTHDR_HOP 0
+#define NEXTHDR_ROUTING 43
+#define NEXTHDR_FRAGMENT 44
+#define NEXTHDR_AUTH 51
+#define NEXTHDR_DEST 60
+
+/* Walks the extension headers after the IPv6 header at `ip6`: the
+ * transport protocol in *protocol and its header in *l4; *later_fragment
+ * when this is not a first fragment (no transport header to read). */
+static __always_inline int ipv6_transport(struct ipv6hdr *ip6, void *data_end, __u8 *protocol, void **l4,
+					  int *later_fragment)
+{
+	__u8 next = ip6->nexthdr;
+	void *cur = ip6 + 1;
+#pragma unroll
+	for (int i = 0; i < IPV6_EXT_MAX; i++) {
+		__u8 *h = cur;
+		switch (next) {
+		case NEXTHDR_HOP:
+		case NEXTHDR_ROUTING:
+		case NEXTHDR_DEST:
+			/* next header, length in 8-octet units beyond the first 8 */
+			if ((void *)(h + 2) > data_end)
+				return UNPARSEABLE;
+			next = h[0];
+			cur += ((__u32)h[1] + 1) * 8;
+			break;
+		case NEXTHDR_FRAGMENT:
+			/* next header, reserved, offset and flags, identification */
+			if ((void *)(h + 8) > data_end)
+				return UNPARSEABLE;
+			next = h[0];
+			if (*(__be16 *)(h + 2) & bpf_htons(0xfff8))
+				*later_fragment = 1;
+			cur += 8;
+			break;
+		case NEXTHDR_AUTH:
+			/* length in 4-octet units, minus 2 */
+			if ((void *)(h + 2) > data_end)
+				return UNPARSEABLE;
+			next = h[0];
+			cur += ((__u32)h[1] + 2) * 4;
+			break;
+		default:
+			*protocol = next;
+			*l4 = cur;
+			return PARSED;
+		}
+		if (*later_fragment) {
+			*protocol = next;
+			*l4 = cur;
+			return PARSED;
+		}
+	}
+	return UNPARSEABLE;
 }
 
 static __always_inline __u32 proto_slot(__u8 protocol)
@@ -289,40 +356,52 @@ static __always_inline __u32 proto_slot(__u8 protocol)
 	}
 }
 
-/* Fills `p`; returns 0 for IP packets, -1 for anything else. */
+/* Fills `p`: PARSED; NOT_IP for frames that are not IP (not the policy's
+ * business); UNPARSEABLE for IP packets whose headers are cut short or
+ * beyond the extension-header walk (`p->t.family` is set: the caller
+ * fails closed where a policy applies). */
 static __always_inline int parse(void *data, void *data_end, struct pkt *p)
 {
 	struct ethhdr *eth = data;
 	p->proto_slot = PROTO_NON_IP;
 	if ((void *)(eth + 1) > data_end)
-		return -1;
+		return NOT_IP;
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		p->t.family = 4;
+		p->proto_slot = PROTO_OTHER;
 		struct iphdr *ip = (void *)(eth + 1);
 		if ((void *)(ip + 1) > data_end || ip->ihl < 5)
-			return -1;
-		p->t.family = 4;
+			return UNPARSEABLE;
 		p->t.protocol = ip->protocol;
 		__builtin_memcpy(p->t.saddr, &ip->saddr, 4);
 		__builtin_memcpy(p->t.daddr, &ip->daddr, 4);
 		p->ttl = ip->ttl;
+		p->proto_slot = proto_slot(p->t.protocol);
 		/* Later fragments carry no transport header: ports stay 0. */
 		if (!(ip->frag_off & bpf_htons(0x1fff)))
-			l4_ports(p, (void *)ip + ip->ihl * 4, data_end);
+			return l4_ports(p, (void *)ip + ip->ihl * 4, data_end);
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		p->t.family = 6;
+		p->proto_slot = PROTO_OTHER;
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 		if ((void *)(ip6 + 1) > data_end)
-			return -1;
-		p->t.family = 6;
-		p->t.protocol = ip6->nexthdr;
+			return UNPARSEABLE;
 		__builtin_memcpy(p->t.saddr, &ip6->saddr, 16);
 		__builtin_memcpy(p->t.daddr, &ip6->daddr, 16);
 		p->ttl = ip6->hop_limit;
-		l4_ports(p, ip6 + 1, data_end);
+		__u8 protocol = 0;
+		void *l4 = 0;
+		int later_fragment = 0;
+		if (ipv6_transport(ip6, data_end, &protocol, &l4, &later_fragment) != PARSED)
+			return UNPARSEABLE;
+		p->t.protocol = protocol;
+		p->proto_slot = proto_slot(protocol);
+		if (!later_fragment)
+			return l4_ports(p, l4, data_end);
 	} else {
-		return -1;
+		return NOT_IP;
 	}
-	p->proto_slot = proto_slot(p->t.protocol);
-	return 0;
+	return PARSED;
 }
 
 /* The policy decision for a packet on (ifindex, dir). Returns 0 when no
@@ -725,6 +804,34 @@ static __always_inline void ipv4_decrease_ttl(struct iphdr *ip)
 	ip->ttl--;
 }
 
+/* Whether a policy applies to `family` packets on (ifindex, dir): every
+ * policy has a /0 entry per family there (its default), which a lookup
+ * of the key's first 64 bits finds. */
+static __always_inline int policy_applies(__u32 ifindex, __u8 dir, __u8 family)
+{
+	struct policy_peer_key pk = {};
+	pk.prefixlen = 64;
+	pk.ifindex = ifindex;
+	pk.dir = dir;
+	pk.family = family;
+	return bpf_map_lookup_elem(&policy_peers, &pk) != 0;
+}
+
+/* An IP packet that could not be classified: dropped (and counted under
+ * its own reason) where a policy applies — never passed unseen by the
+ * policy — and passed where none does. Returns 1 to drop. */
+static __always_inline int unclassified(__u32 ifindex, __u8 dir, struct pkt *p)
+{
+	if (!policy_applies(ifindex, dir, p->t.family)) {
+		count_pass(dir, CHECK_ALLOW, p->len);
+		return 0;
+	}
+	add_stats(&verdict_stats, dir * VERDICT_MAX + VERDICT_DROP_UNPARSEABLE, p->len);
+	add_iface_drop(ifindex, dir, p->len);
+	flow_dropped(p, ifindex, dir, 0, DROP_UNPARSEABLE);
+	return 1;
+}
+
 SEC("xdp")
 int mesh_ingress(struct xdp_md *ctx)
 {
@@ -732,13 +839,16 @@ int mesh_ingress(struct xdp_md *ctx)
 	void *data_end = (void *)(long)ctx->data_end;
 	struct pkt p = {};
 	p.len = data_end - data;
-	int ip = parse(data, data_end, &p) == 0;
+	int parsed = parse(data, data_end, &p);
 	add_stats(&mesh_stats, DIR_INGRESS * PROTO_MAX + p.proto_slot, p.len);
-	if (!ip) {
+	__u32 in_ifindex = ctx->ingress_ifindex, rule_id = 0;
+	if (parsed == NOT_IP) {
 		count_pass(DIR_INGRESS, CHECK_ALLOW, p.len);
 		return XDP_PASS;
 	}
-	__u32 in_ifindex = ctx->ingress_ifindex, rule_id = 0;
+	/* XDP frames are linear: what is not there is not in the packet. */
+	if (parsed == UNPARSEABLE)
+		return unclassified(in_ifindex, DIR_INGRESS, &p) ? XDP_DROP : XDP_PASS;
 	int check = policy_check(in_ifindex, DIR_INGRESS, &p, &rule_id);
 	if (check == CHECK_DROP)
 		return XDP_DROP;
@@ -822,6 +932,10 @@ int mesh_redirect_err(struct xdp_redirect_err_args *ctx)
 	return 0;
 }
 
+/* Bytes pulled into the linear area when the headers are not all there:
+ * Ethernet, IPv6 and a chain of extension headers, the transport header. */
+#define EGRESS_PULL_LEN 256
+
 SEC("classifier")
 int mesh_egress(struct __sk_buff *skb)
 {
@@ -829,12 +943,26 @@ int mesh_egress(struct __sk_buff *skb)
 	void *data_end = (void *)(long)skb->data_end;
 	struct pkt p = {};
 	p.len = skb->len;
-	int ip = parse(data, data_end, &p) == 0;
+	int parsed = parse(data, data_end, &p);
+	if (parsed == UNPARSEABLE && skb->len > data_end - data) {
+		/* The headers may lie beyond the linear part of the skb (GSO,
+		 * fragments in pages): pull them in and read again. */
+		__u32 want = skb->len < EGRESS_PULL_LEN ? skb->len : EGRESS_PULL_LEN;
+		if (bpf_skb_pull_data(skb, want) == 0) {
+			data = (void *)(long)skb->data;
+			data_end = (void *)(long)skb->data_end;
+			__builtin_memset(&p, 0, sizeof(p));
+			p.len = skb->len;
+			parsed = parse(data, data_end, &p);
+		}
+	}
 	add_stats(&mesh_stats, DIR_EGRESS * PROTO_MAX + p.proto_slot, p.len);
-	if (!ip) {
+	if (parsed == NOT_IP) {
 		count_pass(DIR_EGRESS, CHECK_ALLOW, p.len);
 		return TC_ACT_UNSPEC;
 	}
+	if (parsed == UNPARSEABLE)
+		return unclassified(skb->ifindex, DIR_EGRESS, &p) ? TC_ACT_SHOT : TC_ACT_UNSPEC;
 	__u32 rule_id = 0;
 	int check = policy_check(skb->ifindex, DIR_EGRESS, &p, &rule_id);
 	if (check == CHECK_DROP)

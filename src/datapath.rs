@@ -49,7 +49,8 @@ pub const PROTO_NAMES: [&str; 6] = ["other", "icmp", "tcp", "udp", "icmpv6", "no
 pub const DIRECTION_NAMES: [&str; 2] = ["ingress", "egress"];
 
 /// `enum mesh_verdict`: slot names of `verdict_stats` (per direction).
-pub const VERDICT_NAMES: [&str; 6] = ["pass", "forward", "drop-rule", "drop-default", "reply", "ttl-exceeded"];
+pub const VERDICT_NAMES: [&str; 7] =
+    ["pass", "forward", "drop-rule", "drop-default", "reply", "ttl-exceeded", "drop-unparseable"];
 
 /// `struct policy_peer_key`.
 #[repr(C)]
@@ -151,7 +152,7 @@ pub const FLOW_KIND_NAMES: [&str; 3] = ["new", "update", "drop"];
 /// `enum flow_verdict`, spelled as Hubble does.
 pub const FLOW_VERDICT_NAMES: [&str; 3] = ["FORWARDED", "DROPPED", "REDIRECTED"];
 /// `enum drop_reason`.
-pub const DROP_REASON_NAMES: [&str; 4] = ["", "policy-deny", "default-deny", "no-rule-set"];
+pub const DROP_REASON_NAMES: [&str; 5] = ["", "policy-deny", "default-deny", "no-rule-set", "unparseable"];
 
 /// `struct flow_event`: one record of the `flow_events` ring buffer.
 #[repr(C)]

@@ -62,6 +62,28 @@ fn rule_hits(env: &Env) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// `frame` (Ethernet + IPv6) with extension headers (type, length in
+/// bytes, a multiple of 8) inserted after the IPv6 header, in order.
+fn with_ipv6_extensions(frame: &[u8], exts: &[(u8, usize)]) -> Vec<u8> {
+    let (eth, ip6, rest) = (&frame[..14], &frame[14..54], &frame[54..]);
+    let mut ip6 = ip6.to_vec();
+    let transport = ip6[6];
+    let mut chain = Vec::new();
+    for (i, (kind, len)) in exts.iter().enumerate() {
+        let next = exts.get(i + 1).map_or(transport, |e| e.0);
+        let mut h = vec![0u8; *len];
+        h[0] = next;
+        // Hop-by-hop, routing, destination options: 8-octet units beyond
+        // the first; a fragment header is 8 bytes (offset 0: the first).
+        h[1] = if *kind == 44 { 0 } else { (len / 8 - 1) as u8 };
+        chain.extend_from_slice(&h);
+    }
+    ip6[6] = exts.first().map_or(transport, |e| e.0);
+    let payload = u16::from_be_bytes([ip6[4], ip6[5]]) as usize + chain.len();
+    ip6[4..6].copy_from_slice(&(payload as u16).to_be_bytes());
+    [eth, &ip6, &chain, rest].concat()
+}
+
 #[test]
 fn every_kind_of_policy_rule_decides_crafted_packets() {
     let env = Env::new();
@@ -130,6 +152,35 @@ policies:
     for (what, packet, want) in &cases {
         assert_eq!(xdp(packet), *want, "ingress: {what}");
     }
+    // IPv6 extension headers are walked to the transport header: hop-by-hop,
+    // destination options and a first fragment before TCP.
+    let v6 =
+        |dport: u16, exts: &[(u8, usize)]| with_ipv6_extensions(&tcp("fd00::5", "fd00::1", 40000, dport).build(), exts);
+    let chain = [(0u8, 8usize), (60, 16), (44, 8)];
+    let xdp_raw =
+        |frame: &[u8], on: u32| run_pinned_on(&ingress, ProgramType::Xdp, frame, 1, Some(on)).unwrap().return_value;
+    assert_eq!(xdp_raw(&v6(8080, &chain), idx), XDP_PASS, "allowed port behind extension headers");
+    assert_eq!(xdp_raw(&v6(8081, &chain), idx), XDP_DROP, "other port behind extension headers");
+    // What cannot be classified is dropped where a policy applies, under
+    // its own reason, and passed where none does (loopback: no policy).
+    let too_long = [(60u8, 8usize); 9];
+    assert_eq!(xdp_raw(&v6(8080, &too_long), idx), XDP_DROP, "a chain beyond the walk");
+    let cut = tcp("10.0.0.5", "10.0.0.1", 40000, 8080).build();
+    let cut = &cut[..14 + 20 + 10]; // half a TCP header
+    assert_eq!(xdp_raw(cut, idx), XDP_DROP, "a truncated transport header");
+    assert_eq!(xdp_raw(cut, 1), XDP_PASS, "no policy on the interface: not the policy's business");
+    let cut_udp = udp("10.0.0.1", "10.1.2.3", 40000, 53).build();
+    let cut_udp = &cut_udp[..14 + 20 + 4];
+    assert_eq!(
+        run_pinned_on(&egress, ProgramType::Tc, cut_udp, 1, Some(idx)).unwrap().return_value,
+        TC_SHOT,
+        "egress: a truncated header is not let through"
+    );
+    let status: serde_json::Value = serde_json::from_str(&env.run_ok(&["status", "-o", "json"])).unwrap();
+    let unparseable = |dir: &str| status["mesh"]["verdicts"][format!("{dir}/drop-unparseable")]["packets"].as_u64();
+    assert_eq!(unparseable("ingress"), Some(2), "{:#}", status["mesh"]);
+    assert_eq!(unparseable("egress"), Some(1), "{:#}", status["mesh"]);
+
     // Non-IP frames are not the policy's business.
     let arp = bpfsync::packet::arp();
     assert_eq!(run_pinned_on(&ingress, ProgramType::Xdp, &arp, 1, Some(idx)).unwrap().return_value, XDP_PASS);
@@ -149,7 +200,7 @@ policies:
 
     // Per-rule counters name the rules that decided.
     let hits = rule_hits(&env);
-    assert_eq!(hits.get("api ingress[0]"), Some(&6), "{hits:?}");
+    assert_eq!(hits.get("api ingress[0]"), Some(&7), "six cases and the extension-header one: {hits:?}");
     assert_eq!(hits.get("api ingress[1]"), Some(&1), "{hits:?}");
     assert_eq!(hits.get("api deny[0]"), Some(&2), "{hits:?}");
     // The interface is live: the kernel's own IPv6 neighbour discovery on

@@ -340,6 +340,7 @@ fn encode_mesh(encoder: &mut DescriptorEncoder, c: &MeshCounters) -> Result<(), 
             let reason = match verdict.as_str() {
                 "drop-rule" => "policy-deny",
                 "drop-default" => "default-deny",
+                "drop-unparseable" => "unparseable",
                 _ => return None,
             };
             Some((vec![("reason", reason.to_string()), ("direction", dir)], s.packets))
