@@ -274,14 +274,17 @@ pub fn interface_counters(entries: &Entries) -> BTreeMap<(u32, &'static str), Pr
 pub const LATENCY_BUCKETS: usize = 64;
 
 impl ProtoStats {
+    /// One `struct proto_stats`, or the sum of a per-CPU map's copies (the
+    /// kernel hands them over one after another, 16 bytes each).
     pub fn from_bytes(b: &[u8]) -> Option<Self> {
         if b.len() < 16 {
             return None;
         }
-        Some(ProtoStats {
-            packets: u64::from_le_bytes(b[0..8].try_into().ok()?),
-            bytes: u64::from_le_bytes(b[8..16].try_into().ok()?),
-        })
+        let word = |c: &[u8], at: usize| u64::from_ne_bytes(c[at..at + 8].try_into().unwrap_or_default());
+        Some(b.chunks_exact(16).fold(ProtoStats::default(), |sum, c| ProtoStats {
+            packets: sum.packets.wrapping_add(word(c, 0)),
+            bytes: sum.bytes.wrapping_add(word(c, 8)),
+        }))
     }
 }
 

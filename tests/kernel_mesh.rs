@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+use bpfsync::datapath::ProtoStats;
 use bpfsync::kernel::testrun::run_pinned_on;
 use bpfsync::kernel::{Kernel, Scope};
 use bpfsync::model::MapRef;
@@ -49,6 +50,8 @@ fn udp(src: &str, dst: &str, sport: u16, dport: u16) -> Packet {
 }
 
 /// Rule name → packets the rule decided, from `rule_stats` and `rule_names`.
+/// The test runs land on whichever CPU the test thread is on: the sum of
+/// the per-CPU copies is what counts.
 fn rule_hits(env: &Env) -> BTreeMap<String, u64> {
     let stats = MapRef { program: "mesh".into(), map: "rule_stats".into() };
     let names = MapRef { program: "mesh".into(), map: "rule_names".into() };
@@ -58,7 +61,8 @@ fn rule_hits(env: &Env) -> BTreeMap<String, u64> {
     s.maps[&stats]
         .entries
         .iter()
-        .map(|(k, v)| (name_of.get(k).cloned().unwrap_or_default(), u64::from_ne_bytes(v[..8].try_into().unwrap())))
+        // Per-CPU counters: every CPU's copy, summed.
+        .map(|(k, v)| (name_of.get(k).cloned().unwrap_or_default(), ProtoStats::from_bytes(v).unwrap().packets))
         .collect()
 }
 
@@ -209,6 +213,26 @@ policies:
     at_least(format!("default deny ingress on {iface} (api)"), 9);
     at_least(format!("default deny egress on {iface} (api)"), 2);
     assert_eq!(hits.get("api egress[0]"), Some(&2), "{hits:?}");
+
+    // Counters are per CPU: a packet on each CPU adds up in what bpfsync reads.
+    let icmp = Packet::new(ip("192.168.7.7"), ip("10.0.0.1"), Transport::Icmp { kind: 8, code: 0 }).build();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
+    for cpu in 0..cpus {
+        let (ingress, icmp) = (ingress.clone(), icmp.clone());
+        std::thread::spawn(move || {
+            // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                assert_eq!(libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set), 0);
+            }
+            run_pinned_on(&ingress, ProgramType::Xdp, &icmp, 1, Some(idx)).unwrap()
+        })
+        .join()
+        .unwrap();
+    }
+    let hits = rule_hits(&env);
+    assert_eq!(hits.get("api ingress[1]"), Some(&(1 + cpus as u64)), "one more per CPU: {hits:?}");
 
     env.run_ok(&["down", "--auto-approve"]);
 }

@@ -69,18 +69,25 @@ impl RealKernel {
 
     pub(super) fn read_map(&self, fd: &OwnedFd, shape: &MapShape) -> Result<Entries, sys::SysError> {
         let ks = shape.key_size as usize;
-        let percpu = matches!(shape.map_type, 5 | 6 | 10); // percpu hash/array/lru
-        let vs = if percpu {
-            (shape.value_size as usize).div_ceil(8) * 8 * sys::possible_cpus()
-        } else {
-            shape.value_size as usize
-        };
-        let is_array = matches!(shape.map_type, BPF_MAP_TYPE_ARRAY | 6);
-        let batchable =
-            matches!(shape.map_type, BPF_MAP_TYPE_HASH | BPF_MAP_TYPE_ARRAY | BPF_MAP_TYPE_LRU_HASH | 5 | 6);
+        let vs = value_len(shape.map_type, shape.value_size) as usize;
+        let is_array = matches!(shape.map_type, BPF_MAP_TYPE_ARRAY | BPF_MAP_TYPE_PERCPU_ARRAY);
+        let batchable = matches!(
+            shape.map_type,
+            BPF_MAP_TYPE_HASH
+                | BPF_MAP_TYPE_ARRAY
+                | BPF_MAP_TYPE_LRU_HASH
+                | BPF_MAP_TYPE_PERCPU_HASH
+                | BPF_MAP_TYPE_PERCPU_ARRAY
+        );
         if !matches!(
             shape.map_type,
-            BPF_MAP_TYPE_HASH | BPF_MAP_TYPE_ARRAY | BPF_MAP_TYPE_LRU_HASH | BPF_MAP_TYPE_LPM_TRIE | 5 | 6 | 10
+            BPF_MAP_TYPE_HASH
+                | BPF_MAP_TYPE_ARRAY
+                | BPF_MAP_TYPE_LRU_HASH
+                | BPF_MAP_TYPE_LPM_TRIE
+                | BPF_MAP_TYPE_PERCPU_HASH
+                | BPF_MAP_TYPE_PERCPU_ARRAY
+                | BPF_MAP_TYPE_LRU_PERCPU_HASH
         ) {
             return Ok(Entries::new()); // ring buffers, perf arrays, …: no key/value contents
         }
@@ -203,14 +210,33 @@ pub(super) fn delete_entries(rk: &mut RealKernel, map: &MapRef, keys: &[Vec<u8>]
     Ok(())
 }
 
+/// Map types whose values are one copy per possible CPU.
+const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
+const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+const BPF_MAP_TYPE_LRU_PERCPU_HASH: u32 = 10;
+
+/// The bytes a lookup of a map of `map_type` returns: `value_size`, or for
+/// a per-CPU map every possible CPU's copy, each rounded up to 8 bytes.
+fn value_len(map_type: u32, value_size: u32) -> u32 {
+    match map_type {
+        BPF_MAP_TYPE_PERCPU_HASH | BPF_MAP_TYPE_PERCPU_ARRAY | BPF_MAP_TYPE_LRU_PERCPU_HASH => {
+            value_size.div_ceil(8) * 8 * sys::possible_cpus() as u32
+        }
+        _ => value_size,
+    }
+}
+
 pub(super) fn lookup_entries(
     rk: &mut RealKernel,
     map: &MapRef,
     keys: &[Vec<u8>],
 ) -> Result<Vec<Option<Vec<u8>>>, KernelError> {
     let (fd, map_type, value_size) = rk.map_fd(map)?;
-    let is_array = map_type == BPF_MAP_TYPE_ARRAY;
+    let is_array = matches!(map_type, BPF_MAP_TYPE_ARRAY | BPF_MAP_TYPE_PERCPU_ARRAY);
     let lpm = map_type == BPF_MAP_TYPE_LPM_TRIE;
+    // A per-CPU map answers with every possible CPU's copy, each rounded
+    // up to 8 bytes: the buffer must hold them all.
+    let value_size = value_len(map_type, value_size);
     let failed = |e| KernelError::sys(format!("look up an entry of map `{map}`"), e);
     // An LPM lookup answers with the longest match, not the key itself:
     // a deleted /24 "reads back" as the /0 that still covers it. Whether
