@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use bpfsync::datapath::FlowConfig;
+use bpfsync::datapath::{FlowConfig, Plain};
 use bpfsync::flows::hub::FlowHub;
 use bpfsync::flows::reader;
 use bpfsync::kernel::real::RealKernel;
@@ -51,7 +51,7 @@ struct Bench {
 
 impl Bench {
     fn configure(&self, c: FlowConfig) {
-        sys::map_update(self.config.as_fd(), &0u32.to_ne_bytes(), &c.to_bytes()).unwrap();
+        sys::map_update(self.config.as_fd(), &0u32.to_ne_bytes(), c.as_bytes()).unwrap();
     }
 
     /// Mean ns/packet over `batches` runs of `repeat`.

@@ -507,13 +507,12 @@ struct record {
 	__u8 tcp_flags;
 };
 
-static __always_inline void emit(const struct ct_key *tuple, struct record *r)
+/* Fills a reserved record. Not inlined on purpose: a function taking a
+ * `struct flow_event *` puts the record's type into the object's BTF (a
+ * ring buffer has no value type), where tests/datapath_layouts.rs checks
+ * it against the Rust mirror. One call per record, not per packet. */
+static __noinline void fill_record(struct flow_event *e, const struct ct_key *tuple, const struct record *r)
 {
-	struct flow_event *e = bpf_ringbuf_reserve(&flow_events, sizeof(*e), 0);
-	if (!e) {
-		count_flow(FLOW_LOST_NEW + r->kind);
-		return;
-	}
 	e->time_ns = r->now;
 	e->bytes = r->bytes;
 	e->packets = r->packets;
@@ -527,6 +526,16 @@ static __always_inline void emit(const struct ct_key *tuple, struct record *r)
 	e->tcp_flags = r->tcp_flags;
 	e->pad[0] = e->pad[1] = e->pad[2] = 0;
 	__builtin_memcpy(&e->tuple, tuple, sizeof(e->tuple));
+}
+
+static __always_inline void emit(const struct ct_key *tuple, struct record *r)
+{
+	struct flow_event *e = bpf_ringbuf_reserve(&flow_events, sizeof(*e), 0);
+	if (!e) {
+		count_flow(FLOW_LOST_NEW + r->kind);
+		return;
+	}
+	fill_record(e, tuple, r);
 	/* A wakeup is an irq_work (an IPI, a VM exit under virtualisation):
 	 * microseconds. Wake the reader only when the unread data crosses
 	 * WAKEUP_BYTES; it also polls every few milliseconds. */

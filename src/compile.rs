@@ -381,7 +381,7 @@ fn compile_mesh(spec: &LoadedSpec, desired: &mut Desired) {
     if let (Some(state), Some(def)) = (desired.state.maps.get_mut(&r), desired.map_defs.get(&r)) {
         state.managed = true;
         state.codec = MapCodec { key: Some(def.key.clone()), value: Some(def.value.clone()), ..Default::default() };
-        let value = mesh::flow_config(s.flows.as_ref()).to_bytes();
+        let value = crate::datapath::Plain::to_vec(&mesh::flow_config(s.flows.as_ref()));
         state.entries = if value.iter().all(|b| *b == 0) {
             Default::default()
         } else {

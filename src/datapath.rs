@@ -1,44 +1,92 @@
 //! Rust mirrors of `bpf/bpfsync.h`, and decoders for the counters the
-//! built-in programs keep. Sizes are asserted at compile time.
+//! built-in programs keep. Sizes are asserted at compile time; every size
+//! and field offset is checked against the objects' BTF by
+//! `tests/datapath_layouts.rs`. Encoders build map keys and values from
+//! these types ([`Plain`]), never byte by byte.
 
 use std::collections::BTreeMap;
 
 use crate::entries::Entries;
 
-/// `struct proto_stats`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ProtoStats {
-    pub packets: u64,
-    pub bytes: u64,
+/// A `#[repr(C)]` mirror of a C struct whose bytes are the struct's:
+/// no padding (the fields' sizes add up to the size, checked at compile
+/// time by [`plain!`]), only integers and byte arrays in it, so every bit
+/// pattern is a valid value.
+///
+/// # Safety
+/// Implemented only by [`plain!`], which makes those checks.
+pub unsafe trait Plain: Copy + Default {
+    fn as_bytes(&self) -> &[u8] {
+        // SAFETY: no padding, so every byte of `self` is initialised.
+        unsafe { std::slice::from_raw_parts((self as *const Self).cast::<u8>(), std::mem::size_of::<Self>()) }
+    }
+
+    fn to_vec(&self) -> Vec<u8> {
+        self.as_bytes().to_vec()
+    }
+
+    /// The value `b` holds; None unless `b` is exactly its size.
+    fn read(b: &[u8]) -> Option<Self> {
+        // SAFETY: the length matches and every bit pattern is valid;
+        // read_unaligned copes with any alignment.
+        (b.len() == std::mem::size_of::<Self>()).then(|| unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<Self>()) })
+    }
+}
+
+/// Defines a [`Plain`] mirror: `#[repr(C)]`, and a compile-time proof that
+/// it has no padding.
+macro_rules! plain {
+    ($(#[$meta:meta])* pub struct $name:ident { $(pub $field:ident: $ty:ty,)* }) => {
+        $(#[$meta])*
+        #[repr(C)]
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        pub struct $name {
+            $(pub $field: $ty,)*
+        }
+        const _: () = assert!(
+            std::mem::size_of::<$name>() == 0 $(+ std::mem::size_of::<$ty>())*,
+            concat!("`", stringify!($name), "` has padding: name it as a field")
+        );
+        // SAFETY: repr(C) with no padding (asserted above); the fields are
+        // integers, byte arrays and other `Plain` types.
+        unsafe impl Plain for $name {}
+    };
+}
+
+plain! {
+    /// `struct proto_stats`.
+    pub struct ProtoStats {
+        pub packets: u64,
+        pub bytes: u64,
+    }
 }
 const _: () = assert!(std::mem::size_of::<ProtoStats>() == 16);
 
-/// `struct class_port_key`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ClassPortKey {
-    pub protocol: u8,
-    pub pad: u8,
-    pub port: u16,
+plain! {
+    /// `struct class_port_key`.
+    pub struct ClassPortKey {
+        pub protocol: u8,
+        pub pad: u8,
+        pub port: u16,
+    }
 }
 const _: () = assert!(std::mem::size_of::<ClassPortKey>() == 4);
 
-/// `struct class_action`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ClassAction {
-    pub mark: u32,
-    pub priority: u32,
+plain! {
+    /// `struct class_action`.
+    pub struct ClassAction {
+        pub mark: u32,
+        pub priority: u32,
+    }
 }
 const _: () = assert!(std::mem::size_of::<ClassAction>() == 8);
 
-/// `struct class_prefix_key`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ClassPrefixKey {
-    pub prefixlen: u32,
-    pub addr: [u8; 4],
+plain! {
+    /// `struct class_prefix_key`.
+    pub struct ClassPrefixKey {
+        pub prefixlen: u32,
+        pub addr: [u8; 4],
+    }
 }
 const _: () = assert!(std::mem::size_of::<ClassPrefixKey>() == 8);
 
@@ -52,95 +100,110 @@ pub const DIRECTION_NAMES: [&str; 2] = ["ingress", "egress"];
 pub const VERDICT_NAMES: [&str; 7] =
     ["pass", "forward", "drop-rule", "drop-default", "reply", "ttl-exceeded", "drop-unparseable"];
 
-/// `struct policy_peer_key`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PolicyPeerKey {
-    pub prefixlen: u32,
-    pub ifindex: u32,
-    pub dir: u8,
-    pub family: u8,
-    pub pad: [u8; 2],
-    pub addr: [u8; 16],
+plain! {
+    /// `struct policy_peer_key`.
+    pub struct PolicyPeerKey {
+        pub prefixlen: u32,
+        pub ifindex: u32,
+        pub dir: u8,
+        pub family: u8,
+        pub pad: [u8; 2],
+        pub addr: [u8; 16],
+    }
 }
 const _: () = assert!(std::mem::size_of::<PolicyPeerKey>() == 28);
 
-/// `struct policy_action_key`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PolicyActionKey {
-    pub prefixlen: u32,
-    pub set_id: u32,
-    pub protocol: u8,
-    pub pad: u8,
-    pub port_be: u16,
+plain! {
+    /// `struct policy_action_key`.
+    pub struct PolicyActionKey {
+        pub prefixlen: u32,
+        pub set_id: u32,
+        pub protocol: u8,
+        pub pad: u8,
+        pub port_be: u16,
+    }
 }
 const _: () = assert!(std::mem::size_of::<PolicyActionKey>() == 12);
 
-/// `struct policy_action_value`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PolicyActionValue {
-    pub rule_id: u32,
-    pub action: u8,
-    pub pad: [u8; 3],
+plain! {
+    /// `struct policy_action_value`.
+    pub struct PolicyActionValue {
+        pub rule_id: u32,
+        pub action: u8,
+        pub pad: [u8; 3],
+    }
 }
 const _: () = assert!(std::mem::size_of::<PolicyActionValue>() == 8);
+
+plain! {
+    /// `struct policy_peer_value`.
+    pub struct PolicyPeerValue {
+        pub set_id: u32,
+    }
+}
+
+plain! {
+    /// `struct iface_key` (mesh.bpf.c): the key of `iface_drops`.
+    pub struct IfaceKey {
+        pub ifindex: u32,
+        pub dir: u32,
+    }
+}
 
 /// `struct rule_name`.
 pub const RULE_NAME_LEN: usize = 96;
 
-/// `struct route_key`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RouteKey {
-    pub prefixlen: u32,
-    pub family: u8,
-    pub pad: [u8; 3],
-    pub addr: [u8; 16],
+plain! {
+    /// `struct route_key`.
+    pub struct RouteKey {
+        pub prefixlen: u32,
+        pub family: u8,
+        pub pad: [u8; 3],
+        pub addr: [u8; 16],
+    }
 }
 const _: () = assert!(std::mem::size_of::<RouteKey>() == 24);
 
-/// `struct route_value`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RouteValue {
-    pub ifindex: u32,
-    pub route_id: u32,
-    pub src_mac: [u8; 6],
-    pub dst_mac: [u8; 6],
+plain! {
+    /// `struct route_value`.
+    pub struct RouteValue {
+        pub ifindex: u32,
+        pub route_id: u32,
+        pub src_mac: [u8; 6],
+        pub dst_mac: [u8; 6],
+    }
 }
 const _: () = assert!(std::mem::size_of::<RouteValue>() == 20);
 
-/// `struct ct_key` and `struct ct_value`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CtKey {
-    pub family: u8,
-    pub protocol: u8,
-    pub sport_be: u16,
-    pub dport_be: u16,
-    pub pad: [u8; 2],
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
+plain! {
+    /// `struct ct_key` and `struct ct_value`.
+    pub struct CtKey {
+        pub family: u8,
+        pub protocol: u8,
+        pub sport_be: u16,
+        pub dport_be: u16,
+        pub pad: [u8; 2],
+        pub saddr: [u8; 16],
+        pub daddr: [u8; 16],
+    }
 }
 const _: () = assert!(std::mem::size_of::<CtKey>() == 40);
 
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CtValue {
-    pub last_seen_ns: u64,
-    pub report_ns: u64,
-    pub packets: u64,
-    pub bytes: u64,
-    pub reported_packets: u64,
-    pub reported_bytes: u64,
-    pub rule_id: u32,
-    pub ifindex: u32,
-    pub tcp_flags: u32,
-    pub dir: u8,
-    pub flags: u8,
-    pub pad: [u8; 2],
+plain! {
+    pub struct CtValue {
+        pub last_seen_ns: u64,
+        pub report_ns: u64,
+        pub packets: u64,
+        pub bytes: u64,
+        pub reported_packets: u64,
+        pub reported_bytes: u64,
+        pub rule_id: u32,
+        pub ifindex: u32,
+        pub tcp_flags: u32,
+        pub dir: u8,
+        pub flags: u8,
+        pub pad: [u8; 2],
+    }
 }
 const _: () = assert!(std::mem::size_of::<CtValue>() == 64);
 
@@ -154,23 +217,23 @@ pub const FLOW_VERDICT_NAMES: [&str; 3] = ["FORWARDED", "DROPPED", "REDIRECTED"]
 /// `enum drop_reason`.
 pub const DROP_REASON_NAMES: [&str; 5] = ["", "policy-deny", "default-deny", "no-rule-set", "unparseable"];
 
-/// `struct flow_event`: one record of the `flow_events` ring buffer.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FlowEvent {
-    pub time_ns: u64,
-    pub bytes: u64,
-    pub packets: u32,
-    pub ifindex: u32,
-    pub rule_id: u32,
-    pub suppressed: u32,
-    pub kind: u8,
-    pub verdict: u8,
-    pub dir: u8,
-    pub drop_reason: u8,
-    pub tcp_flags: u8,
-    pub pad: [u8; 3],
-    pub tuple: CtKey,
+plain! {
+    /// `struct flow_event`: one record of the `flow_events` ring buffer.
+    pub struct FlowEvent {
+        pub time_ns: u64,
+        pub bytes: u64,
+        pub packets: u32,
+        pub ifindex: u32,
+        pub rule_id: u32,
+        pub suppressed: u32,
+        pub kind: u8,
+        pub verdict: u8,
+        pub dir: u8,
+        pub drop_reason: u8,
+        pub tcp_flags: u8,
+        pub pad: [u8; 3],
+        pub tuple: CtKey,
+    }
 }
 const _: () = assert!(std::mem::size_of::<FlowEvent>() == 80);
 
@@ -184,34 +247,18 @@ impl FlowEvent {
         // pattern is valid, and read_unaligned copes with any alignment.
         Some(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<FlowEvent>()) })
     }
-
-    pub fn as_bytes(&self) -> &[u8] {
-        // SAFETY: plain old data, no padding (asserted size = sum of fields).
-        unsafe { std::slice::from_raw_parts((self as *const FlowEvent).cast::<u8>(), std::mem::size_of::<FlowEvent>()) }
-    }
 }
 
-/// `struct flow_config`, the one value of `flow_config` (0 = default).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FlowConfig {
-    pub disabled: u32,
-    pub drop_records_per_sec: u32,
-    pub report_interval_ns: u64,
-    pub drop_window_ns: u64,
+plain! {
+    /// `struct flow_config`, the one value of `flow_config` (0 = default).
+    pub struct FlowConfig {
+        pub disabled: u32,
+        pub drop_records_per_sec: u32,
+        pub report_interval_ns: u64,
+        pub drop_window_ns: u64,
+    }
 }
 const _: () = assert!(std::mem::size_of::<FlowConfig>() == 24);
-
-impl FlowConfig {
-    pub fn to_bytes(self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(24);
-        v.extend_from_slice(&self.disabled.to_ne_bytes());
-        v.extend_from_slice(&self.drop_records_per_sec.to_ne_bytes());
-        v.extend_from_slice(&self.report_interval_ns.to_ne_bytes());
-        v.extend_from_slice(&self.drop_window_ns.to_ne_bytes());
-        v
-    }
-}
 
 /// Slots of `flow_counters` (`enum flow_counter`): records lost because the
 /// ring buffer was full, by kind; drop records the rate limit skipped; and
@@ -263,9 +310,8 @@ pub fn interface_counters(entries: &Entries) -> BTreeMap<(u32, &'static str), Pr
     entries
         .iter()
         .filter_map(|(k, v)| {
-            let ifindex = u32::from_ne_bytes(k.get(..4)?.try_into().ok()?);
-            let dir = u32::from_ne_bytes(k.get(4..8)?.try_into().ok()?);
-            Some(((ifindex, *DIRECTION_NAMES.get(dir as usize)?), ProtoStats::from_bytes(v)?))
+            let key = IfaceKey::read(k)?;
+            Some(((key.ifindex, *DIRECTION_NAMES.get(key.dir as usize)?), ProtoStats::from_bytes(v)?))
         })
         .collect()
 }

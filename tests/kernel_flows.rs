@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bpfsync::datapath::FlowConfig;
+use bpfsync::datapath::{FlowConfig, Plain};
 use bpfsync::kernel::sys;
 use bpfsync::kernel::testrun::run_pinned_on;
 use bpfsync::packet::{Packet, Transport, checksum};
@@ -360,7 +360,7 @@ fn pin(env: &Env, program: &str) -> std::path::PathBuf {
 
 fn set_flow_config(env: &Env, c: FlowConfig) {
     let fd = sys::obj_get(&env.bpffs.root().join("maps/mesh/flow_config")).unwrap();
-    sys::map_update(fd.as_fd(), &0u32.to_ne_bytes(), &c.to_bytes()).unwrap();
+    sys::map_update(fd.as_fd(), &0u32.to_ne_bytes(), c.as_bytes()).unwrap();
 }
 
 /// UDP from 10.200.x.y:port to 10.99.0.1:`dport`, distinct per `i`.

@@ -16,6 +16,7 @@ use std::net::IpAddr;
 
 use serde_json::{Value, json};
 
+use crate::datapath::{Plain, RouteKey, RouteValue};
 use crate::entries::Entries;
 use crate::model::{Direction, MapRef, State};
 use crate::net::{Cidr, parse_mac};
@@ -157,50 +158,32 @@ impl crate::model::NodeFacts for MeshModel {
 
 /// `struct route_key`.
 pub fn encode_route_key(prefix: &Cidr) -> Vec<u8> {
-    let mut k = Vec::with_capacity(24);
-    k.extend_from_slice(&(32 + prefix.len as u32).to_ne_bytes());
-    k.push(if prefix.addr.is_ipv4() { 4 } else { 6 });
-    k.extend_from_slice(&[0, 0, 0]);
     let mut addr = [0u8; 16];
     let b = prefix.addr_bytes();
     addr[..b.len()].copy_from_slice(&b);
-    k.extend_from_slice(&addr);
-    k
+    let family = if prefix.addr.is_ipv4() { 4 } else { 6 };
+    RouteKey { prefixlen: 32 + prefix.len as u32, family, pad: [0; 3], addr }.to_vec()
 }
 
 /// `struct route_value`.
 pub fn encode_route_value(ifindex: u32, route_id: u32, src: [u8; 6], dst: [u8; 6]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(20);
-    v.extend_from_slice(&ifindex.to_ne_bytes());
-    v.extend_from_slice(&route_id.to_ne_bytes());
-    v.extend_from_slice(&src);
-    v.extend_from_slice(&dst);
-    v
+    RouteValue { ifindex, route_id, src_mac: src, dst_mac: dst }.to_vec()
 }
 
 pub fn decode_route_key(k: &[u8]) -> Option<Cidr> {
-    if k.len() != 24 {
-        return None;
-    }
-    let len = u32::from_ne_bytes(k[0..4].try_into().ok()?).checked_sub(32)? as u8;
-    let addr = match k[4] {
-        4 => IpAddr::from(<[u8; 4]>::try_from(&k[8..12]).ok()?),
-        _ => IpAddr::from(<[u8; 16]>::try_from(&k[8..24]).ok()?),
+    let key = RouteKey::read(k)?;
+    let len = key.prefixlen.checked_sub(32)? as u8;
+    let addr = match key.family {
+        4 => IpAddr::from(<[u8; 4]>::try_from(&key.addr[..4]).ok()?),
+        _ => IpAddr::from(key.addr),
     };
     Some(Cidr { addr, len })
 }
 
 /// (ifindex, route id, source MAC, next-hop MAC).
 pub fn decode_route_value(v: &[u8]) -> Option<(u32, u32, [u8; 6], [u8; 6])> {
-    if v.len() != 20 {
-        return None;
-    }
-    Some((
-        u32::from_ne_bytes(v[0..4].try_into().ok()?),
-        u32::from_ne_bytes(v[4..8].try_into().ok()?),
-        v[8..14].try_into().ok()?,
-        v[14..20].try_into().ok()?,
-    ))
+    let r = RouteValue::read(v)?;
+    Some((r.ifindex, r.route_id, r.src_mac, r.dst_mac))
 }
 
 pub fn mac_string(m: &[u8; 6]) -> String {

@@ -31,6 +31,7 @@ use std::net::IpAddr;
 
 use sha2::{Digest, Sha256};
 
+use crate::datapath::{Plain, PolicyActionKey, PolicyActionValue, PolicyPeerKey, PolicyPeerValue};
 use crate::model::Direction;
 use crate::net::Cidr;
 use crate::spec::{NodeSpec, PolicyRule, Protocol};
@@ -499,18 +500,18 @@ fn decide(rules: &[Rule], members: &[usize], default: Option<u32>) -> Vec<Decisi
 
 /// `struct policy_peer_key` and `struct policy_peer_value`.
 pub fn encode_peer(ifindex: u32, dir: Direction, e: &PeerEntry) -> (Vec<u8>, Vec<u8>) {
-    let v4 = e.prefix.addr.is_ipv4();
-    let mut k = Vec::with_capacity(28);
-    k.extend_from_slice(&(64 + e.prefix.len as u32).to_ne_bytes());
-    k.extend_from_slice(&ifindex.to_ne_bytes());
-    k.push(dir_byte(dir));
-    k.push(if v4 { 4 } else { 6 });
-    k.extend_from_slice(&[0, 0]);
     let mut addr = [0u8; 16];
     let b = e.prefix.addr_bytes();
     addr[..b.len()].copy_from_slice(&b);
-    k.extend_from_slice(&addr);
-    (k, e.set_id.to_ne_bytes().to_vec())
+    let key = PolicyPeerKey {
+        prefixlen: 64 + e.prefix.len as u32,
+        ifindex,
+        dir: dir_byte(dir),
+        family: if e.prefix.addr.is_ipv4() { 4 } else { 6 },
+        pad: [0; 2],
+        addr,
+    };
+    (key.to_vec(), PolicyPeerValue { set_id: e.set_id }.to_vec())
 }
 
 pub fn dir_byte(d: Direction) -> u8 {
@@ -522,21 +523,14 @@ pub fn dir_byte(d: Direction) -> u8 {
 
 /// `struct policy_action_key` and `struct policy_action_value`.
 pub fn encode_decision(set_id: u32, d: &Decision) -> (Vec<u8>, Vec<u8>) {
-    let mut k = Vec::with_capacity(12);
-    k.extend_from_slice(&d.scope.prefixlen().to_ne_bytes());
-    k.extend_from_slice(&set_id.to_ne_bytes());
-    let (proto, port) = match d.scope {
+    let (protocol, port) = match d.scope {
         Scope::All => (0, 0),
         Scope::Protocol(p) => (p, 0),
         Scope::Port { protocol, port, .. } => (protocol, port),
     };
-    k.push(proto);
-    k.push(0);
-    k.extend_from_slice(&port.to_be_bytes());
-    let mut v = Vec::with_capacity(8);
-    v.extend_from_slice(&d.rule_id.to_ne_bytes());
-    v.extend_from_slice(&[d.action as u8, 0, 0, 0]);
-    (k, v)
+    let key = PolicyActionKey { prefixlen: d.scope.prefixlen(), set_id, protocol, pad: 0, port_be: port.to_be() };
+    let value = PolicyActionValue { rule_id: d.rule_id, action: d.action as u8, pad: [0; 3] };
+    (key.to_vec(), value.to_vec())
 }
 
 /// `struct rule_name` (`RULE_NAME_LEN` bytes, NUL-padded; long names are
@@ -560,36 +554,26 @@ pub fn decode_rule_name(v: &[u8]) -> String {
 
 /// A decoded `policy_peers` key: (ifindex, direction, prefix).
 pub fn decode_peer_key(k: &[u8]) -> Option<(u32, Direction, Cidr)> {
-    if k.len() != 28 {
-        return None;
-    }
-    let prefixlen = u32::from_ne_bytes(k[0..4].try_into().ok()?);
-    let ifindex = u32::from_ne_bytes(k[4..8].try_into().ok()?);
-    let dir = if k[8] == 0 { Direction::Ingress } else { Direction::Egress };
-    let addr = match k[9] {
-        4 => IpAddr::from(<[u8; 4]>::try_from(&k[12..16]).ok()?),
-        _ => IpAddr::from(<[u8; 16]>::try_from(&k[12..28]).ok()?),
+    let key = PolicyPeerKey::read(k)?;
+    let dir = if key.dir == 0 { Direction::Ingress } else { Direction::Egress };
+    let addr = match key.family {
+        4 => IpAddr::from(<[u8; 4]>::try_from(&key.addr[..4]).ok()?),
+        _ => IpAddr::from(key.addr),
     };
-    Some((ifindex, dir, Cidr { addr, len: prefixlen.checked_sub(64)? as u8 }))
+    Some((key.ifindex, dir, Cidr { addr, len: key.prefixlen.checked_sub(64)? as u8 }))
 }
 
 /// A decoded `policy_actions` entry: (set id, decision).
 pub fn decode_decision(k: &[u8], v: &[u8]) -> Option<(u32, Decision)> {
-    if k.len() != 12 || v.len() != 8 {
-        return None;
-    }
-    let prefixlen = u32::from_ne_bytes(k[0..4].try_into().ok()?);
-    let set_id = u32::from_ne_bytes(k[4..8].try_into().ok()?);
-    let proto = k[8];
-    let port = u16::from_be_bytes([k[10], k[11]]);
-    let scope = match prefixlen {
+    let (key, value) = (PolicyActionKey::read(k)?, PolicyActionValue::read(v)?);
+    let (proto, port) = (key.protocol, u16::from_be(key.port_be));
+    let scope = match key.prefixlen {
         32 => Scope::All,
         40 => Scope::Protocol(proto),
         n if (48..=64).contains(&n) => Scope::Port { protocol: proto, port, bits: (n - 48) as u8 },
         _ => return None,
     };
-    let rule_id = u32::from_ne_bytes(v[0..4].try_into().ok()?);
-    Some((set_id, Decision { scope, rule_id, action: Action::from_byte(v[4])? }))
+    Some((key.set_id, Decision { scope, rule_id: value.rule_id, action: Action::from_byte(value.action)? }))
 }
 
 /// What a (set, protocol, port) lookup returns: the longest matching

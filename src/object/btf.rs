@@ -26,6 +26,7 @@ const KIND_ENUM64: u32 = 19;
 
 #[derive(Debug, Clone)]
 struct RawType {
+    name_off: u32,
     kind: u32,
     kind_flag: bool,
     size_or_type: u32,
@@ -51,10 +52,11 @@ impl Btf {
         let (type_off, type_len) = (u32_at(8)? as usize, u32_at(12)? as usize);
         let (str_off, str_len) = (u32_at(16)? as usize, u32_at(20)? as usize);
         let strings = data.get(hdr_len + str_off..hdr_len + str_off + str_len)?.to_vec();
-        let mut types = vec![RawType { kind: 0, kind_flag: false, size_or_type: 0, extra: vec![] }];
+        let mut types = vec![RawType { name_off: 0, kind: 0, kind_flag: false, size_or_type: 0, extra: vec![] }];
         let mut off = hdr_len + type_off;
         let end = off + type_len;
         while off < end {
+            let name_off = u32_at(off)?;
             let info = u32_at(off + 4)?;
             let size_or_type = u32_at(off + 8)?;
             off += 12;
@@ -73,7 +75,7 @@ impl Btf {
                 extra.push(u32_at(off + 4 * i)?);
             }
             off += 4 * words;
-            types.push(RawType { kind, kind_flag: info >> 31 == 1, size_or_type, extra });
+            types.push(RawType { name_off, kind, kind_flag: info >> 31 == 1, size_or_type, extra });
         }
         Some(Btf { types, strings })
     }
@@ -82,6 +84,13 @@ impl Btf {
         let rest = self.strings.get(off as usize..).unwrap_or_default();
         let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
         String::from_utf8_lossy(&rest[..end]).into_owned()
+    }
+
+    /// The layout of the struct named `name` (`struct route_key` →
+    /// `route_key`), when the object's BTF has it.
+    pub fn struct_layout(&self, name: &str) -> Option<Layout> {
+        let id = self.types.iter().position(|t| t.kind == KIND_STRUCT && self.name(t.name_off) == name)?;
+        self.layout(id as u32)
     }
 
     /// The byte layout of type `id`, or `None` when it is not a plain data

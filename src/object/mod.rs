@@ -84,6 +84,15 @@ pub fn digest(bytes: &[u8]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The layout of `struct name` in the object's BTF: what the C compiler
+/// made of a struct the object uses (checked against the Rust mirrors in
+/// `tests/datapath_layouts.rs`).
+pub fn struct_layout(bytes: &[u8], name: &str) -> Option<Layout> {
+    let elf = object::File::parse(bytes).ok()?;
+    let btf = btf::Btf::parse(elf.section_by_name(".BTF")?.data().ok()?)?;
+    btf.struct_layout(name)
+}
+
 /// Inspects an ELF object compiled by clang for the BPF target.
 pub fn inspect(bytes: &[u8]) -> Result<ObjectInfo, ObjectError> {
     let obj = Object::parse(bytes).map_err(|e| ObjectError::Parse { reason: e.to_string() })?;
