@@ -20,6 +20,50 @@ use bpfsync::sandbox::TempBpffs;
 use bpfsync::spec;
 
 fn spec_with(n: usize, changed: Option<usize>) -> Desired {
+    let text = spec_text(n, changed);
+    let path = std::path::Path::new("bench.yaml");
+    let loaded = spec::load(path, &text).unwrap_or_else(|d| panic!("{d}"));
+    compile(&loaded, &mut ObjectLoader::default()).unwrap_or_else(|d| panic!("{d}"))
+}
+
+/// Where compiling a spec of `n` entries spends its time: the YAML parse
+/// (with positions), schema validation, deserialising, the whole load
+/// (those and the semantic checks), and compiling (entry encoding).
+fn compile_phases(n: usize) {
+    let text = spec_text(n, None);
+    let path = std::path::Path::new("bench.yaml");
+    let time = |f: &mut dyn FnMut()| {
+        median(
+            (0..5)
+                .map(|_| {
+                    let t = Instant::now();
+                    f();
+                    t.elapsed()
+                })
+                .collect(),
+        )
+    };
+    let parse = time(&mut || drop(spec::yaml::parse(&text).unwrap()));
+    let doc = spec::yaml::parse(&text).unwrap();
+    let validator = spec::schema_validator();
+    let schema = time(&mut || assert!(validator.iter_errors(&doc.value).next().is_none()));
+    let deserialise = time(&mut || drop(serde_json::from_value::<spec::NodeSpec>(doc.value.clone()).unwrap()));
+    let load = time(&mut || drop(spec::load(path, &text).unwrap()));
+    let loaded = spec::load(path, &text).unwrap();
+    let encode = time(&mut || drop(compile(&loaded, &mut ObjectLoader::default()).unwrap()));
+    println!(
+        "
+compiling {n} entries: YAML parse {}, schema {}, deserialise {} (whole load {}); compile (encoding) {}; total {}",
+        ms(parse),
+        ms(schema),
+        ms(deserialise),
+        ms(load),
+        ms(encode),
+        ms(load + encode)
+    );
+}
+
+fn spec_text(n: usize, changed: Option<usize>) -> String {
     let mut text = String::from(
         "apiVersion: bpfsync/v1\nkind: NodeSpec\nprograms:\n  - name: big\n    object: tests/fixtures/bigmap.bpf.o\n    type: xdp\n    maps:\n      - name: table\n        entries:\n",
     );
@@ -27,9 +71,7 @@ fn spec_with(n: usize, changed: Option<usize>) -> Desired {
         let v = if Some(i) == changed { i + 1 } else { i };
         text.push_str(&format!("          - {{ key: {i}, value: {v} }}\n"));
     }
-    let path = std::path::Path::new("bench.yaml");
-    let loaded = spec::load(path, &text).unwrap_or_else(|d| panic!("{d}"));
-    compile(&loaded, &mut ObjectLoader::default()).unwrap_or_else(|d| panic!("{d}"))
+    text
 }
 
 /// The map write alone: 100k entries into a fresh map in one batch call.
@@ -75,6 +117,10 @@ fn ms(d: Duration) -> String {
 }
 
 fn main() {
+    if std::env::args().any(|a| a == "phases") {
+        compile_phases(100_000);
+        return;
+    }
     let sizes = [1_000usize, 10_000, 100_000];
     println!("bpfsync reconcile benchmarks (medians)\n");
     println!(
@@ -143,6 +189,7 @@ fn main() {
             ms(plan_time)
         );
     }
+    compile_phases(100_000);
     if root_ok {
         batch_write_rate();
     }

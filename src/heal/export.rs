@@ -77,7 +77,7 @@ pub fn edit_text(source: &str, doc: &MarkedDocument, ops: &[PatchOp]) -> Option<
             if old_s == new_s {
                 continue;
             }
-            let at = offset(source, *doc.values.get(&format!("{path}/{key}"))?)?;
+            let at = offset(source, doc.value_position(&format!("{path}/{key}"))?)?;
             let (len, text, quote) = scalar_token(source, at)?;
             if &text != old_s {
                 return None;
