@@ -289,20 +289,23 @@ fn compile_maps(
                     format!("{} entries, map `{}` holds at most {}", m.entries.len(), m.name, def.max_entries),
                 ));
             }
-            let mut first_at: HashMap<Vec<u8>, usize> = HashMap::new();
-            let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(m.entries.len());
+            // Encoded first, then sorted: duplicates sit side by side (no
+            // hash of every key), and the entries come out in key order.
+            let mut encoded: Vec<(Vec<u8>, Vec<u8>, usize)> = Vec::with_capacity(m.entries.len());
             for (k, e) in m.entries.iter().enumerate() {
-                let eptr = format!("{mptr}/entries/{k}");
+                // Made only for a diagnostic: a pointer per entry is 100,000
+                // strings for a big map.
+                let eptr = || format!("{mptr}/entries/{k}");
                 let key = codec::encode(&e.key, &def.key)
-                    .map_err(|err| diags.push(spec.diag(&format!("{eptr}/key"), format!("key: {err}"))));
+                    .map_err(|err| diags.push(spec.diag(&format!("{}/key", eptr()), format!("key: {err}"))));
                 let value = codec::encode(&e.value, &def.value)
-                    .map_err(|err| diags.push(spec.diag(&format!("{eptr}/value"), format!("value: {err}"))));
+                    .map_err(|err| diags.push(spec.diag(&format!("{}/value", eptr()), format!("value: {err}"))));
                 let (Ok(key), Ok(value)) = (key, value) else { continue };
                 if def.is_array() {
                     let index = u32::from_le_bytes(key[..4.min(key.len())].try_into().unwrap_or([0; 4]));
                     if key.len() != 4 || index >= def.max_entries {
                         diags.push(spec.diag(
-                            &format!("{eptr}/key"),
+                            &format!("{}/key", eptr()),
                             format!(
                                 "index {index} is out of range for array map `{}` (0..{})",
                                 m.name, def.max_entries
@@ -311,18 +314,33 @@ fn compile_maps(
                         continue;
                     }
                 }
-                if let Some(prev) = first_at.insert(key.clone(), k) {
+                encoded.push((key, value, k));
+            }
+            encoded.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(a.2.cmp(&b.2)));
+            let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(encoded.len());
+            let mut first: Option<(usize, usize)> = None; // (index in `encoded`, entry index)
+            for i in 0..encoded.len() {
+                let (key, _, k) = &encoded[i];
+                if let Some((j, prev)) = first
+                    && encoded[j].0 == *key
+                {
                     diags.push(spec.diag(
-                        &format!("{eptr}/key"),
-                        format!("duplicate key {} (also entries[{prev}])", codec::display(&e.key)),
+                        &format!("{mptr}/entries/{k}/key"),
+                        format!("duplicate key {} (also entries[{prev}])", codec::display(&m.entries[*k].key)),
                     ));
                     continue;
                 }
-                // Array maps always hold every index: zero is "no entry".
-                if def.is_array() && value.iter().all(|b| *b == 0) {
-                    continue;
+                first = Some((i, *k));
+            }
+            for (key, value, _) in encoded {
+                // Only the first of equal keys (the others were reported).
+                if pairs.last().is_none_or(|(k, _)| *k != key) {
+                    pairs.push((key, value));
                 }
-                pairs.push((key, value));
+            }
+            // Array maps always hold every index: zero is "no entry".
+            if def.is_array() {
+                pairs.retain(|(_, v)| v.iter().any(|b| *b != 0));
             }
             state.entries = pairs.into_iter().collect();
         }
