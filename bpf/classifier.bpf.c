@@ -51,6 +51,9 @@ static __always_inline void apply(struct __sk_buff *skb, struct class_action *a)
 		skb->priority = a->priority;
 }
 
+/* `classifier`, not `tcx/ingress` or `tcx/egress`: the one program runs
+ * on both hooks (`tc: { ingress: [classify], egress: [classify] }`), and
+ * a TCX section name states one direction. */
 SEC("classifier")
 int tc_classify(struct __sk_buff *skb)
 {

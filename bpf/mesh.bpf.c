@@ -953,7 +953,10 @@ int mesh_redirect_err(struct xdp_redirect_err_args *ctx)
  * Ethernet, IPv6 and a chain of extension headers, the transport header. */
 #define EGRESS_PULL_LEN 256
 
-SEC("classifier")
+/* The TCX section name (libbpf >= 1.3): a TC program for the egress hook.
+ * bpfsync's loader hands it to aya under aya's name for it
+ * (`object::for_aya`). */
+SEC("tcx/egress")
 int mesh_egress(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;

@@ -93,8 +93,54 @@ pub fn struct_layout(bytes: &[u8], name: &str) -> Option<Layout> {
     btf.struct_layout(name)
 }
 
+/// Section names the ELF parser of aya 0.14 (aya-obj 0.3) does not know,
+/// and the name it knows the same program type by. libbpf names TC
+/// programs for TCX links (kernel >= 6.6) `tcx/ingress` and `tcx/egress`;
+/// aya reads them as its legacy `classifier`. Each alias is no longer
+/// than the name, so it is written in place, NUL-padded.
+const SECTION_ALIASES: [(&[u8], &[u8]); 2] =
+    [(b"tcx/ingress\0", b"classifier\0\0"), (b"tcx/egress\0", b"classifier\0")];
+
+/// `bytes` as aya can parse them: TCX section names replaced by their
+/// alias in the section-name table (`.strtab`, or `.shstrtab`) and in the
+/// BTF strings (where `.BTF.ext` names the section of each function), and
+/// nowhere else. Objects without such sections are returned as they are.
+/// The object's digest stays that of the file.
+pub fn for_aya(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let mentions = |hay: &[u8]| SECTION_ALIASES.iter().any(|(name, _)| hay.windows(name.len()).any(|w| w == *name));
+    if !mentions(bytes) {
+        return std::borrow::Cow::Borrowed(bytes);
+    }
+    let Ok(elf) = object::File::parse(bytes) else { return std::borrow::Cow::Borrowed(bytes) };
+    let ranges: Vec<(usize, usize)> = elf
+        .sections()
+        .filter(|s| matches!(s.name(), Ok(".strtab" | ".shstrtab" | ".BTF")))
+        .filter_map(|s| s.file_range())
+        .map(|(at, len)| (at as usize, (at + len) as usize))
+        .filter(|&(at, end)| at <= end && end <= bytes.len())
+        .collect();
+    let mut out = bytes.to_vec();
+    for (at, end) in ranges {
+        let table = &mut out[at..end];
+        for (name, alias) in SECTION_ALIASES {
+            let mut i = 0;
+            while i + name.len() <= table.len() {
+                if &table[i..i + name.len()] == name {
+                    table[i..i + name.len()].copy_from_slice(alias);
+                    i += name.len();
+                } else {
+                    i += 1;
+                }
+            }
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Inspects an ELF object compiled by clang for the BPF target.
 pub fn inspect(bytes: &[u8]) -> Result<ObjectInfo, ObjectError> {
+    let parsed = for_aya(bytes);
+    let bytes: &[u8] = &parsed;
     let obj = Object::parse(bytes).map_err(|e| ObjectError::Parse { reason: e.to_string() })?;
     let elf = object::File::parse(bytes).map_err(|e| ObjectError::Parse { reason: e.to_string() })?;
     let btf = elf.section_by_name(".BTF").and_then(|s| s.data().ok()).and_then(btf::Btf::parse);
@@ -144,4 +190,23 @@ pub fn inspect(bytes: &[u8]) -> Result<ObjectInfo, ObjectError> {
         );
     }
     Ok(ObjectInfo { digest: digest(bytes), functions, maps })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcx_sections_are_read_as_tc_programs_and_other_objects_are_left_alone() {
+        let mesh: &[u8] = include_bytes!("../../bpf/mesh.bpf.o");
+        let ok = |s: &str| mesh.windows(s.len()).any(|w| w == s.as_bytes());
+        assert!(ok("tcx/egress"), "the committed mesh object uses the TCX section name");
+        let info = inspect(mesh).unwrap();
+        assert_eq!(info.functions.get("mesh_egress"), Some(&Some(ProgramType::Tc)));
+        let aliased = for_aya(mesh);
+        assert_eq!(aliased.len(), mesh.len(), "rewritten in place");
+        assert!(!aliased.windows(10).any(|w| w == b"tcx/egress"), "no TCX name left where aya looks");
+        let counter: &[u8] = include_bytes!("../../bpf/counter.bpf.o");
+        assert!(matches!(for_aya(counter), std::borrow::Cow::Borrowed(_)));
+    }
 }

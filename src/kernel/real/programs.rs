@@ -48,7 +48,7 @@ pub(super) fn load_program(rk: &mut RealKernel, req: &LoadRequest) -> Result<(),
         loader.map_pin_path(name.as_str(), map_dir.join(name));
     }
     let what = format!("load program `{}` (`{}`)", req.name, req.function);
-    let mut ebpf = loader.load(&req.bytes).map_err(|e| KernelError::aya(what.clone(), e))?;
+    let mut ebpf = loader.load(&object::for_aya(&req.bytes)).map_err(|e| KernelError::aya(what.clone(), e))?;
     let prog = ebpf.program_mut(&req.function).ok_or_else(|| KernelError::NotFound {
         what: format!("no function `{}` in the object of `{}`", req.function, req.name),
     })?;
