@@ -9,11 +9,6 @@
 
 use std::time::{Duration, Instant};
 
-/// The allocator the `bpfsync` binary uses (src/main.rs), so the figures
-/// are the binary's.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use bpfsync::apply::journal::MemJournal;
 use bpfsync::apply::{self, Retry, scope_for};
 use bpfsync::compile::{Desired, ObjectLoader, compile};

@@ -7,13 +7,6 @@ use clap::{Parser, Subcommand};
 use bpfsync::cli::{self, Context};
 use bpfsync::kernel::real::DEFAULT_ROOT;
 
-/// mimalloc, not the system allocator: a spec of 100,000 map entries is a
-/// few million small allocations, and glibc's free-list upkeep was half of
-/// encoding it (`cargo bench --bench reconcile -- phases`: encoding 100–150 →
-/// 35 ms, schema 35 → 15–20 ms).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Keeps a Linux node's eBPF datapath equal to a YAML desired-state file.
 #[derive(Debug, Parser)]
 #[command(name = "bpfsync", version, about)]
