@@ -317,26 +317,20 @@ fn compile_maps(
                 encoded.push((key, value, k));
             }
             encoded.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(a.2.cmp(&b.2)));
+            // One pass: the first of equal keys is kept (by entry order), the
+            // others reported against it.
             let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(encoded.len());
-            let mut first: Option<(usize, usize)> = None; // (index in `encoded`, entry index)
-            for i in 0..encoded.len() {
-                let (key, _, k) = &encoded[i];
-                if let Some((j, prev)) = first
-                    && encoded[j].0 == *key
-                {
+            let mut first_entry = 0;
+            for (key, value, k) in encoded {
+                if pairs.last().is_some_and(|(last, _)| *last == key) {
                     diags.push(spec.diag(
                         &format!("{mptr}/entries/{k}/key"),
-                        format!("duplicate key {} (also entries[{prev}])", codec::display(&m.entries[*k].key)),
+                        format!("duplicate key {} (also entries[{first_entry}])", codec::display(&m.entries[k].key)),
                     ));
                     continue;
                 }
-                first = Some((i, *k));
-            }
-            for (key, value, _) in encoded {
-                // Only the first of equal keys (the others were reported).
-                if pairs.last().is_none_or(|(k, _)| *k != key) {
-                    pairs.push((key, value));
-                }
+                first_entry = k;
+                pairs.push((key, value));
             }
             // Array maps always hold every index: zero is "no entry".
             if def.is_array() {
