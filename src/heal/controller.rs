@@ -268,8 +268,10 @@ struct RouteState {
     /// until the primary was healthy once (or [`SILENCE_AFTER_REJECT`]).
     rejection_seen: Option<String>,
     silenced_since: Option<Duration>,
-    /// The datapath's delivery counters of the route (drop-rate rules).
+    /// The datapath's delivery counters of the route (drop-rate rules),
+    /// and the id they are kept under (None: the prefix does not parse).
     delivery: DeliverySeries,
+    route_id: Option<u32>,
 }
 
 /// Readings of a route's datapath counters: packets forwarded and packets
@@ -360,6 +362,7 @@ impl Controller {
                     if let Some(m) = memory.get(&key) {
                         detector.restore(m);
                     }
+                    let route_id = w.route.prefix.parse().ok().map(|p| crate::mesh::route_id(&p));
                     RouteState {
                         key: key.clone(),
                         primary: w.primary(),
@@ -375,6 +378,7 @@ impl Controller {
                         rejection_seen: None,
                         silenced_since: None,
                         delivery: DeliverySeries::default(),
+                        route_id,
                     }
                 }
             };
@@ -423,13 +427,14 @@ impl Controller {
     }
 
     /// The routes whose rule reads the datapath's delivery counters
-    /// (`drop-rate`): their places and prefixes, and how often to read.
-    pub fn delivery_routes(&self) -> Vec<(usize, &str, Duration)> {
+    /// (`drop-rate`): their places, their datapath route ids
+    /// ([`crate::mesh::route_id`]), and how often to read them.
+    pub fn delivery_routes(&self) -> Vec<(usize, u32, Duration)> {
         self.routes
             .iter()
             .enumerate()
             .filter(|(_, s)| s.detector.rule.metric == Metric::DropRate)
-            .map(|(i, s)| (i, s.key.as_str(), s.watch.settings.interval))
+            .filter_map(|(i, s)| Some((i, s.route_id?, s.watch.settings.interval)))
             .collect()
     }
 

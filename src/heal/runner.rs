@@ -302,10 +302,7 @@ impl Runner {
         if routes.is_empty() {
             return;
         }
-        let ids: Vec<u32> = routes
-            .iter()
-            .map(|(_, prefix, _)| prefix.parse().map(|p| crate::mesh::route_id(&p)).unwrap_or(0))
-            .collect();
+        let ids: Vec<u32> = routes.iter().map(|r| r.1).collect();
         let places: Vec<usize> = routes.iter().map(|r| r.0).collect();
         match source.read(&ids) {
             Ok(counters) => {
