@@ -229,7 +229,12 @@ fn inputs_built_to_exhaust_are_refused_fast() {
     let many_errors: String = "apiVersion: bpfsync/v1\nkind: NodeSpec\nprograms:\n".to_string()
         + &(0..100_000).map(|i| format!("  - {{ name: p{i}, builtin: nope, type: xdp }}\n")).collect::<String>();
     let deep = format!("{}1{}", "[".repeat(10_000), "]".repeat(10_000));
-    for (what, text) in [("alias bomb", bomb), ("100,000 errors", many_errors), ("deep nesting", deep)] {
+    // 100,000 unknown keys in one mapping: each error locates its key.
+    let wide = "apiVersion: bpfsync/v1\nkind: NodeSpec\n".to_string()
+        + &(0..100_000).map(|i| format!("k{i}: 1\n")).collect::<String>();
+    for (what, text) in
+        [("alias bomb", bomb), ("100,000 errors", many_errors), ("deep nesting", deep), ("100,000 unknown keys", wide)]
+    {
         let started = Instant::now();
         let result = load_and_compile(path, &text, &[], &mut ObjectLoader::default());
         let took = started.elapsed();
