@@ -157,6 +157,28 @@ struct ct_key {
 	__u8 daddr[16];
 };
 
+/* A hook's cached decision for a connection: the established-flow fast
+ * path (`mesh.bpf.c`). One per direction (a packet crosses at most one
+ * ingress and one egress hook of the node), for the interface in `ifindex`.
+ * `generation` is CT_DECISION_EMPTY, CT_DECISION_WRITING while one CPU
+ * writes it, or the `datapath_generation` it was decided under plus
+ * CT_DECISION_GEN_BASE: bpfsync bumps the generation after every write to
+ * the policy or route maps, which retires every cached decision at once. */
+struct ct_decision {
+	__u64 generation;
+	__u32 ifindex; /* the hook's interface */
+	__u32 rule_id; /* the rule counted in `rule_stats` (0: none) */
+	__u32 out_rule_id; /* forwarded: the outgoing interface's egress rule counted (0: none) */
+	struct route_value route; /* forwarded: the next hop */
+	__u8 verdict; /* enum mesh_verdict: VERDICT_PASS, VERDICT_REPLY or VERDICT_FORWARD */
+	__u8 reply; /* allowed as a reply of a tracked connection: re-checked every tick */
+	__u8 pad[6];
+};
+
+#define CT_DECISION_EMPTY 0
+#define CT_DECISION_WRITING 1
+#define CT_DECISION_GEN_BASE 2
+
 struct ct_value {
 	__u64 last_seen_ns;
 	__u64 report_ns; /* time of the connection's last flow record */
@@ -170,6 +192,8 @@ struct ct_value {
 	__u8 dir; /* enum mesh_dir it was first seen in */
 	__u8 flags; /* CT_F_* */
 	__u8 pad[2];
+	__u64 check_jiffies; /* the tick of the last time-based check (refresh, report) */
+	struct ct_decision decision[DIR_MAX]; /* [enum mesh_dir] */
 };
 
 /* A conntrack entry made for the reply direction of a connection (for its

@@ -85,6 +85,16 @@ struct {
 	__type(value, struct ct_value);
 } conntrack SEC(".maps");
 
+/* The generation of the policy and route tables: bpfsync adds one after
+ * every write to `policy_peers`, `policy_actions` or `mesh_routes`, and a
+ * decision cached under an older one is not used (see struct ct_decision). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} datapath_generation SEC(".maps");
+
 /* Counters on the per-packet path are per CPU: a CPU adds to its own copy
  * without a locked instruction (no cache line bouncing between CPUs);
  * bpfsync sums the copies when it reads them. */
@@ -545,30 +555,40 @@ static __always_inline void emit(const struct ct_key *tuple, struct record *r)
 	bpf_ringbuf_submit(e, flags);
 }
 
+/* The connection's `conntrack` entry as the caller found it. */
+struct ct_found {
+	struct ct_value *v;
+	int looked_up; /* v is the lookup's answer (NULL: none) */
+};
+
 /* Tracks an allowed packet (a `conntrack` entry per direction of a
  * connection) and makes its flow records: NEW for the first packet, UPDATE
  * with the packets and bytes since the last record once per report interval
  * or on FIN/RST. A connection is counted at the hook that first saw it, so a
- * packet crossing two hooks (XDP in, TCX out) is counted once. */
-static __always_inline void flow_allowed(struct pkt *p, __u32 ifindex, __u8 dir, __u8 verdict, __u32 rule_id,
-					 int reply)
+ * packet crossing two hooks (XDP in, TCX out) is counted once. The clock is
+ * read once per tick per connection (jiffies, inlined by the verifier, tell
+ * when; a clock read is a helper call): last-seen refreshes and reports are
+ * at most a tick late. Returns the entry, or NULL when it was just made (or
+ * is not tracked). */
+static __always_inline struct ct_value *flow_allowed(struct pkt *p, __u32 ifindex, __u8 dir, __u8 verdict,
+						     __u32 rule_id, int reply, struct ct_found found)
 {
 	if (!tracked_protocol(p->t.protocol))
-		return;
+		return 0;
 	struct flow_config *cfg = flow_config_get();
 	if (!cfg)
-		return;
-	__u64 now = bpf_ktime_get_ns();
-	struct record r = {
-		.now = now,
-		.ifindex = ifindex,
-		.rule_id = rule_id,
-		.verdict = verdict,
-		.dir = dir,
-		.tcp_flags = p->tcp_flags,
-	};
-	struct ct_value *v = bpf_map_lookup_elem(&conntrack, &p->t);
+		return 0;
+	struct ct_value *v = found.looked_up ? found.v : bpf_map_lookup_elem(&conntrack, &p->t);
 	if (!v) {
+		__u64 now = bpf_ktime_get_ns();
+		struct record r = {
+			.now = now,
+			.ifindex = ifindex,
+			.rule_id = rule_id,
+			.verdict = verdict,
+			.dir = dir,
+			.tcp_flags = p->tcp_flags,
+		};
 		struct ct_value nv = {
 			.last_seen_ns = now,
 			.report_ns = now,
@@ -580,6 +600,7 @@ static __always_inline void flow_allowed(struct pkt *p, __u32 ifindex, __u8 dir,
 			.ifindex = ifindex,
 			.dir = dir,
 			.flags = reply ? CT_F_REPLY : 0,
+			.check_jiffies = bpf_jiffies64(),
 		};
 		if (bpf_map_update_elem(&conntrack, &p->t, &nv, BPF_NOEXIST) == 0) {
 			if (!cfg->disabled) {
@@ -588,32 +609,48 @@ static __always_inline void flow_allowed(struct pkt *p, __u32 ifindex, __u8 dir,
 				r.bytes = p->len;
 				emit(&p->t, &r);
 			}
-			return;
+			return 0;
 		}
 		/* Another CPU made it first. */
 		v = bpf_map_lookup_elem(&conntrack, &p->t);
 		if (!v)
-			return;
+			return 0;
 	}
 	if (!reply && (v->flags & CT_F_REPLY))
 		v->flags = 0; /* the policy now allows this direction by itself */
-	if (now - v->last_seen_ns >= CT_REFRESH_NS)
-		v->last_seen_ns = now;
+	int fin = p->tcp_flags & (TCP_FIN | TCP_RST);
+	__u64 tick = bpf_jiffies64();
+	int timed = fin || tick != v->check_jiffies;
+	__u64 now = 0;
+	if (timed) {
+		v->check_jiffies = tick;
+		now = bpf_ktime_get_ns();
+		if (now - v->last_seen_ns >= CT_REFRESH_NS)
+			v->last_seen_ns = now;
+	}
 	/* Without flow records, conntrack is only for replies: no accounting. */
 	if (cfg->disabled || v->ifindex != ifindex || v->dir != dir)
-		return;
+		return v;
 	__sync_fetch_and_add(&v->packets, 1);
 	__sync_fetch_and_add(&v->bytes, p->len);
 	if (p->tcp_flags)
 		__sync_fetch_and_or(&v->tcp_flags, p->tcp_flags);
+	if (!timed)
+		return v;
 	__u64 interval = cfg->report_interval_ns ? cfg->report_interval_ns : DEFAULT_REPORT_INTERVAL_NS;
 	__u64 last = v->report_ns;
-	if (!(p->tcp_flags & (TCP_FIN | TCP_RST)) && now - last < interval)
-		return;
+	if (!fin && now - last < interval)
+		return v;
 	/* One CPU makes the record. */
 	if (__sync_val_compare_and_swap(&v->report_ns, last, now) != last)
-		return;
+		return v;
 	__u64 packets = v->packets, bytes = v->bytes;
+	struct record r = {
+		.now = now,
+		.ifindex = ifindex,
+		.verdict = verdict,
+		.dir = dir,
+	};
 	r.kind = FLOW_UPDATE;
 	r.packets = packets - v->reported_packets;
 	r.bytes = bytes - v->reported_bytes;
@@ -622,6 +659,7 @@ static __always_inline void flow_allowed(struct pkt *p, __u32 ifindex, __u8 dir,
 	r.tcp_flags = __sync_lock_test_and_set(&v->tcp_flags, 0);
 	r.rule_id = v->rule_id;
 	emit(&p->t, &r);
+	return v;
 }
 
 static __always_inline __u32 rotl32(__u32 x, int r)
@@ -849,6 +887,159 @@ static __always_inline int unclassified(__u32 ifindex, __u8 dir, struct pkt *p)
 	return 1;
 }
 
+/* ---- The established-flow fast path ----
+ *
+ * A connection's `conntrack` entry caches, per direction, what the hook
+ * decided for it: the verdict, the rules counted and the route's next hop.
+ * A packet of a known connection that opens or closes nothing takes that
+ * decision with one hash lookup instead of up to five LPM walks. The
+ * decision is used only under the generation it was made under: bpfsync
+ * bumps `datapath_generation` after every write to the policy or route
+ * tables, so a packet gets the decision of the tables as they were before or
+ * after a change (never a stale one once the change is complete). SYN, FIN
+ * and RST, new connections, untracked protocols and expiring TTLs take the
+ * full path; a decision that rested on a tracked reply is re-checked every
+ * tick. */
+
+#define TCP_SYN 0x02
+
+static __always_inline __u64 datapath_generation_now(void)
+{
+	__u32 zero = 0;
+	__u64 *g = bpf_map_lookup_elem(&datapath_generation, &zero);
+	return g ? *g : 0;
+}
+
+/* Whether a packet may use a cached decision at all. */
+static __always_inline int fast_path_candidate(struct pkt *p)
+{
+	if (!tracked_protocol(p->t.protocol))
+		return 0;
+	return p->t.protocol != IPPROTO_TCP || !(p->tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST));
+}
+
+/* Copies the decision cached for (dir, ifindex) under generation `gen` to
+ * *out: 1 when there is one. A seqlock read: the slot's generation before
+ * and after the copy must agree (atomic reads, full barriers on every
+ * architecture, keep the copy between them). */
+static __always_inline int decision_get(struct ct_value *v, __u8 dir, __u32 ifindex, __u64 gen,
+					struct ct_decision *out)
+{
+	struct ct_decision *d = &v->decision[dir & 1];
+	__u64 want = gen + CT_DECISION_GEN_BASE;
+	if (__sync_fetch_and_add(&d->generation, 0) != want)
+		return 0;
+	__builtin_memcpy(out, d, sizeof(*out));
+	if (__sync_fetch_and_add(&d->generation, 0) != want)
+		return 0;
+	return out->ifindex == ifindex;
+}
+
+/* Caches `nd` as the decision of its direction under `gen` (read before the
+ * tables were). One writer at a time takes the slot (compare-and-swap to
+ * CT_DECISION_WRITING); another that finds it taken leaves it. */
+static __always_inline void decision_put(struct ct_value *v, __u8 dir, __u64 gen, const struct ct_decision *nd)
+{
+	if (!v)
+		return;
+	struct ct_decision *d = &v->decision[dir & 1];
+	__u64 old = d->generation;
+	if (old == CT_DECISION_WRITING || __sync_val_compare_and_swap(&d->generation, old, CT_DECISION_WRITING) != old)
+		return;
+	d->ifindex = nd->ifindex;
+	d->rule_id = nd->rule_id;
+	d->out_rule_id = nd->out_rule_id;
+	__builtin_memcpy(&d->route, &nd->route, sizeof(d->route));
+	d->verdict = nd->verdict;
+	d->reply = nd->reply;
+	__sync_lock_test_and_set(&d->generation, gen + CT_DECISION_GEN_BASE);
+}
+
+/* A cached decision that let a reply through holds while the connection it
+ * replies to is tracked: checked once per tick. */
+static __always_inline int reply_still_holds(struct ct_value *v, struct pkt *p)
+{
+	return bpf_jiffies64() == v->check_jiffies || is_reply(p);
+}
+
+/* Looks for the cached decision of a packet on (ifindex, dir): 1 and *d
+ * when it can be used; `found` gets the conntrack lookup either way. */
+static __always_inline int cached_decision(struct pkt *p, __u32 ifindex, __u8 dir, __u64 gen, struct ct_found *found,
+					   struct ct_decision *d)
+{
+	if (!fast_path_candidate(p))
+		return 0;
+	found->v = bpf_map_lookup_elem(&conntrack, &p->t);
+	found->looked_up = 1;
+	if (!found->v || !decision_get(found->v, dir, ifindex, gen, d))
+		return 0;
+	if (d->verdict == VERDICT_FORWARD && p->ttl <= 1)
+		return 0;
+	return !d->reply || reply_still_holds(found->v, p);
+}
+
+/* Routes a packet allowed on both interfaces: TTL / hop limit, MACs,
+ * counters, flow record, redirect. *v gets the conntrack entry. */
+static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, __u32 in_ifindex, const struct route_value *r,
+				   __u32 record_rule_id, int reply, struct ct_found found, struct ct_value **v)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return XDP_PASS;
+	if (p->t.family == 4) {
+		struct iphdr *iph = (void *)(eth + 1);
+		if ((void *)(iph + 1) > data_end)
+			return XDP_PASS;
+		ipv4_decrease_ttl(iph);
+	} else {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > data_end)
+			return XDP_PASS;
+		ip6->hop_limit--;
+	}
+	__builtin_memcpy(eth->h_dest, r->dst_mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, r->src_mac, ETH_ALEN);
+	add_stats(&verdict_stats, DIR_INGRESS * VERDICT_MAX + VERDICT_FORWARD, p->len);
+	add_keyed_stats(&route_stats, r->route_id, p->len);
+	*v = flow_allowed(p, in_ifindex, DIR_INGRESS, FLOW_REDIRECTED, record_rule_id, reply, found);
+	__u32 zero = 0;
+	struct redirect_slot *slot = bpf_map_lookup_elem(&redirect_slot, &zero);
+	if (slot) {
+		slot->in_ifindex = in_ifindex;
+		slot->to_ifindex = r->ifindex;
+		slot->route_id = r->route_id;
+		slot->len = p->len;
+	}
+	return bpf_redirect(r->ifindex, 0);
+}
+
+/* The fast path of `mesh_ingress`: what the full path below does for the
+ * same decision. */
+static __always_inline int ingress_cached(struct xdp_md *ctx, struct pkt *p, __u32 in_ifindex,
+					  const struct ct_decision *d, struct ct_found found)
+{
+	if (d->rule_id)
+		add_keyed_stats(&rule_stats, d->rule_id, p->len);
+	if (d->verdict != VERDICT_FORWARD) {
+		count_pass(DIR_INGRESS, d->verdict == VERDICT_REPLY ? CHECK_REPLY : CHECK_ALLOW, p->len);
+		flow_allowed(p, in_ifindex, DIR_INGRESS, FLOW_FORWARDED, 0, d->reply, found);
+		return XDP_PASS;
+	}
+	if (d->out_rule_id)
+		add_keyed_stats(&rule_stats, d->out_rule_id, p->len);
+	struct ct_value *v = 0;
+	return forward(ctx, p, in_ifindex, &d->route, 0, d->reply, found, &v);
+}
+
+/* The rule a check counted in `rule_stats` (policy_check): an allowing
+ * rule, not a default deny a reply passed. */
+static __always_inline __u32 counted_rule(int check, __u32 rule_id)
+{
+	return check == CHECK_ALLOW ? rule_id : 0;
+}
+
 SEC("xdp")
 int mesh_ingress(struct xdp_md *ctx)
 {
@@ -866,9 +1057,23 @@ int mesh_ingress(struct xdp_md *ctx)
 	/* XDP frames are linear: what is not there is not in the packet. */
 	if (parsed == UNPARSEABLE)
 		return unclassified(in_ifindex, DIR_INGRESS, &p) ? XDP_DROP : XDP_PASS;
+	/* Read before any table: a decision made from tables that change
+	 * meanwhile is cached under the generation they are leaving. */
+	__u64 gen = datapath_generation_now();
+	struct ct_found found = {};
+	struct ct_decision d;
+	if (cached_decision(&p, in_ifindex, DIR_INGRESS, gen, &found, &d))
+		return ingress_cached(ctx, &p, in_ifindex, &d, found);
+
 	int check = policy_check(in_ifindex, DIR_INGRESS, &p, &rule_id);
 	if (check == CHECK_DROP)
 		return XDP_DROP;
+	struct ct_decision nd = {
+		.ifindex = in_ifindex,
+		.rule_id = counted_rule(check, rule_id),
+		.verdict = check == CHECK_REPLY ? VERDICT_REPLY : VERDICT_PASS,
+		.reply = check == CHECK_REPLY,
+	};
 
 	struct route_key rk = { .prefixlen = 32 + (p.t.family == 4 ? 32 : 128), .family = p.t.family };
 	__builtin_memcpy(rk.addr, p.t.daddr, 16);
@@ -880,7 +1085,10 @@ int mesh_ingress(struct xdp_md *ctx)
 			add_stats(&verdict_stats, DIR_INGRESS * VERDICT_MAX + VERDICT_TTL_EXCEEDED, p.len);
 		else
 			count_pass(DIR_INGRESS, check, p.len);
-		flow_allowed(&p, in_ifindex, DIR_INGRESS, FLOW_FORWARDED, rule_id, check == CHECK_REPLY);
+		struct ct_value *v =
+			flow_allowed(&p, in_ifindex, DIR_INGRESS, FLOW_FORWARDED, rule_id, check == CHECK_REPLY, found);
+		if (!r)
+			decision_put(v, DIR_INGRESS, gen, &nd);
 		return XDP_PASS;
 	}
 	/* The redirect bypasses the stack's egress (and `mesh_egress`): the
@@ -889,37 +1097,15 @@ int mesh_ingress(struct xdp_md *ctx)
 	int out_check = policy_check(r->ifindex, DIR_EGRESS, &p, &out_rule_id);
 	if (out_check == CHECK_DROP)
 		return XDP_DROP;
-
-	struct ethhdr *eth = data;
-	if ((void *)(eth + 1) > data_end)
-		return XDP_PASS;
-	if (p.t.family == 4) {
-		struct iphdr *iph = (void *)(eth + 1);
-		if ((void *)(iph + 1) > data_end)
-			return XDP_PASS;
-		ipv4_decrease_ttl(iph);
-	} else {
-		struct ipv6hdr *ip6 = (void *)(eth + 1);
-		if ((void *)(ip6 + 1) > data_end)
-			return XDP_PASS;
-		ip6->hop_limit--;
-	}
-	__builtin_memcpy(eth->h_dest, r->dst_mac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, r->src_mac, ETH_ALEN);
-	add_stats(&verdict_stats, DIR_INGRESS * VERDICT_MAX + VERDICT_FORWARD, p.len);
-	add_keyed_stats(&route_stats, r->route_id, p.len);
+	nd.out_rule_id = counted_rule(out_check, out_rule_id);
+	nd.verdict = VERDICT_FORWARD;
+	nd.reply = check == CHECK_REPLY || out_check == CHECK_REPLY;
+	__builtin_memcpy(&nd.route, r, sizeof(nd.route));
+	struct ct_value *v = 0;
 	/* The record names the rule that let it in, else the one that let it out. */
-	flow_allowed(&p, in_ifindex, DIR_INGRESS, FLOW_REDIRECTED, rule_id ? rule_id : out_rule_id,
-		     check == CHECK_REPLY || out_check == CHECK_REPLY);
-	__u32 zero = 0;
-	struct redirect_slot *slot = bpf_map_lookup_elem(&redirect_slot, &zero);
-	if (slot) {
-		slot->in_ifindex = in_ifindex;
-		slot->to_ifindex = r->ifindex;
-		slot->route_id = r->route_id;
-		slot->len = p.len;
-	}
-	return bpf_redirect(r->ifindex, 0);
+	int action = forward(ctx, &p, in_ifindex, &nd.route, rule_id ? rule_id : out_rule_id, nd.reply, found, &v);
+	decision_put(v, DIR_INGRESS, gen, &nd);
+	return action;
 }
 
 /* `xdp:xdp_redirect_err` (include/trace/events/xdp.h): for a redirect
@@ -983,13 +1169,31 @@ int mesh_egress(struct __sk_buff *skb)
 	}
 	if (parsed == UNPARSEABLE)
 		return unclassified(skb->ifindex, DIR_EGRESS, &p) ? TC_ACT_SHOT : TC_ACT_UNSPEC;
+	__u64 gen = datapath_generation_now();
+	struct ct_found found = {};
+	struct ct_decision d;
+	/* TCX_NEXT (TC_ACT_UNSPEC): later programs of the chain still run. */
+	if (cached_decision(&p, skb->ifindex, DIR_EGRESS, gen, &found, &d)) {
+		if (d.rule_id)
+			add_keyed_stats(&rule_stats, d.rule_id, p.len);
+		count_pass(DIR_EGRESS, d.verdict == VERDICT_REPLY ? CHECK_REPLY : CHECK_ALLOW, p.len);
+		flow_allowed(&p, skb->ifindex, DIR_EGRESS, FLOW_FORWARDED, 0, d.reply, found);
+		return TC_ACT_UNSPEC;
+	}
 	__u32 rule_id = 0;
 	int check = policy_check(skb->ifindex, DIR_EGRESS, &p, &rule_id);
 	if (check == CHECK_DROP)
 		return TC_ACT_SHOT;
 	count_pass(DIR_EGRESS, check, p.len);
-	flow_allowed(&p, skb->ifindex, DIR_EGRESS, FLOW_FORWARDED, rule_id, check == CHECK_REPLY);
-	/* TCX_NEXT: later programs of the chain still run. */
+	struct ct_value *v =
+		flow_allowed(&p, skb->ifindex, DIR_EGRESS, FLOW_FORWARDED, rule_id, check == CHECK_REPLY, found);
+	struct ct_decision nd = {
+		.ifindex = skb->ifindex,
+		.rule_id = counted_rule(check, rule_id),
+		.verdict = check == CHECK_REPLY ? VERDICT_REPLY : VERDICT_PASS,
+		.reply = check == CHECK_REPLY,
+	};
+	decision_put(v, DIR_EGRESS, gen, &nd);
 	return TC_ACT_UNSPEC;
 }
 

@@ -203,9 +203,27 @@ plain! {
         pub dir: u8,
         pub flags: u8,
         pub pad: [u8; 2],
+        pub check_jiffies: u64,
+        pub decision: [CtDecision; 2],
     }
 }
-const _: () = assert!(std::mem::size_of::<CtValue>() == 64);
+const _: () = assert!(std::mem::size_of::<CtValue>() == 168);
+
+plain! {
+    /// `struct ct_decision`: a hook's cached decision for a connection (the
+    /// established-flow fast path), valid under one `datapath_generation`.
+    pub struct CtDecision {
+        pub generation: u64,
+        pub ifindex: u32,
+        pub rule_id: u32,
+        pub out_rule_id: u32,
+        pub route: RouteValue,
+        pub verdict: u8,
+        pub reply: u8,
+        pub pad: [u8; 6],
+    }
+}
+const _: () = assert!(std::mem::size_of::<CtDecision>() == 48);
 
 /// `CT_F_REPLY`: an entry made for the reply direction of a connection.
 pub const CT_F_REPLY: u8 = 1;

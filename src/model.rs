@@ -245,6 +245,13 @@ pub trait NodeFacts: Send + Sync + fmt::Debug {
     fn counter_ids(&self) -> Vec<(MapRef, std::collections::BTreeSet<u32>)> {
         Vec::new()
     }
+    /// A generation map (a u64 at index 0 of an array) and the maps it
+    /// guards: the datapath caches decisions made from the guarded maps'
+    /// entries under the generation, so every change to them must be
+    /// followed by a bump.
+    fn generation(&self) -> Option<(MapRef, Vec<MapRef>)> {
+        None
+    }
 }
 
 /// A desired object that cannot be put in place on this node as it is.

@@ -117,7 +117,17 @@ fn every_shared_struct_has_the_same_layout_in_c_and_rust() {
         mirror!(CtValue {
             "last_seen_ns" => last_seen_ns, "report_ns" => report_ns, "packets" => packets, "bytes" => bytes,
             "reported_packets" => reported_packets, "reported_bytes" => reported_bytes, "rule_id" => rule_id,
-            "ifindex" => ifindex, "tcp_flags" => tcp_flags, "dir" => dir, "flags" => flags, "pad" => pad
+            "ifindex" => ifindex, "tcp_flags" => tcp_flags, "dir" => dir, "flags" => flags, "pad" => pad,
+            "check_jiffies" => check_jiffies, "decision" => decision
+        }),
+        p,
+    );
+    check(
+        &mesh,
+        "ct_decision",
+        mirror!(CtDecision {
+            "generation" => generation, "ifindex" => ifindex, "rule_id" => rule_id, "out_rule_id" => out_rule_id,
+            "route" => route, "verdict" => verdict, "reply" => reply, "pad" => pad
         }),
         p,
     );

@@ -79,6 +79,11 @@ pub enum KernelOp {
     UnpinMap {
         map: MapRef,
     },
+    /// Retires the decisions the datapath cached from the tables a step
+    /// changed ([`crate::model::NodeFacts::generation`]).
+    BumpGeneration {
+        map: MapRef,
+    },
 }
 
 mod hex_list {
@@ -334,6 +339,7 @@ pub fn steps(plan: &Plan, desired: &Desired, observed: &State) -> Vec<Step> {
             }),
         }
     }
+    add_generation_bumps(&mut out, desired);
     // Empty undo halves of entry steps are dropped.
     for s in &mut out {
         s.undo.retain(|op| match op {
@@ -343,6 +349,23 @@ pub fn steps(plan: &Plan, desired: &Desired, observed: &State) -> Vec<Step> {
         });
     }
     out
+}
+
+/// After every step that writes or deletes entries of a table the datapath
+/// caches decisions from, and after its undo, the generation is bumped: a
+/// decision cached from the tables before (or during) the step is never
+/// used after it. In the undo too, because a rollback — also one by the
+/// next start's recovery, after a kill between the write and the bump —
+/// changes the tables again.
+fn add_generation_bumps(steps: &mut [Step], desired: &Desired) {
+    let Some((generation, guarded)) = desired.state.mesh.as_ref().and_then(|m| m.0.generation()) else { return };
+    for s in steps {
+        let (Some(Batch::Writes(map)) | Some(Batch::Deletes(map))) = &s.batch else { continue };
+        if guarded.contains(map) {
+            s.forward.push(KernelOp::BumpGeneration { map: generation.clone() });
+            s.undo.push(KernelOp::BumpGeneration { map: generation.clone() });
+        }
+    }
 }
 
 /// Adds one entry write to the current write batch of `map`, or starts one.
@@ -437,6 +460,7 @@ fn run_op<K: Kernel + ?Sized>(k: &mut K, op: &KernelOp, desired: Option<&Desired
         KernelOp::Unevict { foreign } => k.unevict(foreign),
         KernelOp::PinMap { map, id } => k.pin_map(map, *id),
         KernelOp::UnpinMap { map } => k.unpin_map(map),
+        KernelOp::BumpGeneration { map } => k.bump_generation(map),
     }
 }
 
@@ -471,7 +495,12 @@ fn roll_back<K: Kernel + ?Sized>(k: &mut K, undos: &[Vec<KernelOp>], retry: Retr
                 // A map that is gone has no entries to put back (the step
                 // failed to open it, or its pin was removed meanwhile).
                 Err(e @ KernelError::NotFound { .. })
-                    if matches!(op, KernelOp::WriteEntries { .. } | KernelOp::DeleteEntries { .. }) =>
+                    if matches!(
+                        op,
+                        KernelOp::WriteEntries { .. }
+                            | KernelOp::DeleteEntries { .. }
+                            | KernelOp::BumpGeneration { .. }
+                    ) =>
                 {
                     tracing::warn!(error = %e, "nothing to undo: the map is gone");
                 }

@@ -202,6 +202,15 @@ pub trait Kernel {
     /// to big maps without reading them whole.
     fn lookup_entries(&mut self, map: &MapRef, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, KernelError>;
 
+    /// Adds one to the u64 at index 0 of an array map: the generation the
+    /// datapath checks its cached decisions against.
+    fn bump_generation(&mut self, map: &MapRef) -> Result<(), KernelError> {
+        let key = 0u32.to_ne_bytes().to_vec();
+        let current = self.lookup_entries(map, std::slice::from_ref(&key))?.pop().flatten();
+        let n = current.and_then(|v| Some(u64::from_ne_bytes(v.get(..8)?.try_into().ok()?))).unwrap_or(0);
+        self.write_entries(map, &[(key, n.wrapping_add(1).to_ne_bytes().to_vec())])
+    }
+
     /// Mutating kernel calls made so far (for minimality tests).
     fn writes(&self) -> u64;
 }

@@ -47,6 +47,12 @@ pub fn flow_config(f: Option<&crate::spec::FlowsSpec>) -> crate::datapath::FlowC
         },
     }
 }
+/// The generation of the policy and route tables (`datapath_generation`):
+/// bumped after every write to [`GENERATION_GUARDED`] maps, it retires the
+/// decisions the datapath cached for established flows.
+pub const GENERATION_MAP: &str = "datapath_generation";
+/// The maps the datapath's cached decisions are made from.
+pub const GENERATION_GUARDED: [&str; 3] = [PEERS_MAP, ACTIONS_MAP, ROUTES_MAP];
 /// Maps whose entries bpfsync writes from the spec.
 pub const MANAGED_MAPS: [&str; 4] = [ACTIONS_MAP, PEERS_MAP, NAMES_MAP, ROUTES_MAP];
 /// Maps of policy entries, shown in the plan in spec terms.
@@ -143,6 +149,10 @@ impl crate::model::NodeFacts for MeshModel {
         let interfaces = hops.clone().map(|h| h.interface.clone()).collect();
         let neighbors = hops.filter(|h| h.mac.is_none()).map(|h| (h.interface.clone(), h.neighbor)).collect();
         (interfaces, neighbors)
+    }
+
+    fn generation(&self) -> Option<(MapRef, Vec<MapRef>)> {
+        Some((map_ref(GENERATION_MAP), GENERATION_GUARDED.iter().map(|m| map_ref(m)).collect()))
     }
 
     fn counter_ids(&self) -> Vec<(MapRef, std::collections::BTreeSet<u32>)> {
