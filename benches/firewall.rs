@@ -186,7 +186,8 @@ impl Generator {
             fresh_maps: vec![],
         })
         .unwrap();
-        let mut p = Packet::new(IpAddr::V4(a.peer_ip), IpAddr::V4(b.peer_ip), Transport::Udp { sport: 10000, dport: 9000 });
+        let mut p =
+            Packet::new(IpAddr::V4(a.peer_ip), IpAddr::V4(b.peer_ip), Transport::Udp { sport: 10000, dport: 9000 });
         p.ttl = 64;
         p.dst_mac = mac(&a.host_if);
         p.src_mac = a.peer_mac().unwrap().parse::<MacText>().unwrap().0;
@@ -307,7 +308,14 @@ const ROUNDS: usize = 3;
 
 /// Runs `f` with `filter` holding `n` rules on R, and the generator
 /// handing its frames to R as that filter meets them; removes it after.
-fn with_filter<T>(filter: Filter, a: &Sandbox, b: &Sandbox, n: usize, generator: &Generator, f: impl FnOnce() -> T) -> T {
+fn with_filter<T>(
+    filter: Filter,
+    a: &Sandbox,
+    b: &Sandbox,
+    n: usize,
+    generator: &Generator,
+    f: impl FnOnce() -> T,
+) -> T {
     match filter {
         Filter::NoFilter => forwarding(f),
         Filter::NftSets => {
@@ -357,7 +365,8 @@ fn main() {
     }
     // iptables-nft makes the `ip filter` table when it is missing; it goes
     // again at the end if it was not there before.
-    let filter_table = || Command::new("nft").args(["list", "table", "ip", "filter"]).output().is_ok_and(|o| o.status.success());
+    let filter_table =
+        || Command::new("nft").args(["list", "table", "ip", "filter"]).output().is_ok_and(|o| o.status.success());
     let had_filter_table = filter_table();
     let (a, b) = (Sandbox::create().unwrap(), Sandbox::create().unwrap());
     Sandbox::route_through_host(&a, &b).unwrap();
