@@ -292,13 +292,13 @@ fn sysfs_counter(iface: &str, name: &str) -> u64 {
 #[derive(Clone, Copy, PartialEq)]
 enum Filter {
     /// The kernel forwarding, no rules: the floor.
-    NoFilter,
+    Unfiltered,
     NftSets,
     Iptables,
     Mesh,
 }
 
-const FILTERS: [Filter; 4] = [Filter::NoFilter, Filter::NftSets, Filter::Iptables, Filter::Mesh];
+const FILTERS: [Filter; 4] = [Filter::Unfiltered, Filter::NftSets, Filter::Iptables, Filter::Mesh];
 
 /// Round trips are measured in this many rounds per cell, the filters
 /// taking turns, and the median of the rounds' medians is shown: the
@@ -317,7 +317,7 @@ fn with_filter<T>(
     f: impl FnOnce() -> T,
 ) -> T {
     match filter {
-        Filter::NoFilter => forwarding(f),
+        Filter::Unfiltered => forwarding(f),
         Filter::NftSets => {
             nft_rules(a, n);
             let out = forwarding(f);
