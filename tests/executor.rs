@@ -256,6 +256,10 @@ struct Crashing {
     inner: MemoryKernel,
     crash_at: u64,
     drop_writes: bool,
+    /// Non-zero: a batch write quietly loses every Nth entry.
+    lose_every: usize,
+    /// The maps each observation read entries of.
+    scopes: Vec<std::collections::BTreeSet<MapRef>>,
 }
 
 impl Crashing {
@@ -268,6 +272,7 @@ impl Crashing {
 
 impl Kernel for Crashing {
     fn observe(&mut self, s: &Scope) -> Result<State, KernelError> {
+        self.scopes.push(s.maps.clone());
         self.inner.observe(s)
     }
     fn load_program(&mut self, r: &LoadRequest) -> Result<(), KernelError> {
@@ -289,6 +294,11 @@ impl Kernel for Crashing {
         if self.drop_writes && e.len() == 1 {
             self.drop_writes = false;
             return Ok(()); // claims success, writes nothing (once)
+        }
+        if self.lose_every > 0 && e.len() > 1 {
+            let kept: Vec<_> =
+                e.iter().enumerate().filter(|(i, _)| i % self.lose_every != 0).map(|(_, x)| x.clone()).collect();
+            return self.inner.write_entries(m, &kept);
         }
         self.inner.write_entries(m, e)
     }
@@ -340,7 +350,13 @@ fn sweep_crashes(base: &MemoryKernel, target: &Desired) {
     let mut base = base.clone();
     let start = normal(&mut base);
     for crash_after in 1..60 {
-        let mut c = Crashing { inner: base.clone(), crash_at: base.calls() + crash_after, drop_writes: false };
+        let mut c = Crashing {
+            inner: base.clone(),
+            crash_at: base.calls() + crash_after,
+            drop_writes: false,
+            lose_every: 0,
+            scopes: vec![],
+        };
         let observed = c.observe(&scope_for(&target.state)).unwrap();
         let p = plan::plan(&target.state, &observed);
         let mut journal = MemJournal::default();
@@ -388,7 +404,7 @@ fn a_kernel_that_does_not_take_a_write_fails_verification_and_rolls_back() {
     converge(&mut base, &a);
     let start = normal(&mut base);
     let changed = desired(&SPEC_A.replace("{ key: 1, value: 1 }", "{ key: 1, value: 2 }"));
-    let mut c = Crashing { inner: base, crash_at: u64::MAX, drop_writes: true };
+    let mut c = Crashing { inner: base, crash_at: u64::MAX, drop_writes: true, lose_every: 0, scopes: vec![] };
     let observed = c.observe(&scope_for(&changed.state)).unwrap();
     let p = plan::plan(&changed.state, &observed);
     assert_eq!(p.changes.len(), 1);
@@ -405,7 +421,7 @@ fn a_failed_verification_whose_rollback_fails_reports_both_and_keeps_the_journal
     let changed = desired(&SPEC_A.replace("{ key: 1, value: 1 }", "{ key: 1, value: 2 }"));
     // The one-entry write is dropped, so verification fails; then every
     // write fails, so the rollback's write of the old value does too.
-    let mut c = Crashing { inner: base, crash_at: u64::MAX, drop_writes: true };
+    let mut c = Crashing { inner: base, crash_at: u64::MAX, drop_writes: true, lose_every: 0, scopes: vec![] };
     let observed = c.observe(&scope_for(&changed.state)).unwrap();
     let p = plan::plan(&changed.state, &observed);
     c.inner.fail_op = Some("write_entries".into());
@@ -472,4 +488,33 @@ fn a_map_that_would_overflow_mid_apply_fails_the_plan_before_touching_the_kernel
     let fits = class_ports(1001..4001);
     let observed = k.observe(&scope_for(&fits.state)).unwrap();
     assert!(plan::plan(&fits.state, &observed).errors.is_empty());
+}
+
+/// A map the apply made itself (its program loaded, the map new) holds
+/// only what the apply wrote, with every write confirmed: it is verified by
+/// reading back a sample of the written keys, not by reading it whole — and
+/// a kernel that quietly loses part of a big batch is still caught.
+#[test]
+fn a_map_made_by_the_apply_is_verified_by_a_sample_that_catches_lost_writes() {
+    let entries: String = (0..5_000).map(|i| format!("          - {{ key: {i}, value: {i} }}\n")).collect();
+    let big = desired(&format!(
+        "programs:\n  - name: big\n    object: ../tests/fixtures/bigmap.bpf.o\n    type: xdp\n    maps:\n      - name: table\n        entries:\n{entries}"
+    ));
+    let table = MapRef { program: "big".into(), map: "table".into() };
+    let run = |lose_every: usize| {
+        let mut c = Crashing { inner: kernel(), crash_at: u64::MAX, drop_writes: false, lose_every, scopes: vec![] };
+        let observed = c.observe(&scope_for(&big.state)).unwrap();
+        let p = plan::plan(&big.state, &observed);
+        let result = apply::apply(&mut c, &p, &big, &observed, &mut MemJournal::default(), Retry::none());
+        (result, c)
+    };
+    let (result, mut honest) = run(0);
+    result.unwrap();
+    assert!(!honest.scopes.last().unwrap().contains(&table), "the verification did not read the map whole");
+    assert_eq!(honest.inner.snapshot().maps[&table].entries.len(), 5_000);
+
+    let (result, mut lying) = run(7);
+    let err = result.unwrap_err();
+    assert!(matches!(err, ApplyError::Verify { .. }), "{err}");
+    assert!(lying.inner.snapshot().programs.is_empty(), "rolled back: {:?}", lying.inner.snapshot().programs);
 }

@@ -213,6 +213,7 @@ pub fn steps(plan: &Plan, desired: &Desired, observed: &State) -> Vec<Step> {
     };
     let digest_of = |state: &State, name: &str| state.programs.get(name).map(|p| p.digest.clone()).unwrap_or_default();
     let mut out: Vec<Step> = Vec::new();
+    let mut array_of_last: Option<(&MapRef, bool)> = None;
     for c in &plan.changes {
         match &c.op {
             Op::LoadProgram { program, fresh_maps } => {
@@ -237,8 +238,18 @@ pub fn steps(plan: &Plan, desired: &Desired, observed: &State) -> Vec<Step> {
             Op::WriteEntry { map, key, value, old } => {
                 // An array holds every index: a new entry is undone by
                 // writing zeroes back (arrays refuse deletes with EINVAL).
+                // (Whether a map is an array is asked once per run of its
+                // entries, not per entry: a 100,000-entry plan is one run.)
+                let array = match array_of_last {
+                    Some((m, a)) if m == map => a,
+                    _ => {
+                        let a = is_array(map);
+                        array_of_last = Some((map, a));
+                        a
+                    }
+                };
                 let old = match old {
-                    None if is_array(map) => Some(vec![0u8; value.len()]),
+                    None if array => Some(vec![0u8; value.len()]),
                     other => other.clone(),
                 };
                 push_entry_write(&mut out, map, key, value, old);
@@ -371,8 +382,8 @@ fn add_generation_bumps(steps: &mut [Step], desired: &Desired) {
 /// Adds one entry write to the current write batch of `map`, or starts one.
 /// The undo deletes keys that were new and writes back old values.
 fn push_entry_write(out: &mut Vec<Step>, map: &MapRef, key: &[u8], value: &[u8], old: Option<Vec<u8>>) {
-    let batch = Some(Batch::Writes(map.clone()));
-    if out.last().is_none_or(|s| s.batch != batch) {
+    if !matches!(out.last(), Some(Step { batch: Some(Batch::Writes(m)), .. }) if m == map) {
+        let batch = Some(Batch::Writes(map.clone()));
         out.push(Step {
             what: format!("write entries of map `{map}`"),
             forward: vec![KernelOp::WriteEntries { map: map.clone(), entries: vec![] }],
@@ -398,8 +409,8 @@ fn push_entry_write(out: &mut Vec<Step>, map: &MapRef, key: &[u8], value: &[u8],
 /// one. Array entries are zeroed instead (arrays hold every index). The
 /// undo writes the old values back.
 fn push_entry_delete(out: &mut Vec<Step>, map: &MapRef, key: &[u8], old: &[u8], zero: bool) {
-    let batch = Some(Batch::Deletes(map.clone()));
-    if out.last().is_none_or(|s| s.batch != batch) {
+    if !matches!(out.last(), Some(Step { batch: Some(Batch::Deletes(m)), .. }) if m == map) {
+        let batch = Some(Batch::Deletes(map.clone()));
         let forward = if zero {
             KernelOp::WriteEntries { map: map.clone(), entries: vec![] }
         } else {
@@ -681,7 +692,7 @@ pub fn apply<K: Kernel + ?Sized>(
 }
 
 /// Up to this many changed keys of a map are verified by reading them back
-/// one by one; beyond, the map is read whole.
+/// one by one; beyond, the map is read whole — unless this apply made it.
 const POINT_VERIFY_MAX: usize = 1024;
 
 /// What is still different after an apply: (address, reason) of each
@@ -689,7 +700,13 @@ const POINT_VERIFY_MAX: usize = 1024;
 /// map whose program was not reloaded and whose plan touched few keys is
 /// checked by reading back exactly those keys — a one-key change to a
 /// 100k-entry map costs one lookup to verify, not a full read (the other
-/// keys were observed moments before, to make the plan).
+/// keys were observed moments before, to make the plan). A map this apply
+/// created (its program loaded, the map new or made fresh) holds only what
+/// this apply wrote, and every write was confirmed by the kernel: it is
+/// checked by reading back an even sample of POINT_VERIFY_MAX of the
+/// written keys (they are in the map that is pinned, with their values),
+/// not by reading 100,000 entries back. Managed maps have one writer,
+/// bpfsync, which holds the node's lock; the datapath never writes them.
 fn verify<K: Kernel + ?Sized>(
     k: &mut K,
     plan: &Plan,
@@ -698,25 +715,47 @@ fn verify<K: Kernel + ?Sized>(
 ) -> Result<Vec<(String, String)>, KernelError> {
     let mut touched: BTreeMap<MapRef, Vec<Vec<u8>>> = BTreeMap::new();
     let mut reloaded = std::collections::BTreeSet::new();
+    let mut fresh = std::collections::BTreeSet::new();
     for c in &plan.changes {
         match &c.op {
             Op::WriteEntry { map, key, .. } | Op::DeleteEntry { map, key, .. } => {
                 touched.entry(map.clone()).or_default().push(key.clone())
             }
-            Op::LoadProgram { program, .. } => {
+            Op::LoadProgram { program, fresh_maps } => {
                 reloaded.insert(program.clone());
+                fresh.extend(fresh_maps.iter().map(|m| MapRef { program: program.clone(), map: m.clone() }));
             }
             _ => {}
         }
     }
     let mut scope = scope_for(&desired.state);
+    // Made by this apply: its program was loaded, and the map was not there
+    // before (or was made anew), so only this apply wrote it.
+    let made: std::collections::BTreeSet<MapRef> = scope
+        .maps
+        .iter()
+        .filter(|r| {
+            reloaded.contains(&r.program)
+                && desired.state.maps.get(*r).is_some_and(|m| m.managed)
+                && (fresh.contains(*r) || !before.maps.contains_key(*r))
+                && touched.get(*r).is_some_and(|keys| keys.len() > POINT_VERIFY_MAX)
+        })
+        .cloned()
+        .collect();
+    for r in &made {
+        if let Some(keys) = touched.get_mut(r) {
+            let step = keys.len().div_ceil(POINT_VERIFY_MAX);
+            *keys = keys.iter().step_by(step).cloned().collect();
+        }
+    }
     let point: std::collections::BTreeSet<MapRef> = scope
         .maps
         .iter()
         .filter(|r| {
-            !reloaded.contains(&r.program)
-                && before.maps.get(*r).is_some_and(|m| m.managed)
-                && touched.get(*r).map_or(0, Vec::len) <= POINT_VERIFY_MAX
+            made.contains(*r)
+                || (!reloaded.contains(&r.program)
+                    && before.maps.get(*r).is_some_and(|m| m.managed)
+                    && touched.get(*r).map_or(0, Vec::len) <= POINT_VERIFY_MAX)
         })
         .cloned()
         .collect();
