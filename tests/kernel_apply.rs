@@ -259,6 +259,32 @@ fn a_large_fresh_map_is_written_in_parallel_slices_and_holds_every_entry() {
     }
 }
 
+/// LPM tries (policy peers, routes) are written in batched calls too:
+/// 2,000 peer prefixes take a handful of kernel writes, not 2,000.
+#[test]
+fn lpm_trie_entries_are_written_in_batches() {
+    let env = Env::new();
+    let sb = Sandbox::create().unwrap();
+    let peers: Vec<String> = (0..2_000).map(|i| format!("10.{}.{}.0/24", i / 256, i % 256)).collect();
+    let text = format!(
+        "{HEAD}interfaces:\n  - name: {iface}\n    mesh: {{ mode: skb }}\npolicies:\n  - name: p\n    interfaces: [{iface}]\n    ingress:\n      - from: [{peers}]\n        ports: [{{ port: 80, protocol: tcp }}]\n",
+        iface = sb.host_if,
+        peers = peers.join(", ")
+    );
+    let path = write_spec(env.state.path(), "peers.yaml", &text);
+    let d = desired(&path);
+    let mut k = env.kernel();
+    let observed = k.observe(&scope_for(&d.state)).unwrap();
+    let p = plan::plan(&d.state, &observed);
+    let report = apply::apply(&mut k, &p, &d, &observed, &mut MemJournal::default(), Retry::none()).unwrap();
+    assert!(report.kernel_writes < 40, "{report:?}");
+    let observed = k.observe(&scope_for(&d.state)).unwrap();
+    let peers_map = MapRef { program: "mesh".into(), map: "policy_peers".into() };
+    assert!(observed.maps[&peers_map].entries.len() >= 2_000);
+    assert!(plan::plan(&d.state, &observed).is_empty(), "every entry is there");
+    env.run_ok(&["down", "--auto-approve"]);
+}
+
 #[test]
 fn replacing_a_running_program_swaps_the_link_without_missing_a_packet() {
     let env = Env::new();
