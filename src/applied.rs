@@ -125,11 +125,40 @@ pub fn stage(ctx: &Context, loaded: &LoadedSpec, desired: &Desired, name: &str) 
     Ok(tmp)
 }
 
-/// Makes a staged record the last-applied one.
+/// Where the records live; `last-applied` is a symlink to the current one.
+const RECORDS_DIR: &str = "applied-records";
+
+/// Makes a staged record the last-applied one. The record moves under
+/// `applied-records/` and the `last-applied` symlink is replaced by a
+/// rename, atomically: a reader (`status`, the agent's `/status`) finds the
+/// old record or the new one, never none — removing the old directory and
+/// renaming the new one in its place left a moment without either.
 pub fn commit(ctx: &Context, staged: &Path) -> Result<(), AppliedError> {
-    let dir = applied_dir(ctx);
-    let _ = fs::remove_dir_all(&dir);
-    fs::rename(staged, &dir).map_err(|e| AppliedError::io(&dir, e))
+    let records = ctx.state_dir.join(RECORDS_DIR);
+    fs::create_dir_all(&records).map_err(|e| AppliedError::io(&records, e))?;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let name = format!("{nanos}-{}", std::process::id());
+    let target = records.join(&name);
+    fs::rename(staged, &target).map_err(|e| AppliedError::io(&target, e))?;
+    let link = applied_dir(ctx);
+    let new_link = ctx.state_dir.join("last-applied.link");
+    let _ = fs::remove_file(&new_link);
+    std::os::unix::fs::symlink(Path::new(RECORDS_DIR).join(&name), &new_link)
+        .map_err(|e| AppliedError::io(&new_link, e))?;
+    // A state directory from before kept the record as a directory there:
+    // it is moved aside first (once, the only moment without a record).
+    if fs::symlink_metadata(&link).is_ok_and(|m| m.is_dir()) {
+        let aside = records.join("earlier-layout");
+        fs::rename(&link, &aside).map_err(|e| AppliedError::io(&link, e))?;
+    }
+    fs::rename(&new_link, &link).map_err(|e| AppliedError::io(&link, e))?;
+    // Earlier records go (a reader that opened one of their files keeps it).
+    if let Ok(entries) = fs::read_dir(&records) {
+        for e in entries.flatten().filter(|e| e.file_name() != name.as_str()) {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+    Ok(())
 }
 
 /// The last applied spec, compiled again, and its record (None when
@@ -153,5 +182,67 @@ pub fn load(ctx: &Context) -> Result<Option<(AppliedMeta, Desired)>, AppliedErro
 
 /// Forgets what was applied (after `down`).
 pub fn clear(ctx: &Context) {
-    let _ = fs::remove_dir_all(applied_dir(ctx));
+    let link = applied_dir(ctx);
+    if fs::symlink_metadata(&link).is_ok_and(|m| m.is_dir()) {
+        let _ = fs::remove_dir_all(&link);
+    } else {
+        let _ = fs::remove_file(&link);
+    }
+    let _ = fs::remove_dir_all(ctx.state_dir.join(RECORDS_DIR));
+    let _ = fs::remove_file(ctx.state_dir.join("last-applied.link"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(dir: &Path, n: u32) {
+        fs::create_dir_all(dir).unwrap();
+        fs::write(dir.join("spec.yaml"), format!("# {n}\n")).unwrap();
+        fs::write(dir.join("meta.json"), format!("{n}")).unwrap();
+    }
+
+    /// A reader never finds no record while records are committed one
+    /// after another (the agent commits while `/status` reads).
+    #[test]
+    fn a_commit_never_leaves_a_moment_without_a_record() {
+        let state = crate::sandbox::TempDir::create("bpfsync-applied").unwrap();
+        let ctx = Context {
+            bpffs_root: PathBuf::from("/nonexistent"),
+            state_dir: state.path().to_path_buf(),
+            color: false,
+            max_spec_bytes: 1 << 20,
+        };
+        // The layout before: the record a directory at `last-applied`.
+        record(&applied_dir(&ctx), 0);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (link, stop) = (applied_dir(&ctx), stop.clone());
+            std::thread::spawn(move || {
+                let mut misses = 0;
+                let mut reads = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    reads += 1;
+                    if fs::read_to_string(link.join("meta.json")).is_err() {
+                        misses += 1;
+                    }
+                }
+                (misses, reads)
+            })
+        };
+        for n in 1..=300 {
+            let staged = ctx.state_dir.join("last-applied.next");
+            record(&staged, n);
+            commit(&ctx, &staged).unwrap();
+            assert_eq!(fs::read_to_string(applied_dir(&ctx).join("meta.json")).unwrap(), n.to_string());
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (misses, reads) = reader.join().unwrap();
+        // The one move of the earlier layout may be seen; nothing else.
+        assert!(misses <= 1, "{misses} of {reads} reads found no record");
+        assert_eq!(fs::read_dir(ctx.state_dir.join(RECORDS_DIR)).unwrap().count(), 1, "earlier records went");
+        clear(&ctx);
+        assert!(fs::symlink_metadata(applied_dir(&ctx)).is_err());
+        assert!(!ctx.state_dir.join(RECORDS_DIR).exists());
+    }
 }
