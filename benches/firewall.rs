@@ -190,7 +190,7 @@ impl Generator {
             Packet::new(IpAddr::V4(a.peer_ip), IpAddr::V4(b.peer_ip), Transport::Udp { sport: 10000, dport: 9000 });
         p.ttl = 64;
         p.dst_mac = mac(&a.host_if);
-        p.src_mac = a.peer_mac().unwrap().parse::<MacText>().unwrap().0;
+        p.src_mac = bpfsync::net::parse_mac(a.peer_mac().unwrap().trim()).unwrap();
         let mut template = p.build();
         // No UDP checksum (IPv4 allows it): the generator changes the port.
         template[40] = 0;
@@ -271,17 +271,9 @@ fn with_sink<T>(b: &Sandbox, f: impl FnOnce() -> T) -> T {
     out
 }
 
-struct MacText([u8; 6]);
-
-impl std::str::FromStr for MacText {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
-        bpfsync::net::parse_mac(s.trim()).map(MacText).ok_or(())
-    }
-}
-
 fn mac(iface: &str) -> [u8; 6] {
-    std::fs::read_to_string(format!("/sys/class/net/{iface}/address")).unwrap().parse::<MacText>().unwrap().0
+    let text = std::fs::read_to_string(format!("/sys/class/net/{iface}/address")).unwrap();
+    bpfsync::net::parse_mac(text.trim()).unwrap()
 }
 
 fn sysfs_counter(iface: &str, name: &str) -> u64 {

@@ -70,6 +70,12 @@ routes:
     )
 }
 
+/// `bpfsync apply` of a spec text; its output.
+fn apply(env: &Env, text: &str) -> String {
+    let path = write_spec(env.state.path(), "spec.yaml", text);
+    env.run_ok(&["apply", &path, "--auto-approve"])
+}
+
 fn generation(env: &Env) -> u64 {
     let map = MapRef { program: "mesh".into(), map: "datapath_generation".into() };
     let got = env.kernel().lookup_entries(&map, &[0u32.to_ne_bytes().to_vec()]).unwrap();
@@ -99,8 +105,7 @@ fn established_flows_get_the_new_verdict_and_next_hop_right_after_an_apply() {
     let allowing = spec(&iface, &peer, "10.1.0.0/16", "10.7.0.0/16", "02:aa:bb:cc:dd:01");
     let denying = spec(&iface, &peer, "10.2.0.0/16", "10.7.0.0/16", "02:aa:bb:cc:dd:01");
     let rerouted = spec(&iface, &peer, "10.1.0.0/16", "10.7.0.0/16", "02:aa:bb:cc:dd:02");
-    let path = write_spec(env.state.path(), "spec.yaml", &allowing);
-    env.run_ok(&["apply", &path, "--auto-approve"]);
+    apply(&env, &allowing);
     let ingress = pin(&env, "mesh");
     let idx = ifindex(&iface);
     let run = |sport: u16| {
@@ -127,23 +132,19 @@ fn established_flows_get_the_new_verdict_and_next_hop_right_after_an_apply() {
 
     // Through `apply`, the bump is part of the apply: the next packet of an
     // established flow has the new verdict...
-    let path = write_spec(env.state.path(), "spec.yaml", &allowing);
-    env.run_ok(&["apply", &path, "--auto-approve"]);
+    apply(&env, &allowing);
     for _ in 0..3 {
         assert_eq!(run(40000).return_value, XDP_REDIRECT);
     }
-    let path = write_spec(env.state.path(), "spec.yaml", &denying);
-    env.run_ok(&["apply", &path, "--auto-approve"]);
+    apply(&env, &denying);
     assert_eq!(run(40000).return_value, XDP_DROP, "denied from the first packet after the apply");
 
     // ... and the new next hop.
-    let path = write_spec(env.state.path(), "spec.yaml", &allowing);
-    env.run_ok(&["apply", &path, "--auto-approve"]);
+    apply(&env, &allowing);
     for _ in 0..3 {
         assert_eq!(dst_mac(&run(40000)), [2, 0xaa, 0xbb, 0xcc, 0xdd, 1]);
     }
-    let path = write_spec(env.state.path(), "spec.yaml", &rerouted);
-    let out = env.run_ok(&["apply", &path, "--auto-approve"]);
+    let out = apply(&env, &rerouted);
     assert!(out.contains("Plan: 0 to add, 1 to change, 0 to destroy."), "{out}");
     let r = run(40000);
     assert_eq!(r.return_value, XDP_REDIRECT);
@@ -162,13 +163,11 @@ fn established_flows_get_the_new_verdict_and_next_hop_right_after_an_apply() {
     let closed = rerouted.replace("10.7.0.0/16", "10.8.0.0/16");
     write_without_bump(&env, &closed);
     assert_eq!(out_run(), TCX_NEXT, "egress: the cached decision without a bump");
-    let path = write_spec(env.state.path(), "spec.yaml", &rerouted);
-    env.run_ok(&["apply", &path, "--auto-approve"]);
+    apply(&env, &rerouted);
     for _ in 0..3 {
         assert_eq!(out_run(), TCX_NEXT);
     }
-    let path = write_spec(env.state.path(), "spec.yaml", &closed);
-    env.run_ok(&["apply", &path, "--auto-approve"]);
+    apply(&env, &closed);
     assert_eq!(out_run(), TC_SHOT, "egress: denied from the first packet after the apply");
 
     env.run_ok(&["down", "--auto-approve"]);
@@ -184,8 +183,7 @@ fn the_recovery_of_a_killed_apply_retires_decisions_cached_meanwhile() {
     let (iface, peer) = (sb.host_if.clone(), sb.peer_ip.to_string());
     let denying = spec(&iface, &peer, "10.2.0.0/16", "10.7.0.0/16", "02:aa:bb:cc:dd:01");
     let allowing = spec(&iface, &peer, "10.1.0.0/16", "10.7.0.0/16", "02:aa:bb:cc:dd:01");
-    let path = write_spec(env.state.path(), "spec.yaml", &denying);
-    env.run_ok(&["apply", &path, "--auto-approve"]);
+    apply(&env, &denying);
     let ingress = pin(&env, "mesh");
     let idx = ifindex(&iface);
     let run = || {

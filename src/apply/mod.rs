@@ -735,8 +735,8 @@ fn verify<K: Kernel + ?Sized>(
         .maps
         .iter()
         .filter(|r| {
+            // (`scope.maps` holds managed maps only.)
             reloaded.contains(&r.program)
-                && desired.state.maps.get(*r).is_some_and(|m| m.managed)
                 && (fresh.contains(*r) || !before.maps.contains_key(*r))
                 && touched.get(*r).is_some_and(|keys| keys.len() > POINT_VERIFY_MAX)
         })
