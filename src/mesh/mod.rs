@@ -9,6 +9,7 @@
 //! resolved is reported and left as the kernel has it, never half-written.
 
 pub mod counters;
+pub mod evaluate;
 pub mod policy;
 
 use std::collections::{BTreeMap, BTreeSet};
