@@ -310,11 +310,8 @@ mod tests {
 
     fn peer(entries: &mut Entries, ifindex: u32, dir: Direction, prefix: &str, set_id: u32) {
         let c: Cidr = prefix.parse().unwrap();
-        let (k, v) = super::super::policy::encode_peer(
-            ifindex,
-            dir,
-            &super::super::policy::PeerEntry { prefix: c, set_id },
-        );
+        let (k, v) =
+            super::super::policy::encode_peer(ifindex, dir, &super::super::policy::PeerEntry { prefix: c, set_id });
         assert_eq!(k.len(), std::mem::size_of::<PolicyPeerKey>());
         entries.insert(k, v);
     }
