@@ -32,6 +32,9 @@ use super::{ACTIONS_MAP, NAMES_MAP, PEERS_MAP, ROUTES_MAP, map_ref};
 /// (`struct policy_peer_key`: 24 bytes).
 const MAX_DATA: usize = 24;
 
+/// The entries of one prefix length, keyed by their masked data.
+type SameLength<V> = HashMap<Box<[u8]>, V>;
+
 /// An LPM trie's entries, answering longest-prefix lookups as the kernel's
 /// `BPF_MAP_TYPE_LPM_TRIE` does.
 #[derive(Debug, Clone, Default)]
@@ -39,7 +42,7 @@ struct Lpm<V> {
     data_len: usize,
     /// Prefix lengths present, longest first, each with its entries keyed
     /// by their data masked to that length.
-    by_len: Vec<(u32, HashMap<Box<[u8]>, V>)>,
+    by_len: Vec<(u32, SameLength<V>)>,
 }
 
 fn masked(data: &[u8], bits: u32, out: &mut [u8; MAX_DATA]) {
@@ -59,7 +62,7 @@ impl<V> Lpm<V> {
     /// From a map's entries (key = `u32 prefixlen` + data); entries whose
     /// key or value does not decode are left out and counted.
     fn from_entries(entries: &Entries, decode: impl Fn(&[u8]) -> Option<V>) -> (Lpm<V>, usize) {
-        let mut lens: HashMap<u32, HashMap<Box<[u8]>, V>> = HashMap::new();
+        let mut lens: HashMap<u32, SameLength<V>> = HashMap::new();
         let mut data_len = 0;
         let mut bad = 0;
         for (k, v) in entries.iter() {
@@ -79,7 +82,7 @@ impl<V> Lpm<V> {
             lens.entry(prefixlen).or_default().insert(buf[..data.len()].into(), value);
         }
         let mut by_len: Vec<_> = lens.into_iter().collect();
-        by_len.sort_by(|a, b| b.0.cmp(&a.0));
+        by_len.sort_by_key(|(len, _)| std::cmp::Reverse(*len));
         (Lpm { data_len, by_len }, bad)
     }
 
