@@ -18,7 +18,10 @@
 //! - [`mesh`]: policies and routes → entries of the built-in mesh
 //!   datapath's maps (pure; resolved against the observed node when
 //!   planning), and their spec-level view for plans.
-//! - [`plan`]: the pure diff, and its text and JSON renderings.
+//! - [`mesh`] also evaluates a packet over those tables as the datapath
+//!   does (`mesh::evaluate`, proven equal to the kernel by TEST_RUN).
+//! - [`plan`]: the pure diff, and its text and JSON renderings; the policy
+//!   impact of a plan on recorded flows (`plan::impact`).
 //! - [`kernel`]: the one boundary to the kernel: a trait with the real
 //!   backend (aya, raw bpf syscalls, netlink) and an in-memory model for
 //!   tests.
@@ -36,6 +39,7 @@
 //!   the agent's reader, held, filtered (Hubble's flags), exported.
 //! - [`agent`]: the long-running loop: a driver (when), a reconciler
 //!   (what, on the engine), watches, metrics, HTTP, the flow reader.
+//! - [`time`]: RFC 3339 timestamps (flow records, impact windows).
 //! - [`fault`]: kill and panic points for crash tests (environment only).
 //!
 //! Modules use only those below them (`tests/layers.rs` holds the order).
@@ -66,3 +70,4 @@ pub mod sandbox;
 pub mod snapshot;
 pub mod spec;
 pub mod status;
+pub mod time;

@@ -7,6 +7,10 @@
 //! `observed.yaml` describes (its interfaces, MACs and neighbours) — so
 //! policy and route cases read as two specs instead of hex entries.
 //!
+//! A case may also hold `flows.jsonl`: recorded flows (as `bpfsync flows
+//! -o json` prints them). Their policy impact (`plan --impact`) is then
+//! pinned too, in `impact.txt` and `impact.json`.
+//!
 //! After an intended change, regenerate with
 //!     UPDATE_GOLDEN=1 cargo test --test golden
 //! and read the diff before committing.
@@ -15,11 +19,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use bpfsync::compile::{ObjectLoader, compile};
+use bpfsync::flows::record::read_json_lines;
 use bpfsync::plan::{self, text::TextOptions};
 use bpfsync::snapshot::Snapshot;
 use bpfsync::spec;
 
-fn render_case(dir: &Path) -> (String, String) {
+fn render_case(dir: &Path) -> Vec<(&'static str, String)> {
     let spec_path = dir.join("spec.yaml");
     let source = fs::read_to_string(&spec_path).unwrap();
     let compiled = spec::load(&spec_path, &source).and_then(|l| compile(&l, &mut ObjectLoader::default()));
@@ -27,7 +32,7 @@ fn render_case(dir: &Path) -> (String, String) {
         Ok(d) => d,
         Err(diags) => {
             let json = serde_json::to_string_pretty(&diags.to_json()).unwrap() + "\n";
-            return (format!("{diags}\n"), json);
+            return vec![("plan.txt", format!("{diags}\n")), ("plan.json", json)];
         }
     };
     let observed_text = fs::read_to_string(dir.join("observed.yaml")).unwrap();
@@ -49,7 +54,19 @@ fn render_case(dir: &Path) -> (String, String) {
         observed = state;
     }
     let p = plan::plan(&desired.state, &observed);
-    (plan::text::render(&p, TextOptions { color: false }), plan::json::render(&p))
+    let mut out =
+        vec![("plan.txt", plan::text::render(&p, TextOptions { color: false })), ("plan.json", plan::json::render(&p))];
+    let flows_path = dir.join("flows.jsonl");
+    if flows_path.exists() {
+        let file = std::io::BufReader::new(fs::File::open(&flows_path).unwrap());
+        let read = read_json_lines(file, "flows.jsonl", 1_000_000).unwrap();
+        let flows: Vec<_> = read.records.iter().map(|r| r.to_recorded().unwrap()).collect();
+        let (after, _) = plan::resolve_desired(&desired.state, &observed);
+        let impact = plan::impact::evaluate(&observed, &after, &observed, &flows);
+        out.push(("impact.txt", plan::impact::render_text(&impact)));
+        out.push(("impact.json", serde_json::to_string_pretty(&plan::impact::to_value(&impact)).unwrap() + "\n"));
+    }
+    out
 }
 
 #[test]
@@ -61,8 +78,8 @@ fn golden_cases_match_their_expected_plans() {
     assert!(dirs.len() >= 20, "expected at least 20 golden cases, found {}", dirs.len());
     let mut failures = Vec::new();
     for dir in &dirs {
-        let (text, json) = render_case(dir);
-        for (name, actual) in [("plan.txt", &text), ("plan.json", &json)] {
+        for (name, actual) in render_case(dir) {
+            let actual = &actual;
             let path = dir.join(name);
             if update {
                 fs::write(&path, actual).unwrap();

@@ -9,8 +9,9 @@ use std::path::Path;
 
 /// Lowest first.
 const LAYERS: &[&str] = &[
-    "net", "fault", "packet", "sandbox", "codec", "entries", "spec", "object", "builtin", "datapath", "model", "mesh",
-    "compile", "snapshot", "plan", "kernel", "apply", "engine", "heal", "applied", "status", "flows", "agent", "cli",
+    "net", "time", "fault", "packet", "sandbox", "codec", "entries", "spec", "object", "builtin", "datapath", "model",
+    "mesh", "compile", "snapshot", "plan", "kernel", "apply", "engine", "heal", "applied", "status", "flows", "agent",
+    "cli",
 ];
 
 fn sources(path: &Path, out: &mut Vec<String>) {

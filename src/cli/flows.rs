@@ -1,7 +1,7 @@
 //! `bpfsync flows`: flow records from the agent's `/flows`, filtered with
 //! Hubble's flags, as compact lines, JSON lines or a table.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -148,28 +148,30 @@ fn print_table(records: &[FlowRecord], out: &mut impl Write) -> std::io::Result<
     Ok(())
 }
 
+/// Asks the agent's `/flows` (`target`: path and query); the response as
+/// lines. A stream (`follow`) may stay quiet for long: no read timeout then.
+pub fn query(agent: SocketAddr, target: &str, follow: bool) -> anyhow::Result<BufReader<Box<dyn Read + Send>>> {
+    let mut client = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(3)).redirects(0);
+    if !follow {
+        client = client.timeout_read(Duration::from_secs(30));
+    }
+    let url = format!("http://{agent}{target}");
+    match client.build().get(&url).call() {
+        Ok(r) => Ok(BufReader::new(r.into_reader())),
+        Err(ureq::Error::Status(code, r)) => {
+            let body = r.into_string().unwrap_or_default();
+            anyhow::bail!("the agent refused the query ({code}): {}", body.trim());
+        }
+        Err(e) => anyhow::bail!("cannot reach the agent at `{agent}`: {e} (is `bpfsync agent` running? see --agent)"),
+    }
+}
+
 pub fn run(args: &Args) -> anyhow::Result<Exit> {
     // clap gives each flag's values but not how `--not` interleaves with
     // them: the filter is read from the command line in order.
     let tokens: Vec<String> = std::env::args().collect();
     let target = request_target(args, &tokens, time::now_unix_ns()).map_err(|e| anyhow::anyhow!(e))?;
-    // A stream (`--follow`) may stay quiet for long: no read timeout then.
-    let mut client = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(3)).redirects(0);
-    if !args.follow {
-        client = client.timeout_read(Duration::from_secs(30));
-    }
-    let url = format!("http://{}{target}", args.agent);
-    let response = match client.build().get(&url).call() {
-        Ok(r) => r,
-        Err(ureq::Error::Status(code, r)) => {
-            let body = r.into_string().unwrap_or_default();
-            anyhow::bail!("the agent refused the query ({code}): {}", body.trim());
-        }
-        Err(e) => {
-            anyhow::bail!("cannot reach the agent at `{}`: {e} (is `bpfsync agent` running? see --agent)", args.agent)
-        }
-    };
-    let reader = BufReader::new(response.into_reader());
+    let reader = query(args.agent, &target, args.follow)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut table = Vec::new();

@@ -26,10 +26,40 @@ pub struct Args {
     /// instead of the kernel: no privileges needed, e.g. in CI.
     #[arg(long, value_name = "FILE")]
     pub observed: Option<PathBuf>,
+    /// Evaluate recorded flows against the policy and routes the kernel runs
+    /// now and those the spec would install; print the flows that would be
+    /// newly dropped, newly allowed or sent to another next hop.
+    #[arg(long)]
+    pub impact: bool,
+    /// Recorded flows as JSON lines (`bpfsync flows --all -o json`, the file
+    /// exporter) instead of the running agent's history.
+    #[arg(long, value_name = "FILE", requires = "impact")]
+    pub flows: Option<PathBuf>,
+    /// The agent whose flow history `--impact` reads (unless --flows).
+    #[arg(long, env = "BPFSYNC_AGENT", default_value = "127.0.0.1:9464")]
+    pub agent: std::net::SocketAddr,
+    /// Only flows recorded at or after this time: RFC 3339, or a duration
+    /// ago (`1h`).
+    #[arg(long, requires = "impact")]
+    pub since: Option<String>,
+    /// Only flows recorded at or before this time.
+    #[arg(long, requires = "impact")]
+    pub until: Option<String>,
+    /// Exit 3 when any recorded flow would be newly dropped (checked before
+    /// --detailed-exitcode's 2).
+    #[arg(long, requires = "impact")]
+    pub fail_on_new_drops: bool,
 }
+
+/// `--fail-on-new-drops`: recorded flows would be newly dropped.
+pub const EXIT_NEW_DROPS: Exit = 3;
+
+/// Most flow records `--impact` reads.
+pub const MAX_IMPACT_RECORDS: usize = 1_000_000;
 
 pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     let (loaded, desired) = load_spec(ctx, &args.spec)?;
+    let observed_from_snapshot = args.observed.is_some();
     let observed = match &args.observed {
         Some(path) => {
             let text = crate::spec::read_limited(path, ctx.max_spec_bytes)
@@ -47,22 +77,103 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
         }
     };
     let plan = plan::plan(&desired.state, &observed);
+    let impact = match args.impact {
+        true => Some(impact(ctx, args, &desired.state, observed_from_snapshot.then_some(&observed))?),
+        false => None,
+    };
     match args.output {
         Output::Text => {
             print!("{}", super::overlay_text(&loaded));
-            print!("{}", plan::text::render(&plan, TextOptions { color: ctx.color }))
+            print!("{}", plan::text::render(&plan, TextOptions { color: ctx.color }));
+            if let Some(impact) = &impact {
+                print!("{}", plan::impact::render_text(impact));
+            }
         }
-        Output::Json if loaded.overlay.is_empty() => print!("{}", plan::json::render(&plan)),
         Output::Json => {
-            let mut v: serde_json::Value = serde_json::from_str(&plan::json::render(&plan))?;
-            v["overlay"] = super::overlay_json(&loaded);
+            let mut v = plan::json::to_value(&plan);
+            if !loaded.overlay.is_empty() {
+                v["overlay"] = super::overlay_json(&loaded);
+            }
+            if let Some(impact) = &impact {
+                v["impact"] = plan::impact::to_value(impact);
+            }
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
     }
     if !plan.errors.is_empty() {
         return Ok(1);
     }
+    if args.fail_on_new_drops && impact.is_some_and(|i| i.count(plan::impact::Change::NewlyDropped) > 0) {
+        return Ok(EXIT_NEW_DROPS);
+    }
     // A declared object that is not in place (pending) is a difference too:
     // a CI gate must not pass over a program attached nowhere.
     Ok(if args.detailed_exitcode && !plan.is_converged() { 2 } else { 0 })
+}
+
+/// The flows `--impact` evaluates: from `--flows` or the agent, in the
+/// `--since`/`--until` window.
+fn recorded_flows(args: &Args) -> anyhow::Result<(Vec<crate::flows::record::FlowRecord>, u64)> {
+    use crate::flows::record::read_json_lines;
+    let now = crate::time::now_unix_ns();
+    let window = |t: &Option<String>| t.as_deref().map(|t| super::flows::parse_time(t, now)).transpose();
+    let (since, until) =
+        (window(&args.since).map_err(anyhow::Error::msg)?, window(&args.until).map_err(anyhow::Error::msg)?);
+    let read = match &args.flows {
+        Some(path) => {
+            let file = std::fs::File::open(path).with_context(|| format!("cannot read flows `{}`", path.display()))?;
+            read_json_lines(std::io::BufReader::new(file), &path.display().to_string(), MAX_IMPACT_RECORDS)
+        }
+        None => {
+            let mut params = Vec::new();
+            params.extend(since.map(|t| format!("since={t}")));
+            params.extend(until.map(|t| format!("until={t}")));
+            let target = format!("/flows?{}", params.join("&"));
+            let reader = super::flows::query(args.agent, &target, false)?;
+            read_json_lines(reader, &format!("the agent at {}", args.agent), MAX_IMPACT_RECORDS)
+        }
+    }
+    .map_err(anyhow::Error::msg)?;
+    let in_window = |t: u64| since.is_none_or(|s| t >= s) && until.is_none_or(|u| t <= u);
+    let records = read.records.into_iter().filter(|r| in_window(r.time)).collect();
+    Ok((records, read.skipped))
+}
+
+/// The impact of the plan on recorded flows. The node is observed again
+/// for it, wider than for the plan: the mesh tables whatever the spec
+/// declares, and the interfaces the flows name.
+fn impact(
+    ctx: &Context,
+    args: &Args,
+    desired: &crate::model::State,
+    snapshot: Option<&crate::model::State>,
+) -> anyhow::Result<plan::impact::Impact> {
+    let (records, skipped) = recorded_flows(args)?;
+    let mut flows = Vec::with_capacity(records.len());
+    let mut rejected = Vec::new();
+    for r in &records {
+        match r.to_recorded() {
+            Ok(f) => flows.push(f),
+            Err(why) => rejected.push(why),
+        }
+    }
+    let observed = match snapshot {
+        Some(s) => s.clone(),
+        None => {
+            let mut scope = scope_for(desired);
+            scope.maps.extend(crate::mesh::MANAGED_MAPS.map(crate::mesh::map_ref));
+            scope.interfaces.extend(flows.iter().map(|f| f.interface.clone()));
+            let mut kernel = open_kernel_read_only(ctx)?;
+            kernel.observe(&scope).map_err(|e| anyhow::anyhow!(crate::apply::error_chain(&e)))?
+        }
+    };
+    let (after, _) = plan::resolve_desired(desired, &observed);
+    let mut impact = plan::impact::evaluate(&observed, &after, &observed, &flows);
+    for why in rejected {
+        impact.skip_record(why);
+    }
+    if skipped > 0 {
+        *impact.not_evaluated.entry("records the exporter skipped (it fell behind)".into()).or_default() += skipped;
+    }
+    Ok(impact)
 }

@@ -6,7 +6,7 @@
 //! live subscribers, counters) and its [`export`] queues. `bpfsync flows`
 //! asks the agent's `/flows` with a [`filter::Filter`]; [`record`] renders.
 //!
-//! Pure: `record`, `filter`, `time`, `hub`. Kernel: `reader` (aya ring
+//! Pure: `record`, `filter`, `hub`. Kernel: `reader` (aya ring
 //! buffer). I/O: `export` (files, HTTP).
 
 pub mod export;
@@ -14,4 +14,5 @@ pub mod filter;
 pub mod hub;
 pub mod reader;
 pub mod record;
-pub mod time;
+/// Times of flow records (moved below `plan`, which renders them too).
+pub use crate::time;

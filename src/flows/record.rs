@@ -144,6 +144,38 @@ impl FlowRecord {
         }
     }
 
+    /// The record as policy impact reads it (`plan --impact`); the error
+    /// says why it cannot be evaluated.
+    pub fn to_recorded(&self) -> Result<crate::plan::impact::RecordedFlow, String> {
+        let protocol = match self.protocol.as_str() {
+            "icmp" => 1,
+            "tcp" => 6,
+            "udp" => 17,
+            "icmpv6" => 58,
+            n => n.parse::<u8>().map_err(|_| format!("unknown protocol `{n}`"))?,
+        };
+        let direction = match self.direction.as_str() {
+            "ingress" => crate::model::Direction::Ingress,
+            "egress" => crate::model::Direction::Egress,
+            d => return Err(format!("unknown direction `{d}`")),
+        };
+        if self.drop_reason.as_deref() == Some("unparseable") {
+            return Err("packets the datapath could not parse".into());
+        }
+        Ok(crate::plan::impact::RecordedFlow {
+            interface: self.interface.clone(),
+            direction,
+            protocol,
+            source: self.source.ip,
+            source_port: self.source.port,
+            destination: self.destination.ip,
+            destination_port: self.destination.port,
+            time: self.time,
+            packets: self.packets,
+            bytes: self.bytes,
+        })
+    }
+
     fn has_ports(&self) -> bool {
         self.protocol == "tcp" || self.protocol == "udp"
     }
@@ -210,6 +242,52 @@ impl FlowRecord {
             self.bytes.to_string(),
         ]
     }
+}
+
+/// Longest line [`read_json_lines`] takes (a record is ~500 bytes).
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// What a JSON-lines source of flow records held.
+#[derive(Debug, Default)]
+pub struct ReadRecords {
+    pub records: Vec<FlowRecord>,
+    /// `{"skipped": N}` markers: records the writer fell behind on.
+    pub skipped: u64,
+}
+
+/// Reads flow records, one JSON object per line (`bpfsync flows -o json`,
+/// the file exporter, the agent's `/flows`), at most `max` of them. Errors
+/// name the line: `origin:LINE: …`.
+pub fn read_json_lines(mut input: impl std::io::BufRead, origin: &str, max: usize) -> Result<ReadRecords, String> {
+    let mut out = ReadRecords::default();
+    let mut line = Vec::new();
+    for number in 1.. {
+        line.clear();
+        let n =
+            std::io::BufRead::read_until(&mut std::io::Read::take(&mut input, MAX_LINE as u64 + 1), b'\n', &mut line)
+                .map_err(|e| format!("{origin}:{number}: cannot read: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        if line.len() > MAX_LINE && line.last() != Some(&b'\n') {
+            return Err(format!("{origin}:{number}: a line longer than {MAX_LINE} bytes is not a flow record"));
+        }
+        let text = std::str::from_utf8(&line).map_err(|_| format!("{origin}:{number}: not UTF-8"))?.trim();
+        if text.is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<FlowRecord>(text) {
+            Ok(_) if out.records.len() >= max => {
+                return Err(format!("{origin}: more than {max} flow records: narrow the window with --since/--until"));
+            }
+            Ok(r) => out.records.push(r),
+            Err(e) => match serde_json::from_str::<serde_json::Value>(text).ok().and_then(|v| v["skipped"].as_u64()) {
+                Some(n) => out.skipped += n,
+                None => return Err(format!("{origin}:{number}: not a flow record: {e}")),
+            },
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! Format (versioned by `format_version`; additions bump the minor, any
 //! change to existing fields the major):
 //! ```json
-//! { "format_version": "1.2",
+//! { "format_version": "1.3",
 //!   "changes": [ { "address": "…", "kind": "program|attachment|map-entry",
 //!                  "action": "create|update|replace|delete", "reason": "…",
 //!                  "before": {…}|null, "after": {…}|null,
@@ -14,16 +14,17 @@
 //!                    "pending": true } ],
 //!   "policy_changes": [ { "rule": "api ingress[0]", "added": ["from 10.0.2.0/24 tcp/8080 on veth0"],
 //!                         "removed": [] } ],
-//!   "errors": [ "…" ] }
+//!   "errors": [ "…" ],
+//!   "impact": { … } (only with `plan --impact`: see `plan::impact::to_value`) }
 //! ```
 //! 1.1 added `policy_changes` and `errors`; 1.2 `pending` on conflicts (the
-//! declared object is not in place).
+//! declared object is not in place); 1.3 `impact`.
 
 use serde_json::{Value, json};
 
 use super::Plan;
 
-pub const FORMAT_VERSION: &str = "1.2";
+pub const FORMAT_VERSION: &str = "1.3";
 
 pub fn to_value(plan: &Plan) -> Value {
     let changes: Vec<Value> = plan

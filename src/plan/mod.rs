@@ -4,6 +4,7 @@
 //! values for people, and the operation the executor runs. Rendering lives
 //! in [`text`] and [`mod@json`].
 
+pub mod impact;
 pub mod json;
 pub mod text;
 

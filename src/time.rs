@@ -40,6 +40,12 @@ pub fn format_rfc3339(unix_ns: u64) -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// `2026-11-21T11:49:23Z`: to the second, for reports people read.
+pub fn format_rfc3339_seconds(unix_ns: u64) -> String {
+    let full = format_rfc3339(unix_ns);
+    format!("{}Z", &full[..full.len() - 11])
+}
+
 /// `11:49:23.123`: the time of day (UTC) for compact output.
 pub fn format_clock(unix_ns: u64) -> String {
     let secs = unix_ns / 1_000_000_000;
