@@ -192,16 +192,6 @@ fn random_packet(rng: &mut Rng, sport: u16) -> (Packet, u8, u16, u16) {
     (Packet::new(src, dst, transport), protocol, sport, dport)
 }
 
-fn quiet_ipv6(netns: Option<&str>, iface: &str) {
-    use std::process::Command;
-    let key = format!("net.ipv6.conf.{iface}.disable_ipv6=1");
-    let status = match netns {
-        Some(ns) => Command::new("ip").args(["netns", "exec", ns, "sysctl", "-qw", &key]).status(),
-        None => Command::new("sysctl").args(["-qw", &key]).status(),
-    };
-    assert!(status.unwrap().success(), "{key}");
-}
-
 fn ifindex(name: &str) -> u32 {
     std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex")).unwrap().trim().parse().unwrap()
 }
@@ -320,10 +310,8 @@ fn the_user_space_evaluator_decides_as_the_kernel_does() {
     let indexes = [ifindex(&a), ifindex(&b)];
     // The programs are attached to real interfaces: keep the stack's own
     // IPv6 chatter (neighbour discovery, MLD) off them, or it is counted too.
-    for sandbox in [&sa, &sb] {
-        quiet_ipv6(None, &sandbox.host_if);
-        quiet_ipv6(Some(&sandbox.netns), &sandbox.peer_if);
-    }
+    sa.disable_ipv6().unwrap();
+    sb.disable_ipv6().unwrap();
     let seed = std::env::var("BPFSYNC_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x1a9_ac7_u64);
     let mut rng = Rng(seed);
     let mut k = env.kernel();
