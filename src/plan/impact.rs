@@ -16,14 +16,14 @@
 //! connection on a hook it was recorded on — as the datapath's conntrack
 //! would have it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use serde::Serialize;
 
 use crate::datapath::RouteValue;
-use crate::mesh::evaluate::{Check, Packet, Tables, Verdict};
+use crate::mesh::evaluate::{Check, FastMap, Packet, Tables, Verdict};
 use crate::model::{Direction, State};
 use crate::net::Cidr;
 
@@ -144,13 +144,16 @@ fn reverse(t: &Tuple) -> Tuple {
 /// Evaluates `flows` against the tables of `before` (observed) and `after`
 /// (desired, resolved); interfaces are named by `observed`.
 pub fn evaluate(before: &State, after: &State, observed: &State, flows: &[RecordedFlow]) -> Impact {
-    let (old, new) = (Tables::from_state(before), Tables::from_state(after));
+    let (old, new) = std::thread::scope(|s| {
+        let old = s.spawn(|| Tables::from_state(before));
+        (old.join().expect("building tables does not panic"), Tables::from_state(after))
+    });
     evaluate_tables(&old, &new, &Interfaces(&observed.interfaces), flows)
 }
 
 pub fn evaluate_tables(old: &Tables, new: &Tables, interfaces: &Interfaces, flows: &[RecordedFlow]) -> Impact {
     let mut impact = Impact::default();
-    let mut by_flow: HashMap<FlowKey, Totals> = HashMap::with_capacity(flows.len());
+    let mut by_flow: FastMap<FlowKey, Totals> = FastMap::default();
     for f in flows {
         impact.records += 1;
         let Some(&ifindex) = interfaces.0.get(&f.interface) else {
@@ -187,30 +190,58 @@ pub fn evaluate_tables(old: &Tables, new: &Tables, interfaces: &Interfaces, flow
     }
     impact.flows = by_flow.len() as u64;
 
-    // Where each connection was first seen, and on which hooks.
-    let mut first_seen: HashMap<Tuple, (u64, Vec<Packet>)> = HashMap::new();
+    // Where each connection was first seen, and the hooks it was seen on
+    // (a list threaded through `hooks`: no allocation per connection).
+    let mut connections: FastMap<Tuple, (u64, usize)> = FastMap::default();
+    let mut hooks: Vec<(Packet, usize)> = Vec::with_capacity(by_flow.len());
     for (k, t) in &by_flow {
-        let e = first_seen.entry(tuple(&k.packet)).or_insert((t.first, Vec::new()));
+        let e = connections.entry(tuple(&k.packet)).or_insert((t.first, usize::MAX));
         e.0 = e.0.min(t.first);
-        e.1.push(k.packet);
+        hooks.push((k.packet, e.1));
+        e.1 = hooks.len() - 1;
     }
-    // Whether `p` is a reply of a connection `tables` let through.
-    let tracked = |tables: &Tables, p: &Packet, first: u64| -> bool {
-        first_seen
-            .get(&reverse(&tuple(p)))
-            .is_some_and(|(seen, hooks)| *seen <= first && hooks.iter().any(|h| !tables.evaluate(h, false).dropped()))
+    // Whether a connection seen first at `seen`, on the hooks from `head`,
+    // was let through somewhere by `tables` — then its reverse is a reply.
+    let allowed_somewhere = |tables: &Tables, mut at: usize| -> bool {
+        while let Some((hook, next)) = hooks.get(at) {
+            if !tables.evaluate(hook, false).dropped() {
+                return true;
+            }
+            at = *next;
+        }
+        false
     };
 
+    // Each flow, with the hooks of the connection it replies to (seen no
+    // later than it), if any.
+    let flows: Vec<(&Packet, &Totals, Option<usize>)> = by_flow
+        .iter()
+        .map(|(k, t)| {
+            let original = connections.get(&reverse(&tuple(&k.packet))).filter(|(seen, _)| *seen <= t.first);
+            (&k.packet, t, original.map(|(_, head)| *head))
+        })
+        .collect();
+    // The two sides are independent: one thread each (the lookups are
+    // cache misses in tables of 100,000 entries, not computation).
+    let verdicts = |tables: &Tables| -> Vec<Verdict> {
+        flows
+            .iter()
+            .map(|(p, _, original)| tables.evaluate(p, original.is_some_and(|h| allowed_somewhere(tables, h))))
+            .collect()
+    };
+    let (was_all, will_all) = std::thread::scope(|s| {
+        let was = s.spawn(|| verdicts(old));
+        let will = verdicts(new);
+        (was.join().expect("the evaluation does not panic"), will)
+    });
+
     let mut groups: BTreeMap<GroupKey, Group> = BTreeMap::new();
-    for (k, t) in &by_flow {
-        let p = &k.packet;
-        let was = old.evaluate(p, tracked(old, p, t.first));
-        let will = new.evaluate(p, tracked(new, p, t.first));
-        let Some(change) = change_of(&was, &will) else {
+    for (((p, t, _), was), will) in flows.iter().zip(&was_all).zip(&will_all) {
+        let Some(change) = change_of(was, will) else {
             impact.unchanged += 1;
             continue;
         };
-        let key = group_key(change, p, &was, &will, old, new, interfaces);
+        let key = group_key(change, p, was, will, old, new, interfaces);
         let g = groups.entry(key.clone()).or_insert_with(|| Group {
             change,
             interface: interfaces.name(p.ifindex),
