@@ -104,6 +104,15 @@ fn impact_names_exactly_the_flows_a_tightened_policy_then_drops() {
     let text = common::stdout(&gate);
     assert!(text.contains("2 flows newly dropped"), "{text}");
     assert!(text.contains(&format!("tcp/7002 {}/32 -> {}", sb.peer_ip, sb.host_ip)), "{text}");
+    // Offline, as a CI job runs it: a snapshot of the node beside the flows.
+    let snapshot = write_spec(env.state.path(), "observed.yaml", &env.run_ok(&["status", "--snapshot"]));
+    let offline = std::process::Command::new(env!("CARGO_BIN_EXE_bpfsync"))
+        .args(["--bpffs-root", "/nonexistent", "plan", &tight_path, "--observed", &snapshot])
+        .args(["--impact", "--flows", &flows_file, "-o", "json"])
+        .output()
+        .unwrap();
+    let offline: Value = serde_json::from_slice(&offline.stdout).unwrap();
+    assert_eq!(offline["impact"]["newly_dropped"], impact["newly_dropped"]);
     // Loosening back drops nothing: the gate passes.
     let gate = env.run(&["plan", &loose_path, "--impact", "--flows", &flows_file, "--fail-on-new-drops"]);
     assert_eq!(gate.status.code(), Some(0), "{}", common::stdout(&gate));

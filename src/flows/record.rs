@@ -295,6 +295,30 @@ pub(crate) mod tests {
     use super::*;
     use crate::datapath::CtKey;
 
+    #[test]
+    fn json_lines_name_the_bad_line_and_keep_to_their_limits() {
+        let good = r#"{"seq":1,"time":"2026-12-01T10:00:00Z","kind":"new","verdict":"FORWARDED","interface":"veth0","direction":"ingress","ip_version":4,"protocol":"tcp","source":{"ip":"10.0.0.1","port":1},"destination":{"ip":"10.0.0.2","port":2},"packets":1,"bytes":60}"#;
+        let read = |text: &str, max: usize| read_json_lines(text.as_bytes(), "f.jsonl", max);
+        let ok = read(&format!("{good}\n\n{{\"skipped\": 7}}\n{good}"), 10).unwrap();
+        assert_eq!((ok.records.len(), ok.skipped), (2, 7));
+        assert_eq!(ok.records[0].to_recorded().unwrap().destination_port, 2);
+        let err = read(&format!("{good}\nnot json\n"), 10).unwrap_err();
+        assert!(err.starts_with("f.jsonl:2: not a flow record"), "{err}");
+        let err = read(&format!("{good}\n{{\"seq\": 1}}\n"), 10).unwrap_err();
+        assert!(err.starts_with("f.jsonl:2:"), "{err}");
+        let err = read(&format!("{good}\n{good}\n{good}\n"), 2).unwrap_err();
+        assert!(err.contains("more than 2 flow records"), "{err}");
+        // A line without end is refused after MAX_LINE bytes, not read whole.
+        let long = "x".repeat(MAX_LINE * 4);
+        let err = read(&long, 10).unwrap_err();
+        assert!(err.contains("longer than"), "{err}");
+        let mut odd: FlowRecord = serde_json::from_str(good).unwrap();
+        odd.protocol = "gre".into();
+        assert!(odd.to_recorded().unwrap_err().contains("unknown protocol"));
+        odd.protocol = "47".into();
+        assert_eq!(odd.to_recorded().unwrap().protocol, 47);
+    }
+
     pub struct FixedNames;
     impl Names for FixedNames {
         fn interface(&mut self, ifindex: u32) -> String {

@@ -491,3 +491,91 @@ pub fn to_value(impact: &Impact) -> serde_json::Value {
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tables(spec: &str) -> (State, State) {
+        let loaded = crate::spec::load(std::path::Path::new("t.yaml"), spec).unwrap_or_else(|d| panic!("{d}"));
+        let desired = crate::compile::compile(&loaded, &mut crate::compile::ObjectLoader::default()).unwrap();
+        let node = State { interfaces: [("veth0".to_string(), 2)].into(), ..Default::default() };
+        let (resolved, _) = super::super::resolve_desired(&desired.state, &node);
+        (resolved.into_owned(), node)
+    }
+
+    fn udp(direction: Direction, source: &str, sport: u16, destination: &str, dport: u16, time: u64) -> RecordedFlow {
+        RecordedFlow {
+            interface: "veth0".into(),
+            direction,
+            protocol: 17,
+            source: source.parse().unwrap(),
+            source_port: sport,
+            destination: destination.parse().unwrap(),
+            destination_port: dport,
+            time,
+            packets: 1,
+            bytes: 60,
+        }
+    }
+
+    const BASE: &str = "apiVersion: bpfsync/v1\nkind: NodeSpec\ninterfaces:\n  - { name: veth0, mesh: { mode: skb } }\npolicies:\n  - name: api\n    interfaces: [veth0]\n    ingress:\n      - from: [10.9.0.0/16]\n";
+
+    #[test]
+    fn a_reply_passes_a_default_deny_only_while_its_connection_is_allowed() {
+        let (loose, node) = tables(BASE);
+        let tight = format!("{BASE}    egress:\n      - to: [10.1.0.0/16]\n");
+        let (tight, _) = tables(&tight);
+        let out = udp(Direction::Egress, "10.0.0.1", 5353, "10.0.3.3", 53, 1);
+        let reply = udp(Direction::Ingress, "10.0.3.3", 53, "10.0.0.1", 5353, 2);
+        // Under the same policy the reply is let through: nothing changes.
+        let same = evaluate(&loose, &loose, &node, &[out.clone(), reply.clone()]);
+        assert_eq!((same.unchanged, same.groups.len()), (2, 0), "{same:#?}");
+        // Egress tightened: the request is dropped, so its reply is too.
+        let i = evaluate(&loose, &tight, &node, &[out.clone(), reply.clone()]);
+        assert_eq!(i.count(Change::NewlyDropped), 2, "{i:#?}");
+        let reply_group = i.groups.iter().find(|g| g.direction == "ingress").unwrap();
+        assert_eq!(reply_group.before, "default deny ingress on veth0 (api) (reply of a tracked connection)");
+        assert_eq!(reply_group.after, "default deny ingress on veth0 (api)");
+        // A "reply" seen before its request is no reply: dropped on both sides.
+        let early = udp(Direction::Ingress, "10.0.3.3", 53, "10.0.0.1", 5353, 0);
+        let i = evaluate(&loose, &loose, &node, &[out, early]);
+        assert_eq!(i.unchanged, 2);
+        let (old, new) = (Tables::from_state(&loose), Tables::from_state(&loose));
+        let p = Packet {
+            ifindex: 2,
+            direction: Direction::Ingress,
+            protocol: 17,
+            source: "10.0.3.3".parse().unwrap(),
+            source_port: 53,
+            destination: "10.0.0.1".parse().unwrap(),
+            destination_port: 5353,
+        };
+        assert!(old.evaluate(&p, false).dropped() && new.evaluate(&p, false).dropped());
+    }
+
+    #[test]
+    fn records_of_one_connection_add_up_and_unknown_interfaces_are_counted() {
+        let (loose, node) = tables(BASE);
+        let (tight, _) = tables(&BASE.replace("10.9.0.0/16", "10.9.0.0/24"));
+        let mut flows = vec![udp(Direction::Ingress, "10.9.7.1", 1000, "10.0.0.1", 53, 5); 3];
+        flows[1].time = 9;
+        flows[2].time = 7;
+        flows.push(RecordedFlow { interface: "veth9".into(), ..flows[0].clone() });
+        let i = evaluate(&loose, &tight, &node, &flows);
+        assert_eq!((i.records, i.flows), (4, 1));
+        let g = &i.groups[0];
+        assert_eq!(
+            (g.change, g.flows, g.records, g.packets, g.first_seen, g.last_seen),
+            (Change::NewlyDropped, 1, 3, 3, 5, 9)
+        );
+        assert_eq!(g.source, "10.9.0.0/16", "the policy prefix that decided before");
+        assert_eq!(i.not_evaluated.get("interface `veth9` not on this node"), Some(&1));
+        let text = render_text(&i);
+        assert!(text.contains("- 1 flow newly dropped"), "{text}");
+        assert!(
+            text.contains("Impact: 1 newly dropped, 0 newly allowed, 0 to another next hop, 0 unchanged."),
+            "{text}"
+        );
+    }
+}
