@@ -102,6 +102,7 @@ fn impact_names_exactly_the_flows_a_tightened_policy_then_drops() {
     let gate = env.run(&["plan", &tight_path, "--impact", "--flows", &flows_file, "--fail-on-new-drops"]);
     assert_eq!(gate.status.code(), Some(3), "{}", common::stdout(&gate));
     let text = common::stdout(&gate);
+    eprintln!("{text}");
     assert!(text.contains("2 flows newly dropped"), "{text}");
     assert!(text.contains(&format!("tcp/7002 {}/32 -> {}", sb.peer_ip, sb.host_ip)), "{text}");
     // Offline, as a CI job runs it: a snapshot of the node beside the flows.
