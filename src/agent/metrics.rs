@@ -500,9 +500,16 @@ impl Collector for FlowCollector {
         counter_family(
             &mut encoder,
             "flow_export_errors",
-            "Failed export attempts (each is retried)",
+            "Failed export attempts (retried, unless the receiver refused the batch for good)",
             None,
             &per_sink(&|q| q.errors.load(Ordering::Relaxed)),
+        )?;
+        counter_family(
+            &mut encoder,
+            "flow_export_rejected",
+            "Flow records the receiver refused (a batch refused for good, or an OTLP partial success)",
+            None,
+            &per_sink(&|q| q.rejected.load(Ordering::Relaxed)),
         )?;
         let mut enc = encoder.encode_descriptor(
             "flow_export_queued",

@@ -35,6 +35,7 @@ use crate::apply::error_chain;
 use crate::apply::lock::NodeLock;
 use crate::flows::export::{self, ExportPolicy, ExportQueue, FileSink, HttpSink, Sink};
 use crate::flows::hub::FlowHub;
+use crate::flows::otlp::{OtlpSink, Resource};
 use crate::flows::reader;
 use crate::kernel::real::RealKernel;
 use metrics::Metrics;
@@ -61,6 +62,8 @@ pub struct FlowOptions {
     pub file_keep: usize,
     /// `http://host:port/path` collector that receives JSON lines by POST.
     pub export_http: Option<String>,
+    /// OpenTelemetry collector (OTLP/HTTP, JSON) that receives log records.
+    pub export_otlp: Option<String>,
     /// Records each export queue holds while its sink is slow or down.
     pub export_buffer: usize,
     pub export: ExportPolicy,
@@ -74,6 +77,7 @@ impl Default for FlowOptions {
             file_max_bytes: 100 << 20,
             file_keep: 3,
             export_http: None,
+            export_otlp: None,
             export_buffer: 10_000,
             export: ExportPolicy::default(),
         }
@@ -331,6 +335,10 @@ fn start_flows(
     if let Some(url) = &o.export_http {
         let sink = HttpSink::new(url).map_err(AgentError::ExportUrl)?;
         sinks.push((Arc::new(ExportQueue::new("http", o.export_buffer)), Box::new(sink)));
+    }
+    if let Some(endpoint) = &o.export_otlp {
+        let sink = OtlpSink::new(endpoint, Resource::this_node()).map_err(AgentError::ExportUrl)?;
+        sinks.push((Arc::new(ExportQueue::new("otlp", o.export_buffer)), Box::new(sink)));
     }
     let hub = Arc::new(FlowHub::new(o.history, sinks.iter().map(|(q, _)| q.clone()).collect()));
     let mut threads = Vec::new();

@@ -37,6 +37,10 @@ pub struct Args {
     /// Also POST flow records (JSON lines, in batches) to this `http://` collector.
     #[arg(long)]
     pub flow_export_http: Option<String>,
+    /// Also send flow records to this OpenTelemetry collector as OTLP log
+    /// records (HTTP, JSON, gzip): `http://host:4318` (`/v1/logs` is added).
+    #[arg(long, value_name = "URL")]
+    pub flow_export_otlp: Option<String>,
     /// Records each export queue holds while its sink is slow or down; past
     /// it the oldest are dropped (counted in `bpfsync_flow_export_dropped_total`).
     #[arg(long, default_value_t = 10_000)]
@@ -76,6 +80,7 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
             file_max_bytes: args.flow_export_file_max_size,
             file_keep: args.flow_export_file_keep,
             export_http: args.flow_export_http.clone(),
+            export_otlp: args.flow_export_otlp.clone(),
             export_buffer: args.flow_export_buffer,
             export: ExportPolicy { batch: args.flow_export_batch.max(1), ..Default::default() },
         },

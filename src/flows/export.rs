@@ -16,7 +16,39 @@ use super::record::FlowRecord;
 
 /// A destination for batches of records.
 pub trait Sink: Send {
-    fn send(&mut self, batch: &[Arc<FlowRecord>]) -> io::Result<()>;
+    fn send(&mut self, batch: &[Arc<FlowRecord>]) -> Result<Sent, SendError>;
+}
+
+/// A batch the sink took.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    /// Records the receiver said it rejected (OTLP `partial_success`).
+    pub rejected: u64,
+}
+
+/// Why a batch did not go through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendError {
+    /// Worth another try, after `after` when the receiver said so
+    /// (`Retry-After`), else after the exporter's backoff.
+    Retry { error: String, after: Option<Duration> },
+    /// The receiver refused the batch for good (e.g. 400): it is dropped and
+    /// counted, not retried.
+    Reject { error: String },
+}
+
+impl From<io::Error> for SendError {
+    fn from(e: io::Error) -> Self {
+        SendError::Retry { error: e.to_string(), after: None }
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Retry { error, .. } | SendError::Reject { error } => f.write_str(error),
+        }
+    }
 }
 
 /// A sink's bounded queue and its counters.
@@ -31,6 +63,9 @@ pub struct ExportQueue {
     pub dropped: AtomicU64,
     /// Failed send attempts.
     pub errors: AtomicU64,
+    /// Records the receiver refused: a batch it rejected for good, or those
+    /// its partial success named.
+    pub rejected: AtomicU64,
 }
 
 impl ExportQueue {
@@ -43,6 +78,7 @@ impl ExportQueue {
             exported: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
         }
     }
 
@@ -131,25 +167,38 @@ pub fn spawn(
                 // records queue up (and the oldest are dropped when full).
                 loop {
                     match sink.send(&batch) {
-                        Ok(()) => {
-                            queue.exported.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        Ok(sent) => {
+                            let rejected = sent.rejected.min(batch.len() as u64);
+                            queue.exported.fetch_add(batch.len() as u64 - rejected, Ordering::Relaxed);
+                            if rejected > 0 {
+                                queue.rejected.fetch_add(rejected, Ordering::Relaxed);
+                                tracing::warn!(sink = queue.sink, rejected, "the collector rejected part of a batch");
+                            }
                             if let Some(t) = failing_since.take() {
                                 tracing::info!(sink = queue.sink, down_for = ?t.elapsed(), "flow export recovered");
                             }
                             backoff = policy.backoff_start;
                             break;
                         }
-                        Err(e) => {
+                        Err(SendError::Reject { error }) => {
+                            queue.errors.fetch_add(1, Ordering::Relaxed);
+                            queue.rejected.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                            tracing::warn!(sink = queue.sink, %error, records = batch.len(), "the collector refused a batch; it is dropped");
+                            break;
+                        }
+                        Err(SendError::Retry { error, after }) => {
                             queue.errors.fetch_add(1, Ordering::Relaxed);
                             if failing_since.is_none() {
-                                tracing::warn!(sink = queue.sink, error = %e, "flow export failing; retrying with backoff");
+                                tracing::warn!(sink = queue.sink, %error, "flow export failing; retrying with backoff");
                                 failing_since = Some(Instant::now());
                             }
                             if stop.load(Ordering::Relaxed) {
                                 queue.dropped.fetch_add(batch.len() as u64, Ordering::Relaxed);
                                 break;
                             }
-                            sleep_unless_stopped(backoff, &stop);
+                            // The receiver's `Retry-After`, within the backoff's ceiling.
+                            let wait = after.map_or(backoff, |a| a.min(policy.backoff_max));
+                            sleep_unless_stopped(wait, &stop);
                             backoff = (backoff * 2).min(policy.backoff_max);
                         }
                     }
@@ -228,7 +277,7 @@ impl FileSink {
 }
 
 impl Sink for FileSink {
-    fn send(&mut self, batch: &[Arc<FlowRecord>]) -> io::Result<()> {
+    fn send(&mut self, batch: &[Arc<FlowRecord>]) -> Result<Sent, SendError> {
         if self.file.is_none() {
             self.open()?;
         }
@@ -236,13 +285,13 @@ impl Sink for FileSink {
         let f = self.file.as_mut().expect("opened above");
         if let Err(e) = f.write_all(&bytes) {
             self.file = None; // reopen next time (the file may have been removed)
-            return Err(e);
+            return Err(e.into());
         }
         self.size += bytes.len() as u64;
         if self.size >= self.max_bytes {
             self.rotate()?;
         }
-        Ok(())
+        Ok(Sent::default())
     }
 }
 
@@ -274,12 +323,14 @@ impl HttpSink {
 }
 
 impl Sink for HttpSink {
-    fn send(&mut self, batch: &[Arc<FlowRecord>]) -> io::Result<()> {
+    fn send(&mut self, batch: &[Arc<FlowRecord>]) -> Result<Sent, SendError> {
         let body = json_lines(batch);
         match self.agent.post(&self.url).set("Content-Type", "application/x-ndjson").send_bytes(&body) {
-            Ok(_) => Ok(()),
-            Err(ureq::Error::Status(code, _)) => Err(io::Error::other(format!("collector answered {code}"))),
-            Err(e) => Err(io::Error::other(e.to_string())),
+            Ok(_) => Ok(Sent::default()),
+            Err(ureq::Error::Status(code, _)) => {
+                Err(SendError::Retry { error: format!("collector answered {code}"), after: None })
+            }
+            Err(e) => Err(SendError::Retry { error: e.to_string(), after: None }),
         }
     }
 }

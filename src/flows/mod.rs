@@ -7,11 +7,12 @@
 //! asks the agent's `/flows` with a [`filter::Filter`]; [`record`] renders.
 //!
 //! Pure: `record`, `filter`, `hub`. Kernel: `reader` (aya ring
-//! buffer). I/O: `export` (files, HTTP).
+//! buffer). I/O: `export` (files, HTTP), `otlp` (OpenTelemetry logs over HTTP).
 
 pub mod export;
 pub mod filter;
 pub mod hub;
+pub mod otlp;
 pub mod reader;
 pub mod record;
 /// Times of flow records (moved below `plan`, which renders them too).
