@@ -60,6 +60,8 @@ pub struct FlowOptions {
     pub export_file: Option<PathBuf>,
     pub file_max_bytes: u64,
     pub file_keep: usize,
+    /// bpfsync's JSON or Hubble's `jsonpb` in the export file.
+    pub file_format: crate::flows::export::FileFormat,
     /// `http://host:port/path` collector that receives JSON lines by POST.
     pub export_http: Option<String>,
     /// OpenTelemetry collector (OTLP/HTTP, JSON) that receives log records.
@@ -76,6 +78,7 @@ impl Default for FlowOptions {
             export_file: None,
             file_max_bytes: 100 << 20,
             file_keep: 3,
+            file_format: crate::flows::export::FileFormat::Json,
             export_http: None,
             export_otlp: None,
             export_buffer: 10_000,
@@ -328,7 +331,7 @@ fn start_flows(
     let o = &config.flows;
     let mut sinks: Vec<(Arc<ExportQueue>, Box<dyn Sink>)> = Vec::new();
     if let Some(path) = &o.export_file {
-        let sink = FileSink::new(path.clone(), o.file_max_bytes, o.file_keep)
+        let sink = FileSink::with_format(path.clone(), o.file_max_bytes, o.file_keep, o.file_format.clone())
             .map_err(|source| AgentError::ExportFile { path: path.clone(), source })?;
         sinks.push((Arc::new(ExportQueue::new("file", o.export_buffer)), Box::new(sink)));
     }

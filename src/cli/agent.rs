@@ -34,6 +34,10 @@ pub struct Args {
     /// Rotated export files kept (`FILE.1` is the newest).
     #[arg(long, default_value_t = 3)]
     pub flow_export_file_keep: usize,
+    /// The export file's lines: bpfsync's records (`json`) or Hubble's
+    /// `jsonpb` shape, for tools that read `hubble observe -o jsonpb`.
+    #[arg(long, value_enum, default_value = "json")]
+    pub flow_export_file_format: ExportFileFormat,
     /// Also POST flow records (JSON lines, in batches) to this `http://` collector.
     #[arg(long)]
     pub flow_export_http: Option<String>,
@@ -48,6 +52,13 @@ pub struct Args {
     /// Records per export batch.
     #[arg(long, default_value_t = 500)]
     pub flow_export_batch: usize,
+}
+
+/// `--flow-export-file-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFileFormat {
+    Json,
+    Jsonpb,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -79,6 +90,12 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
             export_file: args.flow_export_file.clone(),
             file_max_bytes: args.flow_export_file_max_size,
             file_keep: args.flow_export_file_keep,
+            file_format: match args.flow_export_file_format {
+                ExportFileFormat::Json => crate::flows::export::FileFormat::Json,
+                ExportFileFormat::Jsonpb => {
+                    crate::flows::export::FileFormat::Jsonpb { node: crate::flows::host_name() }
+                }
+            },
             export_http: args.flow_export_http.clone(),
             export_otlp: args.flow_export_otlp.clone(),
             export_buffer: args.flow_export_buffer,

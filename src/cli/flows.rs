@@ -16,6 +16,9 @@ pub enum FlowOutput {
     Compact,
     /// One JSON object per line.
     Json,
+    /// One object per line in the shape `hubble observe -o jsonpb` prints
+    /// (Cilium's `flow.Flow` in a `GetFlowsResponse`), for tools that read Hubble.
+    Jsonpb,
     /// Aligned columns.
     Table,
 }
@@ -80,7 +83,8 @@ pub struct Args {
     /// Keep printing new flows as they come.
     #[arg(short, long)]
     pub follow: bool,
-    /// Output format: one line per flow, JSON lines, or a table.
+    /// Output format: one line per flow, JSON lines (bpfsync's, or Hubble's
+    /// `jsonpb`), or a table.
     #[arg(short, long, value_enum, default_value = "compact")]
     pub output: FlowOutput,
 }
@@ -172,6 +176,7 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
     let tokens: Vec<String> = std::env::args().collect();
     let target = request_target(args, &tokens, time::now_unix_ns()).map_err(|e| anyhow::anyhow!(e))?;
     let reader = query(args.agent, &target, args.follow)?;
+    let node = crate::flows::host_name();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut table = Vec::new();
@@ -195,6 +200,7 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
         };
         match args.output {
             FlowOutput::Json => writeln!(out, "{line}")?,
+            FlowOutput::Jsonpb => writeln!(out, "{}", crate::flows::hubble::to_jsonpb(&record, &node))?,
             FlowOutput::Compact => writeln!(out, "{}", record.compact())?,
             FlowOutput::Table if args.follow => {
                 // Streaming: fixed widths instead of measured ones.

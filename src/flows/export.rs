@@ -216,9 +216,26 @@ fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) {
 }
 
 fn json_lines(batch: &[Arc<FlowRecord>]) -> Vec<u8> {
+    json_lines_as(batch, &FileFormat::Json)
+}
+
+/// How the file sink writes a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileFormat {
+    /// bpfsync's record, one JSON object per line.
+    Json,
+    /// Hubble's `jsonpb` shape ([`super::hubble`]), with this node's name.
+    Jsonpb { node: String },
+}
+
+fn json_lines_as(batch: &[Arc<FlowRecord>], format: &FileFormat) -> Vec<u8> {
     let mut out = Vec::with_capacity(batch.len() * 400);
     for r in batch {
-        if serde_json::to_writer(&mut out, r.as_ref()).is_ok() {
+        let written = match format {
+            FileFormat::Json => serde_json::to_writer(&mut out, r.as_ref()),
+            FileFormat::Jsonpb { node } => serde_json::to_writer(&mut out, &super::hubble::to_jsonpb(r, node)),
+        };
+        if written.is_ok() {
             out.push(b'\n');
         }
     }
@@ -229,6 +246,7 @@ fn json_lines(batch: &[Arc<FlowRecord>]) -> Vec<u8> {
 /// `path.1` (older ones shift to `.2` … `.keep`, the oldest is removed).
 pub struct FileSink {
     path: PathBuf,
+    format: FileFormat,
     max_bytes: u64,
     keep: usize,
     file: Option<File>,
@@ -237,7 +255,11 @@ pub struct FileSink {
 
 impl FileSink {
     pub fn new(path: PathBuf, max_bytes: u64, keep: usize) -> io::Result<FileSink> {
-        let mut s = FileSink { path, max_bytes, keep, file: None, size: 0 };
+        FileSink::with_format(path, max_bytes, keep, FileFormat::Json)
+    }
+
+    pub fn with_format(path: PathBuf, max_bytes: u64, keep: usize, format: FileFormat) -> io::Result<FileSink> {
+        let mut s = FileSink { path, format, max_bytes, keep, file: None, size: 0 };
         s.open()?;
         Ok(s)
     }
@@ -281,7 +303,7 @@ impl Sink for FileSink {
         if self.file.is_none() {
             self.open()?;
         }
-        let bytes = json_lines(batch);
+        let bytes = json_lines_as(batch, &self.format);
         let f = self.file.as_mut().expect("opened above");
         if let Err(e) = f.write_all(&bytes) {
             self.file = None; // reopen next time (the file may have been removed)

@@ -12,8 +12,15 @@
 pub mod export;
 pub mod filter;
 pub mod hub;
+pub mod hubble;
 pub mod otlp;
 pub mod reader;
 pub mod record;
 /// Times of flow records (moved below `plan`, which renders them too).
 pub use crate::time;
+
+/// This node's name (the kernel's host name), for Hubble's `node_name` and
+/// OTLP's `host.name`.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string()
+}

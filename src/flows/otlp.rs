@@ -36,8 +36,11 @@ pub struct Resource {
 impl Resource {
     /// `bpfsync`, this build's version, the node's host name.
     pub fn this_node() -> Resource {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
-        Resource { service_name: "bpfsync".into(), service_version: env!("CARGO_PKG_VERSION").into(), host_name: host }
+        Resource {
+            service_name: "bpfsync".into(),
+            service_version: env!("CARGO_PKG_VERSION").into(),
+            host_name: super::host_name(),
+        }
     }
 }
 
