@@ -54,6 +54,7 @@ fn real_flows_print_and_export_as_hubble_jsonpb() {
 
     let printed = env.run_ok(&["flows", "--agent", &addr, "--all", "-o", "jsonpb"]);
     let exported = std::fs::read_to_string(&export).unwrap();
+    eprintln!("flows -o jsonpb:\n{printed}");
     for text in [printed, exported] {
         let decoded = decode(&text);
         let by_port = |port: u64| {
