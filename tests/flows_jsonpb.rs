@@ -11,7 +11,8 @@ use std::net::IpAddr;
 use std::process::{Command, Stdio};
 
 use bpfsync::flows::hubble::to_jsonpb;
-use bpfsync::flows::record::{Endpoint, FlowRecord};
+use bpfsync::flows::record::{DropReason, Endpoint, FlowRecord, Protocol, RecordKind, Verdict};
+use bpfsync::model::Direction;
 use serde_json::Value;
 
 fn record(protocol: &str, source: (&str, u16), destination: (&str, u16)) -> FlowRecord {
@@ -19,13 +20,13 @@ fn record(protocol: &str, source: (&str, u16), destination: (&str, u16)) -> Flow
     FlowRecord {
         seq: 1,
         time: 1_796_225_193_539_014_475,
-        kind: "new".into(),
-        verdict: "FORWARDED".into(),
+        kind: RecordKind::New,
+        verdict: Verdict::Forwarded,
         drop_reason: None,
         interface: "mesh0".into(),
-        direction: "ingress".into(),
+        direction: Direction::Ingress,
         ip_version: if source.0.contains(':') { 6 } else { 4 },
-        protocol: protocol.into(),
+        protocol: Protocol::parse(protocol).unwrap(),
         source: Endpoint { ip: ip(source.0), port: source.1 },
         destination: Endpoint { ip: ip(destination.0), port: destination.1 },
         tcp_flags: vec![],
@@ -61,19 +62,19 @@ fn every_record_shape_decodes_as_hubbles_get_flows_response() {
     let mut syn = record("tcp", ("10.0.0.1", 45678), ("10.0.0.2", 8080));
     syn.tcp_flags = vec!["SYN".into(), "ACK".into()];
     let mut denied = record("udp", ("10.0.0.9", 5000), ("10.0.0.2", 53));
-    denied.verdict = "DROPPED".into();
-    denied.kind = "drop".into();
-    denied.drop_reason = Some("policy-deny".into());
+    denied.verdict = Verdict::Dropped;
+    denied.kind = RecordKind::Drop;
+    denied.drop_reason = Some(DropReason::PolicyDeny);
     let mut by_default = denied.clone();
-    by_default.drop_reason = Some("default-deny".into());
+    by_default.drop_reason = Some(DropReason::DefaultDeny);
     let mut no_set = denied.clone();
-    no_set.drop_reason = Some("no-rule-set".into());
+    no_set.drop_reason = Some(DropReason::NoRuleSet);
     let mut unparseable = denied.clone();
-    unparseable.drop_reason = Some("unparseable".into());
+    unparseable.drop_reason = Some(DropReason::Unparseable);
     let mut redirected = record("udp", ("10.0.0.1", 40000), ("10.20.0.9", 53));
-    redirected.verdict = "REDIRECTED".into();
+    redirected.verdict = Verdict::Redirected;
     let mut egress6 = record("tcp", ("fd00::1", 40000), ("fd00::2", 443));
-    egress6.direction = "egress".into();
+    egress6.direction = Direction::Egress;
     let records = vec![
         syn,
         denied,

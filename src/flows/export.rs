@@ -365,7 +365,9 @@ mod tests {
 
     fn records(n: u16) -> Vec<Arc<FlowRecord>> {
         (0..n)
-            .map(|i| Arc::new(FlowRecord::from_event(&event(0, 0, 6, 1000, i, 7), i as u64, 0, &mut FixedNames)))
+            .map(|i| {
+                Arc::new(FlowRecord::from_event(&event(0, 0, 6, 1000, i, 7), i as u64, 0, &mut FixedNames).unwrap())
+            })
             .collect()
     }
 

@@ -10,13 +10,14 @@
 
 use std::net::IpAddr;
 
-use super::record::FlowRecord;
+use super::record::{FlowRecord, Protocol, RecordKind, Verdict};
+use crate::model::Direction;
 use crate::net::Cidr;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Criterion {
-    Verdict(String),
-    Protocol(String),
+    Verdict(Verdict),
+    Protocol(Protocol),
     Port(u16),
     FromPort(u16),
     ToPort(u16),
@@ -25,8 +26,8 @@ pub enum Criterion {
     ToIp(Cidr),
     Interface(String),
     Policy(String),
-    Direction(String),
-    Kind(String),
+    Direction(Direction),
+    Kind(RecordKind),
 }
 
 /// The filter flags, as the CLI spells them (without `--`).
@@ -59,14 +60,12 @@ impl Criterion {
             }
         };
         Ok(match flag {
-            "verdict" => Criterion::Verdict(one_of(value, &["FORWARDED", "DROPPED", "REDIRECTED"], true)?),
-            "protocol" => {
-                let v = value.to_ascii_lowercase();
-                if !matches!(v.as_str(), "tcp" | "udp" | "icmp" | "icmpv6") && v.parse::<u8>().is_err() {
-                    return Err(format!("`--protocol {value}`: expected tcp, udp, icmp, icmpv6 or a protocol number"));
-                }
-                Criterion::Protocol(v)
-            }
+            "verdict" => Criterion::Verdict(
+                Verdict::from_name(&one_of(value, &["FORWARDED", "DROPPED", "REDIRECTED"], true)?).expect("a verdict"),
+            ),
+            "protocol" => Criterion::Protocol(Protocol::parse(&value.to_ascii_lowercase()).ok_or_else(|| {
+                format!("`--protocol {value}`: expected tcp, udp, icmp, icmpv6 or a protocol number")
+            })?),
             "port" => Criterion::Port(port(value)?),
             "from-port" => Criterion::FromPort(port(value)?),
             "to-port" => Criterion::ToPort(port(value)?),
@@ -75,8 +74,13 @@ impl Criterion {
             "to-ip" => Criterion::ToIp(cidr(value)?),
             "interface" => Criterion::Interface(value.to_string()),
             "policy" => Criterion::Policy(value.to_string()),
-            "traffic-direction" => Criterion::Direction(one_of(value, &["ingress", "egress"], false)?),
-            "type" => Criterion::Kind(one_of(value, &["new", "update", "drop"], false)?),
+            "traffic-direction" => Criterion::Direction(match one_of(value, &["ingress", "egress"], false)?.as_str() {
+                "ingress" => Direction::Ingress,
+                _ => Direction::Egress,
+            }),
+            "type" => Criterion::Kind(
+                RecordKind::from_name(&one_of(value, &["new", "update", "drop"], false)?).expect("a kind"),
+            ),
             _ => return Err(format!("`--{flag}` is not a flow filter")),
         })
     }
@@ -100,12 +104,11 @@ impl Criterion {
 
     fn value(&self) -> String {
         match self {
-            Criterion::Verdict(v)
-            | Criterion::Protocol(v)
-            | Criterion::Interface(v)
-            | Criterion::Policy(v)
-            | Criterion::Direction(v)
-            | Criterion::Kind(v) => v.clone(),
+            Criterion::Verdict(v) => v.to_string(),
+            Criterion::Protocol(p) => p.to_string(),
+            Criterion::Direction(d) => d.as_str().to_string(),
+            Criterion::Kind(k) => k.to_string(),
+            Criterion::Interface(v) | Criterion::Policy(v) => v.clone(),
             Criterion::Port(p) | Criterion::FromPort(p) | Criterion::ToPort(p) => p.to_string(),
             Criterion::Ip(c) | Criterion::FromIp(c) | Criterion::ToIp(c) => c.to_string(),
         }
@@ -226,13 +229,13 @@ mod tests {
         FlowRecord {
             seq: 0,
             time: 0,
-            kind: "new".into(),
-            verdict: verdict.into(),
+            kind: RecordKind::New,
+            verdict: Verdict::from_name(verdict).unwrap(),
             drop_reason: None,
             interface: "veth0".into(),
-            direction: "ingress".into(),
+            direction: Direction::Ingress,
             ip_version: if src.contains(':') { 6 } else { 4 },
-            protocol: proto.into(),
+            protocol: Protocol::parse(proto).unwrap(),
             source: Endpoint { ip: src.parse().unwrap(), port: sport },
             destination: Endpoint { ip: dst.parse().unwrap(), port: dport },
             tcp_flags: vec![],

@@ -60,8 +60,8 @@ impl FlowCounters {
     pub const CELLS: usize = CELLS;
 
     fn count(&self, r: &FlowRecord) {
-        let c = Self::cell(&r.verdict, &r.direction, &r.protocol);
-        if r.kind != "update" {
+        let c = Self::cell(r.verdict.as_str(), r.direction.as_str(), &r.protocol.to_string());
+        if r.kind != super::record::RecordKind::Update {
             self.flows[c].fetch_add(1, Ordering::Relaxed);
         }
         self.packets[c].fetch_add(r.packets, Ordering::Relaxed);
@@ -211,6 +211,7 @@ mod tests {
             dport as u64,
             &mut FixedNames,
         )
+        .expect("a defined event")
     }
 
     #[test]

@@ -21,24 +21,24 @@
 
 use serde_json::{Map, Value, json};
 
-use super::record::FlowRecord;
+use super::record::{DropReason, FlowRecord, Protocol, Verdict};
+use crate::model::Direction;
 
 /// Cilium's `DropReason` name and number for a bpfsync drop reason.
-fn drop_reason(reason: &str) -> (&'static str, u32) {
+fn drop_reason(reason: DropReason) -> (&'static str, u32) {
     match reason {
-        "policy-deny" => ("POLICY_DENY", 181),
-        "default-deny" => ("POLICY_DENIED", 133),
-        "no-rule-set" => ("NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION", 165),
-        "unparseable" => ("INVALID_PACKET_DROPPED", 134),
-        _ => ("DROP_REASON_UNKNOWN", 0),
+        DropReason::PolicyDeny => ("POLICY_DENY", 181),
+        DropReason::DefaultDeny => ("POLICY_DENIED", 133),
+        DropReason::NoRuleSet => ("NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION", 165),
+        DropReason::Unparseable => ("INVALID_PACKET_DROPPED", 134),
     }
 }
 
 /// `flow.Layer4` and the `Summary` Hubble writes for it.
 fn layer4(r: &FlowRecord) -> (Option<Value>, String) {
     let ports = || json!({ "source_port": r.source.port, "destination_port": r.destination.port });
-    match r.protocol.as_str() {
-        "tcp" => {
+    match r.protocol {
+        Protocol::TCP => {
             let flags: Map<String, Value> = r.tcp_flags.iter().map(|f| (f.clone(), Value::Bool(true))).collect();
             let mut tcp = ports();
             if !flags.is_empty() {
@@ -51,9 +51,9 @@ fn layer4(r: &FlowRecord) -> (Option<Value>, String) {
             };
             (Some(json!({ "TCP": tcp })), summary)
         }
-        "udp" => (Some(json!({ "UDP": ports() })), "UDP".into()),
-        "icmp" | "icmpv6" => {
-            let v6 = r.protocol == "icmpv6";
+        Protocol::UDP => (Some(json!({ "UDP": ports() })), "UDP".into()),
+        Protocol::ICMP | Protocol::ICMPV6 => {
+            let v6 = r.protocol == Protocol::ICMPV6;
             // `mesh.bpf.c` keeps the echo identifier as the source port of
             // a request and the destination port of a reply.
             let (kind, name) = match (r.source.port != 0, r.destination.port != 0, v6) {
@@ -68,7 +68,7 @@ fn layer4(r: &FlowRecord) -> (Option<Value>, String) {
             let summary = format!("{key} {name}").trim_end().to_string();
             (Some(json!({ key: body })), summary)
         }
-        other => (None, format!("IP protocol {other}")),
+        Protocol(other) => (None, format!("IP protocol {other}")),
     }
 }
 
@@ -76,15 +76,14 @@ fn layer4(r: &FlowRecord) -> (Option<Value>, String) {
 /// prints per line); `node` is this node's name.
 pub fn to_jsonpb(r: &FlowRecord, node: &str) -> Value {
     let time = crate::time::format_rfc3339(r.time);
-    let verdict = match r.verdict.as_str() {
-        "DROPPED" => "DROPPED",
-        "FORWARDED" | "REDIRECTED" => "FORWARDED",
-        _ => "VERDICT_UNKNOWN",
+    let verdict = match r.verdict {
+        Verdict::Dropped => "DROPPED",
+        Verdict::Forwarded | Verdict::Redirected => "FORWARDED",
     };
     let mut flow = Map::new();
     flow.insert("time".into(), json!(time));
     flow.insert("verdict".into(), json!(verdict));
-    if let Some(reason) = &r.drop_reason {
+    if let Some(reason) = r.drop_reason {
         let (name, code) = drop_reason(reason);
         flow.insert("drop_reason".into(), json!(code));
         flow.insert("drop_reason_desc".into(), json!(name));
@@ -103,7 +102,7 @@ pub fn to_jsonpb(r: &FlowRecord, node: &str) -> Value {
     }
     flow.insert("Type".into(), json!("L3_L4"));
     flow.insert("node_name".into(), json!(node));
-    flow.insert("traffic_direction".into(), json!(if r.direction == "egress" { "EGRESS" } else { "INGRESS" }));
+    flow.insert("traffic_direction".into(), json!(if r.direction == Direction::Egress { "EGRESS" } else { "INGRESS" }));
     flow.insert("interface".into(), json!({ "name": r.interface }));
     flow.insert("Summary".into(), json!(summary));
     json!({ "flow": flow, "node_name": node, "time": time })

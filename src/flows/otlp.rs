@@ -23,7 +23,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::export::{SendError, Sent, Sink};
-use super::record::FlowRecord;
+use super::record::{FlowRecord, Verdict};
 
 /// Resource attributes: who sends.
 #[derive(Debug, Clone)]
@@ -55,7 +55,7 @@ fn int(key: &str, value: u64) -> Value {
 
 /// `SeverityNumber`: INFO (9) for traffic let through, WARN (13) for drops.
 fn severity(r: &FlowRecord) -> (u8, &'static str) {
-    if r.verdict == "DROPPED" { (13, "WARN") } else { (9, "INFO") }
+    if r.verdict == Verdict::Dropped { (13, "WARN") } else { (9, "INFO") }
 }
 
 /// One flow record as an OTLP `LogRecord`.
@@ -68,20 +68,20 @@ pub fn log_record(r: &FlowRecord) -> Value {
         string("network.type", if r.ip_version == 6 { "ipv6" } else { "ipv4" }),
     ];
     // `network.transport` names OSI transport protocols; ICMP is not one.
-    if matches!(r.protocol.as_str(), "tcp" | "udp") {
-        attributes.push(string("network.transport", &r.protocol));
+    if r.protocol.has_ports() {
+        attributes.push(string("network.transport", &r.protocol.to_string()));
     }
     attributes.extend([
-        string("bpfsync.protocol", &r.protocol),
-        string("bpfsync.kind", &r.kind),
-        string("bpfsync.verdict", &r.verdict),
+        string("bpfsync.protocol", &r.protocol.to_string()),
+        string("bpfsync.kind", r.kind.as_str()),
+        string("bpfsync.verdict", r.verdict.as_str()),
         string("bpfsync.interface", &r.interface),
-        string("bpfsync.direction", &r.direction),
+        string("bpfsync.direction", r.direction.as_str()),
         int("bpfsync.packets", r.packets),
         int("bpfsync.bytes", r.bytes),
     ]);
-    if let Some(reason) = &r.drop_reason {
-        attributes.push(string("bpfsync.drop_reason", reason));
+    if let Some(reason) = r.drop_reason {
+        attributes.push(string("bpfsync.drop_reason", reason.as_str()));
     }
     if let Some(rule) = &r.rule {
         attributes.push(string("bpfsync.rule", rule));

@@ -152,7 +152,12 @@ impl Reader {
             match FlowEvent::from_bytes(&item) {
                 Some(e) => {
                     let time = (e.time_ns as i128 + self.offset).max(0) as u64;
-                    self.batch.push(FlowRecord::from_event(&e, 0, time, &mut self.names));
+                    match FlowRecord::from_event(&e, 0, time, &mut self.names) {
+                        Some(r) => self.batch.push(r),
+                        None => {
+                            hub.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                 }
                 None => {
                     hub.counters.malformed.fetch_add(1, Ordering::Relaxed);

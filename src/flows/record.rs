@@ -8,7 +8,122 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use serde::{Deserialize, Serialize};
 
 use super::time;
-use crate::datapath::{self, FlowEvent};
+use crate::datapath::FlowEvent;
+use crate::model::Direction;
+
+/// What a record stands for (`struct flow_event`'s `kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordKind {
+    /// A connection's first packet.
+    New,
+    /// The traffic since the connection's previous record.
+    Update,
+    /// Drops, aggregated over the drop window.
+    Drop,
+}
+
+/// What the datapath did with the flow's packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Verdict {
+    /// Let through (to the stack, or out by the egress hook).
+    Forwarded,
+    Dropped,
+    /// Sent to a mesh route's next hop from XDP.
+    Redirected,
+}
+
+/// Why packets were dropped (`enum drop_reason` in `bpf/bpfsync.h`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DropReason {
+    /// An explicit `deny` rule.
+    PolicyDeny,
+    /// No rule allowed it where a policy selects the interface.
+    DefaultDeny,
+    /// The peer's rule set had no entry (cannot happen with compiled tables).
+    NoRuleSet,
+    /// The packet could not be classified where a policy applies.
+    Unparseable,
+}
+
+/// The IP protocol; named `tcp`, `udp`, `icmp`, `icmpv6`, else its number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Protocol(pub u8);
+
+impl Protocol {
+    pub const ICMP: Protocol = Protocol(1);
+    pub const TCP: Protocol = Protocol(6);
+    pub const UDP: Protocol = Protocol(17);
+    pub const ICMPV6: Protocol = Protocol(58);
+
+    /// `tcp`, `udp`, `icmp`, `icmpv6`, or a protocol number.
+    pub fn parse(s: &str) -> Option<Protocol> {
+        match s {
+            "icmp" => Some(Protocol::ICMP),
+            "tcp" => Some(Protocol::TCP),
+            "udp" => Some(Protocol::UDP),
+            "icmpv6" => Some(Protocol::ICMPV6),
+            n => n.parse().ok().map(Protocol),
+        }
+    }
+
+    /// Whether its records carry ports (TCP and UDP).
+    pub fn has_ports(self) -> bool {
+        self == Protocol::TCP || self == Protocol::UDP
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&protocol_name(self.0))
+    }
+}
+
+impl Serialize for Protocol {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Protocol {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Protocol, D::Error> {
+        let s = String::deserialize(d)?;
+        Protocol::parse(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!("`{s}` is not a protocol (tcp, udp, icmp, icmpv6 or a number)"))
+        })
+    }
+}
+
+/// `Display` and `as_str` through serde's names, so the JSON, the text and
+/// the filters spell a value the same way.
+macro_rules! named {
+    ($t:ty { $($v:ident => $s:literal),* $(,)? }) => {
+        impl $t {
+            pub fn as_str(self) -> &'static str {
+                match self { $(<$t>::$v => $s),* }
+            }
+            /// From its name, as filters and files give it.
+            pub fn from_name(s: &str) -> Option<$t> {
+                match s { $($s => Some(<$t>::$v),)* _ => None }
+            }
+        }
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+named!(RecordKind { New => "new", Update => "update", Drop => "drop" });
+named!(Verdict { Forwarded => "FORWARDED", Dropped => "DROPPED", Redirected => "REDIRECTED" });
+named!(DropReason {
+    PolicyDeny => "policy-deny",
+    DefaultDeny => "default-deny",
+    NoRuleSet => "no-rule-set",
+    Unparseable => "unparseable",
+});
 
 /// One end of a flow.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,17 +142,14 @@ pub struct FlowRecord {
     pub seq: u64,
     #[serde(with = "rfc3339")]
     pub time: u64,
-    /// `new`, `update` or `drop`.
-    pub kind: String,
-    /// `FORWARDED`, `DROPPED` or `REDIRECTED`.
-    pub verdict: String,
+    pub kind: RecordKind,
+    pub verdict: Verdict,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub drop_reason: Option<String>,
+    pub drop_reason: Option<DropReason>,
     pub interface: String,
-    pub direction: String,
+    pub direction: Direction,
     pub ip_version: u8,
-    /// `tcp`, `udp`, `icmp`, `icmpv6`, or the IP protocol number.
-    pub protocol: String,
+    pub protocol: Protocol,
     pub source: Endpoint,
     pub destination: Endpoint,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -116,23 +228,37 @@ pub trait Names {
 
 impl FlowRecord {
     /// Decodes a datapath record; `time` is already in Unix nanoseconds.
-    pub fn from_event(e: &FlowEvent, seq: u64, time: u64, names: &mut impl Names) -> FlowRecord {
-        let name = |table: &[&str], i: u8| table.get(i as usize).map_or_else(|| i.to_string(), |s| s.to_string());
+    /// `None` when a field holds a value the datapath does not define (the
+    /// reader counts the record as malformed).
+    pub fn from_event(e: &FlowEvent, seq: u64, time: u64, names: &mut impl Names) -> Option<FlowRecord> {
+        // The codes of `bpf/bpfsync.h` (`enum flow_kind`, `flow_verdict`,
+        // `drop_reason`, `direction`).
+        let kind = [RecordKind::New, RecordKind::Update, RecordKind::Drop].get(e.kind as usize).copied()?;
+        let verdict = [Verdict::Forwarded, Verdict::Dropped, Verdict::Redirected].get(e.verdict as usize).copied()?;
+        let drop_reason = match e.drop_reason {
+            0 => None,
+            n => Some(
+                [DropReason::PolicyDeny, DropReason::DefaultDeny, DropReason::NoRuleSet, DropReason::Unparseable]
+                    .get(n as usize - 1)
+                    .copied()?,
+            ),
+        };
+        let direction = [Direction::Ingress, Direction::Egress].get(e.dir as usize).copied()?;
         let rule = if e.rule_id == 0 {
             None
         } else {
             Some(names.rule(e.rule_id).unwrap_or_else(|| format!("rule {:#010x}", e.rule_id)))
         };
-        FlowRecord {
+        Some(FlowRecord {
             seq,
             time,
-            kind: name(&datapath::FLOW_KIND_NAMES, e.kind),
-            verdict: name(&datapath::FLOW_VERDICT_NAMES, e.verdict),
-            drop_reason: (e.drop_reason != 0).then(|| name(&datapath::DROP_REASON_NAMES, e.drop_reason)),
+            kind,
+            verdict,
+            drop_reason,
             interface: names.interface(e.ifindex),
-            direction: name(&datapath::DIRECTION_NAMES, e.dir),
+            direction,
             ip_version: e.tuple.family,
-            protocol: protocol_name(e.tuple.protocol),
+            protocol: Protocol(e.tuple.protocol),
             source: Endpoint { ip: addr(e.tuple.family, &e.tuple.saddr), port: u16::from_be(e.tuple.sport_be) },
             destination: Endpoint { ip: addr(e.tuple.family, &e.tuple.daddr), port: u16::from_be(e.tuple.dport_be) },
             tcp_flags: if e.tuple.protocol == 6 { tcp_flag_names(e.tcp_flags) } else { vec![] },
@@ -141,31 +267,19 @@ impl FlowRecord {
             policies: rule.as_deref().map(policies_of_rule).unwrap_or_default(),
             rule,
             suppressed: e.suppressed,
-        }
+        })
     }
 
     /// The record as policy impact reads it (`plan --impact`); the error
     /// says why it cannot be evaluated.
     pub fn to_recorded(&self) -> Result<crate::plan::impact::RecordedFlow, String> {
-        let protocol = match self.protocol.as_str() {
-            "icmp" => 1,
-            "tcp" => 6,
-            "udp" => 17,
-            "icmpv6" => 58,
-            n => n.parse::<u8>().map_err(|_| format!("unknown protocol `{n}`"))?,
-        };
-        let direction = match self.direction.as_str() {
-            "ingress" => crate::model::Direction::Ingress,
-            "egress" => crate::model::Direction::Egress,
-            d => return Err(format!("unknown direction `{d}`")),
-        };
-        if self.drop_reason.as_deref() == Some("unparseable") {
+        if self.drop_reason == Some(DropReason::Unparseable) {
             return Err("packets the datapath could not parse".into());
         }
         Ok(crate::plan::impact::RecordedFlow {
             interface: self.interface.clone(),
-            direction,
-            protocol,
+            direction: self.direction,
+            protocol: self.protocol.0,
             source: self.source.ip,
             source_port: self.source.port,
             destination: self.destination.ip,
@@ -177,7 +291,7 @@ impl FlowRecord {
     }
 
     fn has_ports(&self) -> bool {
-        self.protocol == "tcp" || self.protocol == "udp"
+        self.protocol.has_ports()
     }
 
     fn endpoint(&self, e: &Endpoint) -> String {
@@ -194,7 +308,7 @@ impl FlowRecord {
             "{} {} {} {} -> {} {}",
             time::format_clock(self.time),
             self.interface,
-            self.direction,
+            self.direction.as_str(),
             self.endpoint(&self.source),
             self.endpoint(&self.destination),
             self.protocol
@@ -209,7 +323,7 @@ impl FlowRecord {
         if let Some(rule) = &self.rule {
             let _ = write!(s, " by {rule}");
         }
-        if self.kind == "update" {
+        if self.kind == RecordKind::Update {
             let _ = write!(s, " [update: {} packets, {} bytes]", self.packets, self.bytes);
         } else if self.packets > 1 {
             let _ = write!(s, " [{} packets, {} bytes]", self.packets, self.bytes);
@@ -226,15 +340,15 @@ impl FlowRecord {
     pub fn table_row(&self) -> [String; 11] {
         let verdict = match &self.drop_reason {
             Some(r) => format!("{} ({r})", self.verdict),
-            None => self.verdict.clone(),
+            None => self.verdict.to_string(),
         };
         [
             time::format_clock(self.time),
             self.interface.clone(),
-            self.direction.clone(),
+            self.direction.as_str().to_string(),
             self.endpoint(&self.source),
             self.endpoint(&self.destination),
-            self.protocol.clone(),
+            self.protocol.to_string(),
             self.tcp_flags.join("|"),
             verdict,
             self.rule.clone().unwrap_or_else(|| "-".into()),
@@ -312,11 +426,31 @@ pub(crate) mod tests {
         let long = "x".repeat(MAX_LINE * 4);
         let err = read(&long, 10).unwrap_err();
         assert!(err.contains("longer than"), "{err}");
-        let mut odd: FlowRecord = serde_json::from_str(good).unwrap();
-        odd.protocol = "gre".into();
-        assert!(odd.to_recorded().unwrap_err().contains("unknown protocol"));
-        odd.protocol = "47".into();
-        assert_eq!(odd.to_recorded().unwrap().protocol, 47);
+        // Typed fields refuse what they do not define, naming it.
+        let gre = good.replace(r#""protocol":"tcp""#, r#""protocol":"gre""#);
+        let err = read(&gre, 10).unwrap_err();
+        assert!(err.contains("`gre` is not a protocol"), "{err}");
+        let numbered = read(&good.replace(r#""protocol":"tcp""#, r#""protocol":"47""#), 10).unwrap();
+        assert_eq!(numbered.records[0].to_recorded().unwrap().protocol, 47);
+        let err = read(&good.replace("FORWARDED", "MAYBE"), 10).unwrap_err();
+        assert!(err.contains("MAYBE"), "{err}");
+    }
+
+    #[test]
+    fn an_event_with_a_code_the_datapath_does_not_define_makes_no_record() {
+        assert!(FlowRecord::from_event(&event(0, 0, 6, 1, 2, 0), 1, 0, &mut FixedNames).is_some());
+        assert!(FlowRecord::from_event(&event(3, 0, 6, 1, 2, 0), 1, 0, &mut FixedNames).is_none(), "kind");
+        assert!(FlowRecord::from_event(&event(0, 3, 6, 1, 2, 0), 1, 0, &mut FixedNames).is_none(), "verdict");
+        let mut e = event(2, 1, 6, 1, 2, 0);
+        e.drop_reason = 5;
+        assert!(FlowRecord::from_event(&e, 1, 0, &mut FixedNames).is_none(), "drop reason");
+        e.drop_reason = 2;
+        assert_eq!(
+            FlowRecord::from_event(&e, 1, 0, &mut FixedNames).unwrap().drop_reason,
+            Some(DropReason::DefaultDeny)
+        );
+        e.dir = 2;
+        assert!(FlowRecord::from_event(&e, 1, 0, &mut FixedNames).is_none(), "direction");
     }
 
     pub struct FixedNames;
@@ -358,7 +492,8 @@ pub(crate) mod tests {
 
     #[test]
     fn a_new_tcp_flow_reads_like_hubble() {
-        let r = FlowRecord::from_event(&event(0, 0, 6, 45678, 8080, 7), 1, 1_795_261_763_123_000_000, &mut FixedNames);
+        let r = FlowRecord::from_event(&event(0, 0, 6, 45678, 8080, 7), 1, 1_795_261_763_123_000_000, &mut FixedNames)
+            .unwrap();
         assert_eq!(
             r.compact(),
             "11:49:23.123 veth3 ingress 10.0.0.1:45678 -> 10.0.0.2:8080 tcp SYN FORWARDED by api ingress[0]"
@@ -376,7 +511,7 @@ pub(crate) mod tests {
         e.packets = 12;
         e.bytes = 1200;
         e.suppressed = 3;
-        let r = FlowRecord::from_event(&e, 2, 0, &mut FixedNames);
+        let r = FlowRecord::from_event(&e, 2, 0, &mut FixedNames).unwrap();
         assert_eq!(r.policies, ["api", "web"]);
         assert!(r.tcp_flags.is_empty());
         assert_eq!(
@@ -387,7 +522,7 @@ pub(crate) mod tests {
 
     #[test]
     fn unknown_rules_and_icmp_are_shown_plainly() {
-        let r = FlowRecord::from_event(&event(0, 2, 1, 9, 0, 99), 3, 0, &mut FixedNames);
+        let r = FlowRecord::from_event(&event(0, 2, 1, 9, 0, 99), 3, 0, &mut FixedNames).unwrap();
         assert_eq!(r.rule.as_deref(), Some("rule 0x00000063"));
         assert!(r.compact().contains("10.0.0.1 -> 10.0.0.2 icmp REDIRECTED"), "{}", r.compact());
     }
