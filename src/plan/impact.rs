@@ -115,12 +115,7 @@ impl Interfaces<'_> {
     }
 }
 
-/// One connection on one hook, with what its records add up to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct FlowKey {
-    packet: Packet,
-}
-
+/// What the records of one connection on one hook add up to.
 #[derive(Debug, Clone, Copy)]
 struct Totals {
     records: u64,
@@ -153,7 +148,7 @@ pub fn evaluate(before: &State, after: &State, observed: &State, flows: &[Record
 
 pub fn evaluate_tables(old: &Tables, new: &Tables, interfaces: &Interfaces, flows: &[RecordedFlow]) -> Impact {
     let mut impact = Impact::default();
-    let mut by_flow: FastMap<FlowKey, Totals> = FastMap::default();
+    let mut by_flow: FastMap<Packet, Totals> = FastMap::default();
     for f in flows {
         impact.records += 1;
         let Some(&ifindex) = interfaces.0.get(&f.interface) else {
@@ -175,13 +170,8 @@ pub fn evaluate_tables(old: &Tables, new: &Tables, interfaces: &Interfaces, flow
             destination: f.destination,
             destination_port: f.destination_port,
         };
-        let t = by_flow.entry(FlowKey { packet }).or_insert(Totals {
-            records: 0,
-            packets: 0,
-            bytes: 0,
-            first: f.time,
-            last: f.time,
-        });
+        let t =
+            by_flow.entry(packet).or_insert(Totals { records: 0, packets: 0, bytes: 0, first: f.time, last: f.time });
         t.records += 1;
         t.packets = t.packets.saturating_add(f.packets);
         t.bytes = t.bytes.saturating_add(f.bytes);
@@ -194,10 +184,10 @@ pub fn evaluate_tables(old: &Tables, new: &Tables, interfaces: &Interfaces, flow
     // (a list threaded through `hooks`: no allocation per connection).
     let mut connections: FastMap<Tuple, (u64, usize)> = FastMap::default();
     let mut hooks: Vec<(Packet, usize)> = Vec::with_capacity(by_flow.len());
-    for (k, t) in &by_flow {
-        let e = connections.entry(tuple(&k.packet)).or_insert((t.first, usize::MAX));
+    for (packet, t) in &by_flow {
+        let e = connections.entry(tuple(packet)).or_insert((t.first, usize::MAX));
         e.0 = e.0.min(t.first);
-        hooks.push((k.packet, e.1));
+        hooks.push((*packet, e.1));
         e.1 = hooks.len() - 1;
     }
     // Whether a connection seen first at `seen`, on the hooks from `head`,
@@ -216,9 +206,9 @@ pub fn evaluate_tables(old: &Tables, new: &Tables, interfaces: &Interfaces, flow
     // later than it), if any.
     let flows: Vec<(&Packet, &Totals, Option<usize>)> = by_flow
         .iter()
-        .map(|(k, t)| {
-            let original = connections.get(&reverse(&tuple(&k.packet))).filter(|(seen, _)| *seen <= t.first);
-            (&k.packet, t, original.map(|(_, head)| *head))
+        .map(|(packet, t)| {
+            let original = connections.get(&reverse(&tuple(packet))).filter(|(seen, _)| *seen <= t.first);
+            (packet, t, original.map(|(_, head)| *head))
         })
         .collect();
     // The two sides are independent: one thread each (the lookups are
