@@ -1,5 +1,6 @@
 //! `bpfsync plan SPEC`: what apply would change, changing nothing.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
@@ -111,18 +112,44 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     Ok(if args.detailed_exitcode && !plan.is_converged() { 2 } else { 0 })
 }
 
+/// What `--impact` read: the flows to evaluate, the records it could not
+/// turn into flows (by why), and the records the writer skipped.
+#[derive(Default)]
+struct Recorded {
+    flows: Vec<plan::impact::RecordedFlow>,
+    rejected: BTreeMap<String, u64>,
+    skipped: u64,
+}
+
 /// The flows `--impact` evaluates: from `--flows` or the agent, in the
-/// `--since`/`--until` window.
-fn recorded_flows(args: &Args) -> anyhow::Result<(Vec<crate::flows::record::FlowRecord>, u64)> {
-    use crate::flows::record::read_json_lines;
+/// `--since`/`--until` window. Each record is turned into the much smaller
+/// flow as it is read.
+fn recorded_flows(args: &Args) -> anyhow::Result<Recorded> {
+    use crate::flows::record::for_each_json_line;
     let now = crate::time::now_unix_ns();
     let window = |t: &Option<String>| t.as_deref().map(|t| super::flows::parse_time(t, now)).transpose();
     let (since, until) =
         (window(&args.since).map_err(anyhow::Error::msg)?, window(&args.until).map_err(anyhow::Error::msg)?);
-    let read = match &args.flows {
+    let in_window = |t: u64| since.is_none_or(|s| t >= s) && until.is_none_or(|u| t <= u);
+    let mut out = Recorded::default();
+    let mut each = |r: crate::flows::record::FlowRecord| {
+        if !in_window(r.time) {
+            return;
+        }
+        match r.to_recorded() {
+            Ok(f) => out.flows.push(f),
+            Err(why) => *out.rejected.entry(why).or_default() += 1,
+        }
+    };
+    let skipped = match &args.flows {
         Some(path) => {
             let file = std::fs::File::open(path).with_context(|| format!("cannot read flows `{}`", path.display()))?;
-            read_json_lines(std::io::BufReader::new(file), &path.display().to_string(), MAX_IMPACT_RECORDS)
+            for_each_json_line(
+                std::io::BufReader::new(file),
+                &path.display().to_string(),
+                MAX_IMPACT_RECORDS,
+                &mut each,
+            )
         }
         None => {
             let mut params = Vec::new();
@@ -130,13 +157,12 @@ fn recorded_flows(args: &Args) -> anyhow::Result<(Vec<crate::flows::record::Flow
             params.extend(until.map(|t| format!("until={t}")));
             let target = format!("/flows?{}", params.join("&"));
             let reader = super::flows::query(args.agent, &target, false)?;
-            read_json_lines(reader, &format!("the agent at {}", args.agent), MAX_IMPACT_RECORDS)
+            for_each_json_line(reader, &format!("the agent at {}", args.agent), MAX_IMPACT_RECORDS, &mut each)
         }
     }
     .map_err(anyhow::Error::msg)?;
-    let in_window = |t: u64| since.is_none_or(|s| t >= s) && until.is_none_or(|u| t <= u);
-    let records = read.records.into_iter().filter(|r| in_window(r.time)).collect();
-    Ok((records, read.skipped))
+    out.skipped = skipped;
+    Ok(out)
 }
 
 /// The impact of the plan on recorded flows. The node is observed again
@@ -148,15 +174,8 @@ fn impact(
     desired: &crate::model::State,
     snapshot: Option<&crate::model::State>,
 ) -> anyhow::Result<plan::impact::Impact> {
-    let (records, skipped) = recorded_flows(args)?;
-    let mut flows = Vec::with_capacity(records.len());
-    let mut rejected = Vec::new();
-    for r in &records {
-        match r.to_recorded() {
-            Ok(f) => flows.push(f),
-            Err(why) => rejected.push(why),
-        }
-    }
+    let recorded = recorded_flows(args)?;
+    let flows = recorded.flows;
     let observed = match snapshot {
         Some(s) => s.clone(),
         None => {
@@ -169,11 +188,12 @@ fn impact(
     };
     let (after, _) = plan::resolve_desired(desired, &observed);
     let mut impact = plan::impact::evaluate(&observed, &after, &observed, &flows);
-    for why in rejected {
-        impact.skip_record(why);
+    for (why, n) in recorded.rejected {
+        impact.skip_records(why, n);
     }
-    if skipped > 0 {
-        *impact.not_evaluated.entry("records the exporter skipped (it fell behind)".into()).or_default() += skipped;
+    if recorded.skipped > 0 {
+        *impact.not_evaluated.entry("records the exporter skipped (it fell behind)".into()).or_default() +=
+            recorded.skipped;
     }
     Ok(impact)
 }

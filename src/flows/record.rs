@@ -372,8 +372,22 @@ pub struct ReadRecords {
 /// Reads flow records, one JSON object per line (`bpfsync flows -o json`,
 /// the file exporter, the agent's `/flows`), at most `max` of them. Errors
 /// name the line: `origin:LINE: …`.
-pub fn read_json_lines(mut input: impl std::io::BufRead, origin: &str, max: usize) -> Result<ReadRecords, String> {
-    let mut out = ReadRecords::default();
+pub fn read_json_lines(input: impl std::io::BufRead, origin: &str, max: usize) -> Result<ReadRecords, String> {
+    let mut records = Vec::new();
+    let skipped = for_each_json_line(input, origin, max, |r| records.push(r))?;
+    Ok(ReadRecords { records, skipped })
+}
+
+/// [`read_json_lines`], handing each record to `each` as it is read (so a
+/// caller that keeps less than a whole record holds less); returns the
+/// records the writer said it skipped.
+pub fn for_each_json_line(
+    mut input: impl std::io::BufRead,
+    origin: &str,
+    max: usize,
+    mut each: impl FnMut(FlowRecord),
+) -> Result<u64, String> {
+    let (mut read, mut skipped) = (0usize, 0u64);
     let mut line = Vec::new();
     for number in 1.. {
         line.clear();
@@ -391,17 +405,20 @@ pub fn read_json_lines(mut input: impl std::io::BufRead, origin: &str, max: usiz
             continue;
         }
         match serde_json::from_str::<FlowRecord>(text) {
-            Ok(_) if out.records.len() >= max => {
+            Ok(_) if read >= max => {
                 return Err(format!("{origin}: more than {max} flow records: narrow the window with --since/--until"));
             }
-            Ok(r) => out.records.push(r),
+            Ok(r) => {
+                read += 1;
+                each(r);
+            }
             Err(e) => match serde_json::from_str::<serde_json::Value>(text).ok().and_then(|v| v["skipped"].as_u64()) {
-                Some(n) => out.skipped += n,
+                Some(n) => skipped = skipped.saturating_add(n),
                 None => return Err(format!("{origin}:{number}: not a flow record: {e}")),
             },
         }
     }
-    Ok(out)
+    Ok(skipped)
 }
 
 #[cfg(test)]

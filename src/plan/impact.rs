@@ -94,10 +94,10 @@ pub struct Impact {
 }
 
 impl Impact {
-    /// A record that could not be turned into a flow (counted, with why).
-    pub fn skip_record(&mut self, reason: String) {
-        self.records += 1;
-        *self.not_evaluated.entry(reason).or_default() += 1;
+    /// Records that could not be turned into flows (counted, with why).
+    pub fn skip_records(&mut self, reason: String, n: u64) {
+        self.records += n;
+        *self.not_evaluated.entry(reason).or_default() += n;
     }
 
     /// Flows (not groups) of one kind of change.
