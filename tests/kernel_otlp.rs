@@ -153,6 +153,31 @@ fn flow_records_reach_an_opentelemetry_receiver_that_decodes_them_with_the_offic
         agent.metric("bpfsync_flow_export_rejected_total{sink=\"otlp\"}") == Some(1.0)
     });
     assert!(agent.metric("bpfsync_flow_export_errors_total{sink=\"otlp\"}").unwrap() >= 2.0);
+
+    // A self-healing event (a proposal transition, as `bpfsync proposals
+    // approve` logs it) goes the same way, as a log record of its own scope.
+    let heal = env.state.path().join("heal");
+    std::fs::create_dir_all(&heal).unwrap();
+    let entry =
+        r#"{"id":"p-42","status":"applied","by":"user:alice","at-unix-ms":1796225193539,"note":"approved in review"}"#;
+    std::fs::write(heal.join("history.jsonl"), format!("{entry}\n")).unwrap();
+    let heal_record = || {
+        receiver.requests().iter().filter(|r| r["status"] == 200).find_map(|r| {
+            let scope = &r["request"]["resourceLogs"][0]["scopeLogs"][0];
+            (scope["scope"]["name"] == "bpfsync.heal").then(|| scope["logRecords"][0].clone())
+        })
+    };
+    wait("the heal event", Duration::from_secs(10), || heal_record().is_some());
+    let event = heal_record().unwrap();
+    let a = attributes(&event["attributes"]);
+    assert_eq!(a["bpfsync.event"]["stringValue"], "proposal");
+    assert_eq!(a["bpfsync.proposal.id"]["stringValue"], "p-42");
+    assert_eq!(a["bpfsync.proposal.status"]["stringValue"], "applied");
+    assert_eq!(a["bpfsync.proposal.by"]["stringValue"], "user:alice");
+    assert_eq!(event["body"]["stringValue"], "proposal p-42 applied by user:alice: approved in review");
+    assert_eq!(event["timeUnixNano"], "1796225193539000000");
+    assert!(receiver.requests().iter().all(|r| r.get("error").is_none()));
+
     agent.stop();
     env.run_ok(&["down", "--auto-approve"]);
 }

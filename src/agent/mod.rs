@@ -15,6 +15,7 @@
 
 pub mod driver;
 mod heal;
+pub mod heal_events;
 mod http;
 pub mod metrics;
 pub mod reconciler;
@@ -339,12 +340,16 @@ fn start_flows(
         let sink = HttpSink::new(url).map_err(AgentError::ExportUrl)?;
         sinks.push((Arc::new(ExportQueue::new("http", o.export_buffer)), Box::new(sink)));
     }
+    let mut threads = Vec::new();
     if let Some(endpoint) = &o.export_otlp {
         let sink = OtlpSink::new(endpoint, Resource::this_node()).map_err(AgentError::ExportUrl)?;
         sinks.push((Arc::new(ExportQueue::new("otlp", o.export_buffer)), Box::new(sink)));
+        // Self-healing events go the same way, from the heal store's history.
+        let events = OtlpSink::new(endpoint, Resource::this_node()).map_err(AgentError::ExportUrl)?;
+        let store = crate::heal::store::Store::new(&config.ctx.state_dir);
+        threads.push(heal_events::spawn(store, events, stop.clone()));
     }
     let hub = Arc::new(FlowHub::new(o.history, sinks.iter().map(|(q, _)| q.clone()).collect()));
-    let mut threads = Vec::new();
     for (queue, sink) in sinks {
         threads.push(export::spawn(queue, sink, o.export.clone(), stop.clone()));
     }

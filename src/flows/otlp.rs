@@ -44,11 +44,13 @@ impl Resource {
     }
 }
 
-fn string(key: &str, value: &str) -> Value {
+/// A string attribute (`KeyValue`).
+pub fn string(key: &str, value: &str) -> Value {
     json!({ "key": key, "value": { "stringValue": value } })
 }
 
-fn int(key: &str, value: u64) -> Value {
+/// An integer attribute (`KeyValue`).
+pub fn int(key: &str, value: u64) -> Value {
     // int64 in the protobuf JSON mapping: a decimal string.
     json!({ "key": key, "value": { "intValue": value.min(i64::MAX as u64).to_string() } })
 }
@@ -105,6 +107,16 @@ pub fn log_record(r: &FlowRecord) -> Value {
 
 /// A batch as an `ExportLogsServiceRequest`.
 pub fn request(resource: &Resource, batch: &[Arc<FlowRecord>]) -> Value {
+    request_of(resource, FLOW_SCOPE, batch.iter().map(|r| log_record(r)).collect())
+}
+
+/// The instrumentation scope of flow records.
+pub const FLOW_SCOPE: &str = "bpfsync.flows";
+/// The instrumentation scope of self-healing events.
+pub const HEAL_SCOPE: &str = "bpfsync.heal";
+
+/// An `ExportLogsServiceRequest` of `records` under `scope`.
+pub fn request_of(resource: &Resource, scope: &str, records: Vec<Value>) -> Value {
     json!({
         "resourceLogs": [{
             "resource": { "attributes": [
@@ -113,8 +125,8 @@ pub fn request(resource: &Resource, batch: &[Arc<FlowRecord>]) -> Value {
                 string("host.name", &resource.host_name),
             ]},
             "scopeLogs": [{
-                "scope": { "name": "bpfsync.flows", "version": resource.service_version },
-                "logRecords": batch.iter().map(|r| log_record(r)).collect::<Vec<_>>(),
+                "scope": { "name": scope, "version": resource.service_version },
+                "logRecords": records,
             }],
         }],
     })
@@ -181,9 +193,15 @@ fn gzip(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
     e.finish()
 }
 
-impl Sink for OtlpSink {
-    fn send(&mut self, batch: &[Arc<FlowRecord>]) -> Result<Sent, SendError> {
-        let body = serde_json::to_vec(&request(&self.resource, batch)).expect("a JSON value serialises");
+impl OtlpSink {
+    /// Sends log records made elsewhere (self-healing events) under `scope`.
+    pub fn send_records(&mut self, scope: &str, records: Vec<Value>) -> Result<Sent, SendError> {
+        let request = request_of(&self.resource, scope, records);
+        self.post(&request)
+    }
+
+    fn post(&mut self, request: &Value) -> Result<Sent, SendError> {
+        let body = serde_json::to_vec(request).expect("a JSON value serialises");
         let mut req = self.agent.post(&self.url).set("Content-Type", "application/json");
         let response = if self.gzip {
             req = req.set("Content-Encoding", "gzip");
@@ -213,6 +231,13 @@ impl Sink for OtlpSink {
             }
             Err(e) => Err(SendError::Retry { error: e.to_string(), after: None }),
         }
+    }
+}
+
+impl Sink for OtlpSink {
+    fn send(&mut self, batch: &[Arc<FlowRecord>]) -> Result<Sent, SendError> {
+        let request = request(&self.resource, batch);
+        self.post(&request)
     }
 }
 
