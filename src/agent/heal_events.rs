@@ -184,7 +184,7 @@ mod tests {
         let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
         write!(f, "one\ntw").unwrap();
         assert_eq!(tail.read(), ["one"]);
-        write!(f, "o\n").unwrap();
+        writeln!(f, "o").unwrap();
         assert_eq!(tail.read(), ["two"]);
         // Rotated: renamed away, a new file begun.
         std::fs::rename(&path, dir.path().join("history.jsonl.1")).unwrap();
