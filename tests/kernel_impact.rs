@@ -118,6 +118,15 @@ fn impact_names_exactly_the_flows_a_tightened_policy_then_drops() {
     let gate = env.run(&["plan", &loose_path, "--impact", "--flows", &flows_file, "--fail-on-new-drops"]);
     assert_eq!(gate.status.code(), Some(0), "{}", common::stdout(&gate));
 
+    // A file naming more interfaces than it may is refused before any
+    // lookup, saying why.
+    let line = exported.lines().next().unwrap().to_string();
+    let many: String = (0..1_025).map(|i| line.replace(&sb.host_if, &format!("x{i}")) + "\n").collect();
+    let many_file = write_spec(env.state.path(), "many.jsonl", &many);
+    let out = env.run(&["plan", &tight_path, "--impact", "--flows", &many_file]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(common::stderr(&out).contains("name 1025 interfaces, more than 1024"), "{}", common::stderr(&out));
+
     // Applied, the tight policy drops exactly what the impact named.
     agent.stop();
     env.run_ok(&["apply", &tight_path, "--auto-approve"]);

@@ -58,6 +58,9 @@ pub const EXIT_NEW_DROPS: Exit = 3;
 /// Most flow records `--impact` reads.
 pub const MAX_IMPACT_RECORDS: usize = 1_000_000;
 
+/// Most distinct interfaces the flows of `--impact` may name.
+pub const MAX_IMPACT_INTERFACES: usize = 1_024;
+
 pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     let (loaded, desired) = load_spec(ctx, &args.spec)?;
     let observed_from_snapshot = args.observed.is_some();
@@ -181,7 +184,16 @@ fn impact(
         None => {
             let mut scope = scope_for(desired);
             scope.maps.extend(crate::mesh::MANAGED_MAPS.map(crate::mesh::map_ref));
-            scope.interfaces.extend(flows.iter().map(|f| f.interface.clone()));
+            let named: std::collections::BTreeSet<&str> = flows.iter().map(|f| f.interface.as_str()).collect();
+            // Each is looked up in the kernel: a file naming a million
+            // interfaces would make a million lookups.
+            if named.len() > MAX_IMPACT_INTERFACES {
+                anyhow::bail!(
+                    "the flows name {} interfaces, more than {MAX_IMPACT_INTERFACES}: narrow them (`bpfsync flows --interface …`)",
+                    named.len()
+                );
+            }
+            scope.interfaces.extend(named.into_iter().map(str::to_string));
             let mut kernel = open_kernel_read_only(ctx)?;
             kernel.observe(&scope).map_err(|e| anyhow::anyhow!(crate::apply::error_chain(&e)))?
         }
