@@ -27,8 +27,8 @@ use crate::heal::store::Store;
 pub const MAX_PENDING: usize = 10_000;
 /// Most bytes read from the log per poll.
 const MAX_READ: u64 = 1 << 20;
-/// How often the log is looked at.
-const POLL: Duration = Duration::from_secs(1);
+/// How often the log is looked at (and `stop` with it).
+const POLL: Duration = Duration::from_millis(200);
 
 /// New complete lines of an append-only file that may be rotated (renamed
 /// away and started again).
@@ -162,7 +162,7 @@ pub fn spawn(store: Store, mut sink: OtlpSink, stop: Arc<AtomicBool>) -> std::th
                         }
                     }
                 }
-                std::thread::sleep(POLL.min(Duration::from_millis(if pending.is_empty() { 1000 } else { 100 })));
+                std::thread::sleep(POLL);
             }
         })
         .expect("spawn the heal events thread")
