@@ -9,18 +9,21 @@ use tokio::sync::broadcast;
 
 use super::export::ExportQueue;
 use super::filter::Filter;
-use super::record::FlowRecord;
+use super::record::{FlowRecord, Protocol, RecordKind, Verdict};
 use crate::datapath::{DIRECTION_NAMES, FLOW_VERDICT_NAMES};
+use crate::model::Direction;
 
 /// Protocol label values of the flow counters.
 pub const PROTOCOL_LABELS: [&str; 5] = ["tcp", "udp", "icmp", "icmpv6", "other"];
 
-fn protocol_slot(p: &str) -> usize {
-    PROTOCOL_LABELS.iter().position(|x| *x == p).unwrap_or(PROTOCOL_LABELS.len() - 1)
-}
-
-fn slot_of(list: &[&str], v: &str) -> usize {
-    list.iter().position(|x| *x == v).unwrap_or(0)
+fn protocol_slot(p: Protocol) -> usize {
+    match p {
+        Protocol::TCP => 0,
+        Protocol::UDP => 1,
+        Protocol::ICMP => 2,
+        Protocol::ICMPV6 => 3,
+        _ => PROTOCOL_LABELS.len() - 1,
+    }
 }
 
 const CELLS: usize = FLOW_VERDICT_NAMES.len() * DIRECTION_NAMES.len() * PROTOCOL_LABELS.len();
@@ -40,10 +43,19 @@ pub struct FlowCounters {
 }
 
 impl FlowCounters {
-    pub fn cell(verdict: &str, direction: &str, protocol: &str) -> usize {
-        (slot_of(&FLOW_VERDICT_NAMES, verdict) * DIRECTION_NAMES.len() + slot_of(&DIRECTION_NAMES, direction))
-            * PROTOCOL_LABELS.len()
-            + protocol_slot(protocol)
+    /// The cell of a record's values (typed: no names compared per record;
+    /// the orders are those of `FLOW_VERDICT_NAMES` and `DIRECTION_NAMES`).
+    pub fn cell(verdict: Verdict, direction: Direction, protocol: Protocol) -> usize {
+        let verdict = match verdict {
+            Verdict::Forwarded => 0,
+            Verdict::Dropped => 1,
+            Verdict::Redirected => 2,
+        };
+        let direction = match direction {
+            Direction::Ingress => 0,
+            Direction::Egress => 1,
+        };
+        (verdict * DIRECTION_NAMES.len() + direction) * PROTOCOL_LABELS.len() + protocol_slot(protocol)
     }
 
     /// (verdict, direction, protocol) of a cell index.
@@ -60,8 +72,8 @@ impl FlowCounters {
     pub const CELLS: usize = CELLS;
 
     fn count(&self, r: &FlowRecord) {
-        let c = Self::cell(r.verdict.as_str(), r.direction.as_str(), &r.protocol.to_string());
-        if r.kind != super::record::RecordKind::Update {
+        let c = Self::cell(r.verdict, r.direction, r.protocol);
+        if r.kind != RecordKind::Update {
             self.flows[c].fetch_add(1, Ordering::Relaxed);
         }
         self.packets[c].fetch_add(r.packets, Ordering::Relaxed);
@@ -222,9 +234,25 @@ mod tests {
         assert_eq!(all.iter().map(|r| r.destination.port).collect::<Vec<_>>(), [3, 4, 5]);
         assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4, 5]);
         assert_eq!(hub.counters.records.load(Ordering::Relaxed), 5);
-        let c = FlowCounters::cell("FORWARDED", "ingress", "udp");
+        let c = FlowCounters::cell(Verdict::Forwarded, Direction::Ingress, Protocol::UDP);
         assert_eq!(hub.counters.flows[c].load(Ordering::Relaxed), 5);
         assert_eq!(FlowCounters::labels(c), ("FORWARDED", "ingress", "udp"));
+    }
+
+    #[test]
+    fn every_cell_is_labelled_with_the_values_it_counts() {
+        let mut seen = std::collections::BTreeSet::new();
+        for v in [Verdict::Forwarded, Verdict::Dropped, Verdict::Redirected] {
+            for d in [Direction::Ingress, Direction::Egress] {
+                for p in [Protocol::TCP, Protocol::UDP, Protocol::ICMP, Protocol::ICMPV6, Protocol(47)] {
+                    let c = FlowCounters::cell(v, d, p);
+                    let name = if p == Protocol(47) { "other".to_string() } else { p.to_string() };
+                    assert_eq!(FlowCounters::labels(c), (v.as_str(), d.as_str(), name.as_str()));
+                    seen.insert(c);
+                }
+            }
+        }
+        assert_eq!(seen.len(), FlowCounters::CELLS);
     }
 
     #[test]
