@@ -6,9 +6,7 @@
 
 mod common;
 
-use std::io::Write;
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
 
 use bpfsync::flows::hubble::to_jsonpb;
 use bpfsync::flows::record::{DropReason, Endpoint, FlowRecord, Protocol, RecordKind, Verdict};
@@ -40,21 +38,8 @@ fn record(protocol: &str, source: (&str, u16), destination: (&str, u16)) -> Flow
 
 /// The decoded messages (proto field names), one per record.
 fn decode(lines: &[Value]) -> Vec<Value> {
-    let mut child = Command::new("python3")
-        .arg(common::repo().join("tests/fixtures/hubble_decode.py"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 with grpcio-tools (pip install grpcio-tools)");
-    let mut stdin = child.stdin.take().unwrap();
-    for l in lines {
-        writeln!(stdin, "{l}").unwrap();
-    }
-    drop(stdin);
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "the decoder refused a line: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    common::hubble_decode(&text).unwrap_or_else(|e| panic!("the decoder refused a line: {e}"))
 }
 
 #[test]
@@ -140,15 +125,6 @@ fn a_field_hubble_does_not_have_is_refused_by_the_decoder() {
     // The checker is strict: bpfsync's own fields would fail it.
     let mut line = to_jsonpb(&record("tcp", ("10.0.0.1", 1), ("10.0.0.2", 2)), "n");
     line["flow"]["rule"] = Value::String("api ingress[0]".into());
-    let mut child = Command::new("python3")
-        .arg(common::repo().join("tests/fixtures/hubble_decode.py"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    writeln!(child.stdin.take().unwrap(), "{line}").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("rule"), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = common::hubble_decode(&format!("{line}\n")).unwrap_err();
+    assert!(err.contains("rule"), "{err}");
 }

@@ -5,25 +5,13 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{Agent, Env, Sandbox, wait, write_spec};
 use serde_json::Value;
 
 fn decode(text: &str) -> Vec<Value> {
-    let mut child = Command::new("python3")
-        .arg(common::repo().join("tests/fixtures/hubble_decode.py"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "the decoder refused a line: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    common::hubble_decode(text).unwrap_or_else(|e| panic!("the decoder refused a line: {e}"))
 }
 
 #[test]

@@ -236,3 +236,22 @@ impl Rng {
         self.next() % 100 < percent
     }
 }
+
+/// Decodes JSON lines as Hubble's `GetFlowsResponse` with protobuf's own
+/// parser (`tests/fixtures/hubble_decode.py`, unknown fields refused): the
+/// decoded messages, or what the decoder said about the first bad line.
+pub fn hubble_decode(text: &str) -> Result<Vec<Value>, String> {
+    let mut child = Command::new("python3")
+        .arg(repo().join("tests/fixtures/hubble_decode.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 with grpcio-tools (pip install grpcio-tools)");
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect())
+}
