@@ -20,8 +20,6 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use serde::Serialize;
-
 use crate::datapath::RouteValue;
 use crate::mesh::evaluate::{Check, FastMap, Packet, Tables, Verdict};
 use crate::model::{Direction, State};
@@ -44,8 +42,7 @@ pub struct RecordedFlow {
 }
 
 /// What changes for a group of flows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Change {
     NewlyDropped,
     NewlyAllowed,
@@ -53,7 +50,7 @@ pub enum Change {
 }
 
 /// Flows that change the same way.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Group {
     pub change: Change,
     pub interface: String,
@@ -76,8 +73,9 @@ pub struct Group {
     pub last_seen: u64,
 }
 
-/// The impact of a plan on recorded traffic.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+/// The impact of a plan on recorded traffic, rendered by [`render_text`]
+/// and [`to_value`] (the JSON plan's `impact`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Impact {
     /// Records read and distinct flows (connection on a hook) evaluated.
     pub records: u64,
