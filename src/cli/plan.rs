@@ -180,8 +180,8 @@ fn impact(
     let recorded = recorded_flows(args)?;
     let flows = recorded.flows;
     let observed = match snapshot {
-        Some(s) => s.clone(),
-        None => {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned({
             let mut scope = scope_for(desired);
             scope.maps.extend(crate::mesh::MANAGED_MAPS.map(crate::mesh::map_ref));
             let named: std::collections::BTreeSet<&str> = flows.iter().map(|f| f.interface.as_str()).collect();
@@ -196,7 +196,7 @@ fn impact(
             scope.interfaces.extend(named.into_iter().map(str::to_string));
             let mut kernel = open_kernel_read_only(ctx)?;
             kernel.observe(&scope).map_err(|e| anyhow::anyhow!(crate::apply::error_chain(&e)))?
-        }
+        }),
     };
     let (after, _) = plan::resolve_desired(desired, &observed);
     let mut impact = plan::impact::evaluate(&observed, &after, &observed, &flows);
