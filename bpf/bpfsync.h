@@ -291,4 +291,71 @@ struct drop_budget {
 	__u32 pad;
 };
 
+/* ---- Network telemetry (tracepoints; `telemetry:` in the spec) ---- */
+
+/* Slots of `tcp_stats`: slot 0 counts remote addresses no watched prefix
+ * covers ("other"), slots 1.. the spec's `telemetry.tcp.watch` in order. */
+#define WATCH_SLOTS 256
+
+/* Log2 histogram buckets of microseconds: bucket i counts values in
+ * [2^i, 2^(i+1)) us (bucket 0 also counts 0); the last is open-ended. */
+#define TELEMETRY_BUCKETS 32
+
+/* `watch_prefixes` (LPM trie): remote prefix → slot. IPv4 is stored as
+ * IPv4-mapped IPv6 (::ffff:a.b.c.d, prefixlen + 96), so one trie answers
+ * for both families and a mapped address on an IPv6 socket matches its
+ * IPv4 prefix. */
+struct watch_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+/* Value of `watch_names`: the spec name of a slot, NUL-padded. */
+#define WATCH_NAME_LEN 64
+struct watch_name {
+	char name[WATCH_NAME_LEN];
+};
+
+/* Value of `tcp_stats` (per CPU, per slot). */
+struct tcp_watch_stats {
+	__u64 rtt_buckets[TELEMETRY_BUCKETS]; /* smoothed RTT per received segment (`tcp_probe`) */
+	__u64 rtt_sum_us;
+	__u64 rtt_samples;
+	__u64 connect_buckets[TELEMETRY_BUCKETS]; /* SYN sent → established */
+	__u64 connect_sum_us;
+	__u64 connect_samples;
+	__u64 retransmits;
+	__u64 cong_cwr; /* congestion-state entries, by state */
+	__u64 cong_recovery;
+	__u64 cong_loss;
+	__u64 opened_active; /* SYN_SENT → ESTABLISHED */
+	__u64 opened_passive; /* SYN_RECV → ESTABLISHED */
+	__u64 closed; /* an established connection reached CLOSE (any way) */
+	__u64 connects_failed; /* SYN_SENT → CLOSE */
+	__u64 resets_received;
+	__u64 resets_sent;
+};
+
+/* Slots of `drop_reasons`: the kernel's `enum skb_drop_reason` value, or
+ * DROP_REASON_SLOTS - 1 for a subsystem's own reasons (upper 16 bits set)
+ * and anything beyond the table. */
+#define DROP_REASON_SLOTS 1024
+
+/* Value of `drop_filter` (array by slot): non-zero = do not count. */
+struct drop_filter {
+	__u32 skip;
+};
+
+/* Key of `xdp_errors` (hash): an interface and what went wrong on it. */
+enum xdp_error_kind {
+	XDP_ERR_REDIRECT = 0, /* `xdp:xdp_redirect_err`; code = -errno */
+	XDP_ERR_EXCEPTION = 1, /* `xdp:xdp_exception`; code = the XDP action */
+};
+
+struct xdp_error_key {
+	__u32 ifindex;
+	__u16 kind;
+	__u16 code;
+};
+
 #endif

@@ -104,6 +104,12 @@ impl Layout {
 /// Encodes `v` into exactly `layout.size()` bytes.
 pub fn encode(v: &Value, layout: &Layout) -> Result<Vec<u8>, String> {
     let size = layout.size();
+    if let (Value::String(s), Layout::Bytes { size }) = (v, layout)
+        && *size > 16
+        && !is_hex_of(s, *size)
+    {
+        return encode_text(s, *size);
+    }
     if let Value::String(s) = v {
         if let Some(hex) = s.strip_prefix("0x") {
             let bytes = parse_hex(hex).ok_or_else(|| format!("`{s}` is not valid hex bytes"))?;
@@ -178,6 +184,35 @@ pub fn encode(v: &Value, layout: &Layout) -> Result<Vec<u8>, String> {
         (Value::String(s), _) => Err(format!("`{s}` is not a number, an IP address, a CIDR or `0x` bytes")),
         (other, _) => Err(format!("cannot encode {} into {size} bytes", kind_of(other))),
     }
+}
+
+/// Whether `s` is `0x` bytes of exactly `size` bytes.
+fn is_hex_of(s: &str, size: usize) -> bool {
+    s.strip_prefix("0x").and_then(parse_hex).is_some_and(|b| b.len() == size)
+}
+
+/// Text in a char array longer than an address (`char name[64]`):
+/// printable ASCII, NUL-padded, at least one NUL left to end it.
+fn encode_text(s: &str, size: usize) -> Result<Vec<u8>, String> {
+    if !s.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return Err(format!("`{s}`: text in a char array is printable ASCII"));
+    }
+    if s.len() >= size {
+        return Err(format!("`{s}` is {} characters, the field holds {}", s.len(), size - 1));
+    }
+    let mut out = s.as_bytes().to_vec();
+    out.resize(size, 0);
+    Ok(out)
+}
+
+/// The text a char array holds, when it is [`encode_text`]'s form and
+/// does not read as `0x` bytes.
+fn decode_text(bytes: &[u8]) -> Option<String> {
+    let end = bytes.iter().position(|b| *b == 0)?;
+    let text = &bytes[..end];
+    let printable = !text.is_empty() && text.iter().all(|b| b.is_ascii_graphic() || *b == b' ');
+    (printable && bytes[end..].iter().all(|b| *b == 0) && !text.starts_with(b"0x"))
+        .then(|| String::from_utf8_lossy(text).into_owned())
 }
 
 fn encode_int(v: &Value, size: usize, signed: bool) -> Result<Vec<u8>, String> {
@@ -262,6 +297,7 @@ pub fn decode(bytes: &[u8], layout: &Layout, form: Form) -> Value {
         Layout::Bytes { size } if *size == 4 || *size == 16 => {
             ip_from(bytes).map(|ip| Value::String(ip.to_string())).unwrap_or_else(|| Value::String(hex(bytes)))
         }
+        Layout::Bytes { size } if *size > 16 => Value::String(decode_text(bytes).unwrap_or_else(|| hex(bytes))),
         Layout::Bytes { .. } => Value::String(hex(bytes)),
         Layout::Array { len, elem, .. } => {
             let w = elem.size();
@@ -360,6 +396,22 @@ mod tests {
         assert_eq!(encode(&json!("0x0a0b"), &Layout::Opaque { size: 2 }).unwrap(), vec![10, 11]);
         assert!(encode(&json!("0x0a"), &Layout::Opaque { size: 2 }).unwrap_err().contains("expected 2"));
         assert!(encode(&json!("fd00::1"), &Layout::Opaque { size: 4 }).is_err());
+    }
+
+    #[test]
+    fn char_arrays_hold_text() {
+        let name = Layout::Bytes { size: 64 };
+        let bytes = encode(&json!("mesh-peers"), &name).unwrap();
+        assert_eq!(&bytes[..10], b"mesh-peers");
+        assert!(bytes[10..].iter().all(|b| *b == 0));
+        assert_eq!(decode(&bytes, &name, Form::Auto), json!("mesh-peers"));
+        // A name that reads as an address is still text here.
+        assert_eq!(decode(&encode(&json!("10.0.0.1"), &name).unwrap(), &name, Form::Auto), json!("10.0.0.1"));
+        // Bytes that are not NUL-ended text stay hex, both ways.
+        let raw = format!("0x{}", "ab".repeat(64));
+        assert_eq!(decode(&encode(&json!(raw), &name).unwrap(), &name, Form::Auto), json!(raw));
+        assert!(encode(&json!("x".repeat(64)), &name).unwrap_err().contains("holds 63"));
+        assert!(encode(&json!("tab\there"), &name).unwrap_err().contains("printable"));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::model::{Attachment, Direction, Hook, MapCodec, MapRef, MapShape, MapS
 use crate::object::{self, MapDef, ObjectInfo};
 use crate::spec::overlay::OverlayEntry;
 use crate::spec::{Diagnostic, Diagnostics, LoadedSpec, ProgramSpec, ProgramType, XdpMode};
+use crate::telemetry::{self, DropReasonNames};
 
 /// The desired state, plus what the executor needs to create it.
 #[derive(Debug, Clone, Default)]
@@ -33,9 +34,24 @@ type LoadedObject = (Arc<[u8]>, Arc<ObjectInfo>);
 #[derive(Default)]
 pub struct ObjectLoader {
     cache: HashMap<PathBuf, Result<LoadedObject, String>>,
+    /// The kernel BTF drop reasons are named from; the running kernel's
+    /// when unset.
+    kernel_btf: Option<PathBuf>,
 }
 
 impl ObjectLoader {
+    /// A loader that names drop reasons from the BTF at `path` (tests).
+    pub fn with_kernel_btf(path: PathBuf) -> ObjectLoader {
+        ObjectLoader { kernel_btf: Some(path), ..Default::default() }
+    }
+
+    fn drop_reasons(&self) -> Result<DropReasonNames, String> {
+        match &self.kernel_btf {
+            Some(path) => DropReasonNames::read(path),
+            None => DropReasonNames::kernel().clone(),
+        }
+    }
+
     fn load_path(&mut self, path: PathBuf) -> Result<LoadedObject, String> {
         self.cache
             .entry(path.clone())
@@ -115,7 +131,11 @@ pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, 
     let mut diags: Vec<Diagnostic> = Vec::new();
     let mut desired = Desired::default();
     let mesh_on = mesh::in_use(s);
-    let programs = with_mesh_programs(&s.programs, mesh_on);
+    let mut programs = with_mesh_programs(&s.programs, mesh_on);
+    if let Some(t) = &s.telemetry {
+        let skip = drop_filter(spec, loader, &mut diags);
+        programs.extend(telemetry::program_specs(t, &skip));
+    }
 
     let infos = compile_programs(spec, &programs, loader, &mut desired, &mut diags);
     compile_maps(spec, &programs, &infos, &mut desired, &mut diags);
@@ -123,6 +143,7 @@ pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, 
         compile_mesh(spec, &mut desired);
     }
     compile_attachments(spec, &mut desired);
+    compile_telemetry_hooks(spec, &mut desired);
     if diags.is_empty() { Ok(desired) } else { Err(crate::spec::diagnostics(diags, &spec.source)) }
 }
 
@@ -399,6 +420,54 @@ fn compile_mesh(spec: &LoadedSpec, desired: &mut Desired) {
         } else {
             [(0u32.to_ne_bytes().to_vec(), value)].into_iter().collect()
         };
+    }
+}
+
+/// The drop reason slots `telemetry.drops` skips, its names resolved
+/// against the kernel's own table (none to resolve: no kernel BTF read).
+fn drop_filter(spec: &LoadedSpec, loader: &ObjectLoader, diags: &mut Vec<Diagnostic>) -> Vec<u32> {
+    let Some(drops) = spec.spec.telemetry.as_ref().and_then(|t| t.drops.as_ref()) else { return vec![] };
+    if drops.only.is_empty() && drops.ignore.is_empty() {
+        return vec![];
+    }
+    let reasons = match loader.drop_reasons() {
+        Ok(r) => r,
+        Err(e) => {
+            diags.push(spec.diag("/telemetry/drops", format!("cannot name drop reasons: {e}")));
+            return vec![];
+        }
+    };
+    reasons.skipped_slots(&drops.only, &drops.ignore).unwrap_or_else(|unknown| {
+        for (list, i, name) in unknown {
+            let close = reasons.suggest(&name);
+            let hint = if close.is_empty() {
+                String::new()
+            } else {
+                format!(": did you mean {}?", close.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(" or "))
+            };
+            diags.push(spec.diag(
+                &format!("/telemetry/drops/{list}/{i}"),
+                format!("this kernel has no drop reason `{name}`{hint}"),
+            ));
+        }
+        vec![]
+    })
+}
+
+/// The tracepoints of the telemetry programs.
+fn compile_telemetry_hooks(spec: &LoadedSpec, desired: &mut Desired) {
+    let Some(t) = &spec.spec.telemetry else { return };
+    for (program, event, _) in telemetry::programs(t) {
+        let hook = Hook::Tracepoint { event: event.into(), program: program.into() };
+        let att = Attachment {
+            program: program.into(),
+            mode: None,
+            takeover: false,
+            link_id: None,
+            defunct: false,
+            running_mode: None,
+        };
+        desired.state.attachments.insert(hook, att);
     }
 }
 

@@ -334,6 +334,56 @@ pub fn interface_counters(entries: &Entries) -> BTreeMap<(u32, &'static str), Pr
         .collect()
 }
 
+/// `WATCH_SLOTS`: slot 0 is "other", 1.. the spec's watches in order.
+pub const WATCH_SLOTS: usize = 256;
+/// `TELEMETRY_BUCKETS`: log2 buckets of microseconds.
+pub const TELEMETRY_BUCKETS: usize = 32;
+/// `DROP_REASON_SLOTS`: the last slot holds subsystem reasons.
+pub const DROP_REASON_SLOTS: usize = 1024;
+
+plain! {
+    /// `struct watch_key`: IPv4 as IPv4-mapped IPv6, prefix length + 96.
+    pub struct WatchKey {
+        pub prefixlen: u32,
+        pub addr: [u8; 16],
+    }
+}
+
+plain! {
+    /// `struct tcp_watch_stats`.
+    pub struct TcpWatchStats {
+        pub rtt_buckets: [u64; TELEMETRY_BUCKETS],
+        pub rtt_sum_us: u64,
+        pub rtt_samples: u64,
+        pub connect_buckets: [u64; TELEMETRY_BUCKETS],
+        pub connect_sum_us: u64,
+        pub connect_samples: u64,
+        pub retransmits: u64,
+        pub cong_cwr: u64,
+        pub cong_recovery: u64,
+        pub cong_loss: u64,
+        pub opened_active: u64,
+        pub opened_passive: u64,
+        pub closed: u64,
+        pub connects_failed: u64,
+        pub resets_received: u64,
+        pub resets_sent: u64,
+    }
+}
+
+plain! {
+    /// `struct xdp_error_key`.
+    pub struct XdpErrorKey {
+        pub ifindex: u32,
+        pub kind: u16,
+        pub code: u16,
+    }
+}
+
+/// `enum xdp_error_kind`.
+pub const XDP_ERR_REDIRECT: u16 = 0;
+pub const XDP_ERR_EXCEPTION: u16 = 1;
+
 /// `LATENCY_BUCKETS`.
 pub const LATENCY_BUCKETS: usize = 64;
 

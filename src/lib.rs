@@ -20,6 +20,9 @@
 //!   planning), and their spec-level view for plans.
 //! - [`mesh`] also evaluates a packet over those tables as the datapath
 //!   does (`mesh::evaluate`, proven equal to the kernel by TEST_RUN).
+//! - [`telemetry`]: the `telemetry:` section's tracepoint programs (TCP
+//!   per watched prefix, stack drops by reason, XDP errors) and the
+//!   decoding of what they counted.
 //! - [`plan`]: the pure diff, and its text and JSON renderings; the policy
 //!   impact of a plan on recorded flows (`plan::impact`).
 //! - [`kernel`]: the one boundary to the kernel: a trait with the real
@@ -70,4 +73,5 @@ pub mod sandbox;
 pub mod snapshot;
 pub mod spec;
 pub mod status;
+pub mod telemetry;
 pub mod time;

@@ -159,6 +159,31 @@ fn every_shared_struct_has_the_same_layout_in_c_and_rust() {
     );
     check(&classifier, "class_action", mirror!(ClassAction { "mark" => mark, "priority" => priority }), p);
     check(&classifier, "class_prefix_key", mirror!(ClassPrefixKey { "prefixlen" => prefixlen, "addr" => addr }), p);
+    let tcp = object("tcp_telemetry.bpf.o");
+    check(&tcp, "watch_key", mirror!(WatchKey { "prefixlen" => prefixlen, "addr" => addr }), p);
+    check(
+        &tcp,
+        "tcp_watch_stats",
+        mirror!(TcpWatchStats {
+            "rtt_buckets" => rtt_buckets, "rtt_sum_us" => rtt_sum_us, "rtt_samples" => rtt_samples,
+            "connect_buckets" => connect_buckets, "connect_sum_us" => connect_sum_us,
+            "connect_samples" => connect_samples, "retransmits" => retransmits, "cong_cwr" => cong_cwr,
+            "cong_recovery" => cong_recovery, "cong_loss" => cong_loss, "opened_active" => opened_active,
+            "opened_passive" => opened_passive, "closed" => closed, "connects_failed" => connects_failed,
+            "resets_received" => resets_received, "resets_sent" => resets_sent,
+        }),
+        p,
+    );
+    check(
+        &object("xdp_errors.bpf.o"),
+        "xdp_error_key",
+        mirror!(XdpErrorKey { "ifindex" => ifindex, "kind" => kind, "code" => code }),
+        p,
+    );
+    match bpfsync::object::struct_layout(&tcp, "watch_name") {
+        Some(l) if l.size() == 64 => {}
+        other => problems.push(format!("`struct watch_name`: {other:?}, Rust writes 64 bytes")),
+    }
     // `struct rule_name` is one char array: its length is the constant.
     match bpfsync::object::struct_layout(&mesh, "rule_name") {
         Some(l) if l.size() == RULE_NAME_LEN => {}

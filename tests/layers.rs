@@ -9,8 +9,31 @@ use std::path::Path;
 
 /// Lowest first.
 const LAYERS: &[&str] = &[
-    "net", "time", "fault", "packet", "sandbox", "codec", "entries", "spec", "object", "builtin", "datapath", "model",
-    "mesh", "compile", "snapshot", "plan", "kernel", "apply", "engine", "heal", "applied", "status", "flows", "agent",
+    "net",
+    "time",
+    "fault",
+    "packet",
+    "sandbox",
+    "codec",
+    "entries",
+    "spec",
+    "object",
+    "builtin",
+    "datapath",
+    "model",
+    "mesh",
+    "telemetry",
+    "compile",
+    "snapshot",
+    "plan",
+    "kernel",
+    "apply",
+    "engine",
+    "heal",
+    "applied",
+    "status",
+    "flows",
+    "agent",
     "cli",
 ];
 

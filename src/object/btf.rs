@@ -86,6 +86,23 @@ impl Btf {
         String::from_utf8_lossy(&rest[..end]).into_owned()
     }
 
+    /// The members of the enum named `name` (`enum skb_drop_reason` →
+    /// `skb_drop_reason`) with their values, when the BTF has it.
+    pub fn enum_values(&self, name: &str) -> Option<Vec<(String, i64)>> {
+        let t =
+            self.types.iter().find(|t| matches!(t.kind, KIND_ENUM | KIND_ENUM64) && self.name(t.name_off) == name)?;
+        let signed = t.kind_flag;
+        let members = if t.kind == KIND_ENUM {
+            t.extra
+                .chunks_exact(2)
+                .map(|m| (self.name(m[0]), if signed { m[1] as i32 as i64 } else { m[1] as i64 }))
+                .collect()
+        } else {
+            t.extra.chunks_exact(3).map(|m| (self.name(m[0]), ((m[2] as u64) << 32 | m[1] as u64) as i64)).collect()
+        };
+        Some(members)
+    }
+
     /// The layout of the struct named `name` (`struct route_key` →
     /// `route_key`), when the object's BTF has it.
     pub fn struct_layout(&self, name: &str) -> Option<Layout> {

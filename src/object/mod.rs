@@ -3,7 +3,7 @@
 //!
 //! Pure over bytes; reading files is the caller's business.
 
-mod btf;
+pub mod btf;
 
 use std::collections::BTreeMap;
 

@@ -9,6 +9,7 @@ pub mod mesh;
 pub mod overlay;
 pub mod patch;
 mod source;
+pub mod telemetry;
 pub mod types;
 pub mod yaml;
 
@@ -363,6 +364,7 @@ fn semantic_checks(l: &LoadedSpec) -> Vec<Diagnostic> {
     }
     check_mesh(l, s, &mut d);
     check_flows(l, s, &mut d);
+    check_telemetry(l, s, &mut d);
     let mut tps = HashSet::new();
     for (i, tp) in s.tracepoints.iter().enumerate() {
         check_program_ref(&mut d, format!("/tracepoints/{i}/program"), &tp.program, ProgramType::Tracepoint);
@@ -604,6 +606,69 @@ fn check_flows(l: &LoadedSpec, s: &NodeSpec, d: &mut Vec<Diagnostic>) {
         if dur.as_ref().and_then(|d| d.to_duration()).is_some_and(|t| t.is_zero()) {
             d.push(l.diag(ptr, "must be longer than zero (to stop flow records, set `enabled: false`)"));
         }
+    }
+}
+
+/// Watches: label-safe unique names (the schema checks the characters),
+/// prefixes that parse and belong to one watch, within the maps' sizes.
+/// Drop reason names are checked against the kernel when compiling.
+fn check_telemetry(l: &LoadedSpec, s: &NodeSpec, d: &mut Vec<Diagnostic>) {
+    let Some(t) = &s.telemetry else { return };
+    for (name, _, _) in telemetry::programs(t) {
+        if let Some(i) = s.programs.iter().position(|p| p.name == name) {
+            d.push(l.diag(
+                &format!("/programs/{i}/name"),
+                format!(
+                    "`{name}` is the name of a built-in telemetry program, which this spec uses: pick another name"
+                ),
+            ));
+        }
+    }
+    if let Some(tcp) = &t.tcp {
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut prefixes: HashMap<Cidr, usize> = HashMap::new();
+        let mut count = 0usize;
+        for (i, w) in tcp.watch.iter().enumerate() {
+            let base = format!("/telemetry/tcp/watch/{i}");
+            if w.name == "other" {
+                d.push(
+                    l.diag(&format!("{base}/name"), "`other` names the addresses no watch covers: pick another name"),
+                );
+            }
+            if let Some(first) = names.insert(w.name.as_str(), i) {
+                d.push(
+                    l.diag(&format!("{base}/name"), format!("watch `{}` is named twice (also watch[{first}])", w.name)),
+                );
+            }
+            for (j, text) in w.prefixes.iter().enumerate() {
+                count += 1;
+                match text.parse::<Cidr>() {
+                    Err(e) => d.push(l.diag(&format!("{base}/prefixes/{j}"), e)),
+                    Ok(c) => {
+                        if let Some(other) = prefixes.insert(c, i) {
+                            d.push(l.diag(
+                                &format!("{base}/prefixes/{j}"),
+                                format!("`{text}` is already watched by `{}`", tcp.watch[other].name),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        if tcp.watch.len() > telemetry::MAX_WATCHES {
+            let most = telemetry::MAX_WATCHES;
+            d.push(l.diag("/telemetry/tcp/watch", format!("{} watches, at most {most}", tcp.watch.len())));
+        }
+        if count > telemetry::MAX_PREFIXES {
+            let most = telemetry::MAX_PREFIXES;
+            d.push(l.diag("/telemetry/tcp/watch", format!("{count} prefixes over all watches, at most {most}")));
+        }
+    }
+    if let Some(drops) = &t.drops
+        && !drops.only.is_empty()
+        && !drops.ignore.is_empty()
+    {
+        d.push(l.diag("/telemetry/drops/ignore", "give either `only` or `ignore`, not both"));
     }
 }
 

@@ -43,6 +43,61 @@ pub struct NodeSpec {
     pub flows: Option<FlowsSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telemetry: Option<TelemetrySpec>,
+}
+
+/// Network telemetry from tracepoints, for traffic this node terminates:
+/// TCP per watched remote prefix, stack drops by reason, XDP errors.
+///
+/// ```yaml
+/// telemetry:
+///   tcp:                        # RTT, connect latency, retransmits,
+///     watch:                    # congestion, opens/closes/resets
+///       - name: mesh-peers
+///         prefixes: [10.20.0.0/16, fd00:20::/48]
+///   drops:
+///     ignore: [NOT_SPECIFIED]   # or `only: [...]`; names from the kernel
+///   xdp-errors: true
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TelemetrySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpTelemetrySpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drops: Option<DropsSpec>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub xdp_errors: bool,
+}
+
+/// TCP telemetry; remote addresses no watched prefix covers count as
+/// `other`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TcpTelemetrySpec {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub watch: Vec<WatchSpec>,
+}
+
+/// Remote prefixes whose connections are counted under one name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct WatchSpec {
+    pub name: String,
+    pub prefixes: Vec<String>,
+}
+
+/// Stack drops by the kernel's drop reason (`enum skb_drop_reason`,
+/// named without its `SKB_DROP_REASON_` prefix). Without a list every
+/// reason is counted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DropsSpec {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub only: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignore: Vec<String>,
 }
 
 /// How the agent watches the next hops of routes with `fallback` hops;
