@@ -60,7 +60,7 @@ enum Command {
     Agent(cli::agent::Args),
     /// Show flow records from the agent, filtered (Hubble's flags).
     Flows(Box<cli::flows::Args>),
-    /// Mesh datapath counters by protocol, verdict, rule and route, with rates.
+    /// Mesh datapath and telemetry counters, with rates and percentiles over an interval.
     Stats(cli::stats::Args),
 }
 

@@ -73,6 +73,7 @@ pub fn report(ctx: &Context) -> Result<(Value, State, Option<Plan>), StatusError
         })
         .collect();
     let mesh = mesh_counters(&observed);
+    let telemetry = telemetry_json(&observed);
     let drift_json = drift.as_ref().map(|p| {
         json!({
             "in_sync": p.is_converged(),
@@ -91,6 +92,7 @@ pub fn report(ctx: &Context) -> Result<(Value, State, Option<Plan>), StatusError
         "attachments": attachments,
         "maps": maps,
         "mesh": mesh,
+        "telemetry": telemetry,
         "foreign": observed.foreign.iter().map(|f| json!({
             "hook": f.hook.to_string(), "program_id": f.program_id, "program_name": f.program_name,
             "detail": f.detail, "link_id": f.link_id,
@@ -141,6 +143,19 @@ fn spec_now(path: &str, applied_sha256: &str) -> &'static str {
         Ok(_) => "changed",
         Err(_) => "unreadable",
     }
+}
+
+/// What the telemetry programs counted (null when none is loaded), drop
+/// reasons named from the running kernel's BTF.
+fn telemetry_json(observed: &State) -> Value {
+    let Some(mut t) = crate::telemetry::Telemetry::from_state(observed) else { return Value::Null };
+    t.name_interfaces(crate::kernel::netlink::interface_name);
+    let (names, error) = crate::telemetry::reasons::kernel_names();
+    let mut v = t.to_json(&names);
+    if let Some(e) = error {
+        v["drop_reason_names_error"] = json!(e);
+    }
+    v
 }
 
 /// The mesh datapath's counters by name (null when it is not loaded).

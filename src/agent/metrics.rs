@@ -23,6 +23,7 @@ use crate::kernel::real::RealKernel;
 use crate::kernel::{Kernel, Scope};
 use crate::mesh::counters::{COUNTER_MAPS, MeshCounters};
 use crate::model::MapRef;
+use crate::telemetry::{Log2Histogram, TcpWatch, Telemetry};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -278,7 +279,7 @@ pub fn to_classic_text(openmetrics: &str) -> String {
 
 /// Families the [`DatapathCollector`] adds at scrape time when the programs
 /// they count are loaded (without the `bpfsync_` prefix and type suffixes).
-pub const DATAPATH_FAMILIES: [&str; 16] = [
+pub const DATAPATH_FAMILIES: [&str; 23] = [
     "datapath_packets",
     "datapath_bytes",
     "syscall_latency_seconds",
@@ -295,6 +296,13 @@ pub const DATAPATH_FAMILIES: [&str; 16] = [
     "lost_events",
     "flow_records_suppressed",
     "flow_unrecorded_drops",
+    "tcp_rtt_seconds",
+    "tcp_connect_seconds",
+    "tcp_retransmits",
+    "tcp_congestion_entries",
+    "tcp_connections",
+    "stack_drops",
+    "xdp_errors",
 ];
 
 type Labels = Vec<(&'static str, String)>;
@@ -310,6 +318,97 @@ fn counter_family(
     let mut enc = encoder.encode_descriptor(name, help, unit, MetricType::Counter)?;
     for (labels, v) in rows {
         ConstCounter::new(*v).encode(enc.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+/// The telemetry programs' histograms and counters; drop reasons named
+/// from the running kernel's BTF.
+fn encode_telemetry(encoder: &mut DescriptorEncoder, t: &Telemetry) -> Result<(), std::fmt::Error> {
+    let watches = t.tcp.as_deref().unwrap_or_default();
+    for (name, help, pick) in [
+        (
+            "tcp_rtt",
+            "Smoothed TCP round-trip time per received segment of locally terminated connections, by watched remote prefix (log2 buckets of microseconds)",
+            TcpWatch::rtt as fn(&TcpWatch) -> Log2Histogram,
+        ),
+        ("tcp_connect", "TCP connect latency, SYN sent to established, by watched remote prefix", TcpWatch::connect),
+    ] {
+        if t.tcp.is_none() {
+            break;
+        }
+        let mut enc = encoder.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
+        for w in watches {
+            let h = pick(w);
+            let labels = [("watch", w.name.as_str())];
+            enc.encode_family(&labels)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                h.sum_us as f64 / 1e6,
+                h.per_bucket().iter().map(|(_, n)| n).sum(),
+                &h.per_bucket(),
+                None,
+            )?;
+        }
+    }
+    if t.tcp.is_some() {
+        let rows: Vec<(Labels, u64)> =
+            watches.iter().map(|w| (vec![("watch", w.name.clone())], w.stats.retransmits)).collect();
+        counter_family(
+            encoder,
+            "tcp_retransmits",
+            "Retransmitted TCP segments, by watched remote prefix",
+            None,
+            &rows,
+        )?;
+        let rows: Vec<(Labels, u64)> = watches
+            .iter()
+            .flat_map(|w| w.congestion().map(|(k, n)| (vec![("watch", w.name.clone()), ("state", k.to_string())], n)))
+            .collect();
+        counter_family(
+            encoder,
+            "tcp_congestion_entries",
+            "Entries of TCP connections into a congestion state (cwr, recovery, loss), by watched remote prefix",
+            None,
+            &rows,
+        )?;
+        let rows: Vec<(Labels, u64)> = watches
+            .iter()
+            .flat_map(|w| w.lifecycle().map(|(k, n)| (vec![("watch", w.name.clone()), ("event", k.to_string())], n)))
+            .collect();
+        counter_family(
+            encoder,
+            "tcp_connections",
+            "TCP connection events (opened_active, opened_passive, closed, connect_failed, reset_received, reset_sent), by watched remote prefix",
+            None,
+            &rows,
+        )?;
+    }
+    if let Some(drops) = &t.drops {
+        let names = crate::telemetry::reasons::kernel_names().0;
+        let rows: Vec<(Labels, u64)> =
+            drops.iter().map(|(slot, n)| (vec![("reason", names.name(*slot))], *n)).collect();
+        counter_family(
+            encoder,
+            "stack_drops",
+            "Packets the kernel's stack dropped (skb:kfree_skb), by the kernel's drop reason",
+            None,
+            &rows,
+        )?;
+    }
+    if let Some(errors) = &t.xdp_errors {
+        let rows: Vec<(Labels, u64)> = errors
+            .iter()
+            .map(|x| {
+                let iface = x.interface.clone().unwrap_or_else(|| format!("ifindex-{}", x.ifindex));
+                (vec![("interface", iface), ("kind", x.kind.to_string()), ("code", x.code.clone())], x.count)
+            })
+            .collect();
+        counter_family(
+            encoder,
+            "xdp_errors",
+            "Failed XDP redirects (by errno) and XDP exceptions (by action), by interface",
+            None,
+            &rows,
+        )?;
     }
     Ok(())
 }
@@ -540,14 +639,21 @@ struct ProtoLabels {
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let Ok(mut kernel) = RealKernel::open(&self.bpffs_root) else { return Ok(()) };
-        let names =
-            ["packet_stats", "class_stats", "latency_hist"].iter().chain(COUNTER_MAPS.iter()).map(|n| n.to_string());
+        let names = ["packet_stats", "class_stats", "latency_hist"]
+            .iter()
+            .chain(COUNTER_MAPS.iter())
+            .chain(crate::telemetry::MAPS.iter())
+            .map(|n| n.to_string());
         let Ok(state) = kernel.observe(&Scope { map_names: names.collect(), ..Default::default() }) else {
             return Ok(());
         };
         if let Some(mut mesh) = MeshCounters::from_state(&state) {
             mesh.name_interfaces(crate::kernel::netlink::interface_name);
             encode_mesh(&mut encoder, &mesh)?;
+        }
+        if let Some(mut t) = Telemetry::from_state(&state) {
+            t.name_interfaces(crate::kernel::netlink::interface_name);
+            encode_telemetry(&mut encoder, &t)?;
         }
         let wanted: Vec<MapRef> = state.maps.iter().filter(|(_, m)| m.managed).map(|(r, _)| r.clone()).collect();
         let mut packets = Vec::new();

@@ -145,8 +145,8 @@ fn run_in_sandbox(ctx: &Context, spec_path: &std::path::Path, sandbox: &Sandbox,
     );
 
     section(ctx.color, "bpfsync status");
-    let (v, _, drift) = crate::status::report(ctx)?;
-    print!("{}", super::status::render_text(&v, drift.as_ref()));
+    let (v, observed, drift) = crate::status::report(ctx)?;
+    print!("{}", super::status::render_text(&v, &observed, drift.as_ref()));
 
     section(
         ctx.color,
@@ -202,8 +202,8 @@ fn heal_scene(ctx: &Context) -> anyhow::Result<()> {
         super::proposals::run(&heal_ctx, &list_args())?;
         section(ctx.color, "bpfsync status   (the self-healing part)");
         wait_until(Duration::from_secs(5), || hop_down_seen(store))?;
-        let (v, _, drift) = crate::status::report(&heal_ctx)?;
-        let text = super::status::render_text(&v, drift.as_ref());
+        let (v, observed, drift) = crate::status::report(&heal_ctx)?;
+        let text = super::status::render_text(&v, &observed, drift.as_ref());
         let part = text.split("\nSELF-HEALING").nth(1).map(|p| p.split("\n\n").next().unwrap_or(p)).unwrap_or_default();
         println!("SELF-HEALING{part}");
         section(ctx.color, "`ip link set b1 up`: the primary answers again");

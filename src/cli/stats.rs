@@ -1,6 +1,7 @@
 //! `bpfsync stats`: the mesh datapath's counters by protocol, verdict,
-//! policy rule and route, read from the kernel twice to give rates over the
-//! interval between.
+//! policy rule and route, and the telemetry programs' (TCP per watched
+//! prefix, stack drops, XDP errors), read from the kernel twice to give
+//! rates and percentiles over the interval between.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -13,6 +14,7 @@ use crate::apply::error_chain;
 use crate::datapath::ProtoStats;
 use crate::kernel::{Kernel, Scope};
 use crate::mesh::counters::{COUNTER_MAPS, MeshCounters};
+use crate::telemetry::Telemetry;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -106,15 +108,32 @@ pub fn drop_rate(before: &MeshCounters, after: &MeshCounters, secs: f64) -> (f64
     (dropped as f64 / secs, if total == 0 { 0.0 } else { dropped as f64 / total as f64 })
 }
 
-fn read(ctx: &Context) -> anyhow::Result<MeshCounters> {
+/// One reading: the mesh datapath's counters and the telemetry programs'
+/// (each None when not loaded; both None is an error).
+struct Reading {
+    mesh: Option<MeshCounters>,
+    telemetry: Option<Telemetry>,
+}
+
+fn read(ctx: &Context) -> anyhow::Result<Reading> {
     let mut kernel = open_kernel_read_only(ctx)?;
-    let scope = Scope { map_names: COUNTER_MAPS.iter().map(|m| m.to_string()).collect(), ..Default::default() };
+    let names = COUNTER_MAPS.iter().chain(crate::telemetry::MAPS.iter()).map(|m| m.to_string());
+    let scope = Scope { map_names: names.collect(), ..Default::default() };
     let state = kernel.observe(&scope).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
-    let mut counters = MeshCounters::from_state(&state).ok_or_else(|| {
-        anyhow::anyhow!("the mesh datapath is not loaded: apply a spec with policies, routes or `mesh:` interfaces")
-    })?;
-    counters.name_interfaces(crate::kernel::netlink::interface_name);
-    Ok(counters)
+    let mut mesh = MeshCounters::from_state(&state);
+    let mut telemetry = Telemetry::from_state(&state);
+    if mesh.is_none() && telemetry.is_none() {
+        anyhow::bail!(
+            "neither the mesh datapath nor telemetry is loaded: apply a spec with policies, routes, `mesh:` interfaces or `telemetry:`"
+        );
+    }
+    if let Some(m) = &mut mesh {
+        m.name_interfaces(crate::kernel::netlink::interface_name);
+    }
+    if let Some(t) = &mut telemetry {
+        t.name_interfaces(crate::kernel::netlink::interface_name);
+    }
+    Ok(Reading { mesh, telemetry })
 }
 
 fn render_text(sections: &[(&str, Vec<Row>)], secs: f64, drop: (f64, f64), flow: &BTreeMap<&str, u64>) -> String {
@@ -151,66 +170,97 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     // The interfaces' own counters are read outside the two readings of
     // ours (first before, last after), so the drops counted fall within
     // the packets counted.
-    let first: BTreeMap<String, Option<u64>> =
-        read(ctx)?.interface_drops.keys().map(|k| (k.clone(), interface_packets(k))).collect();
+    let first: BTreeMap<String, Option<u64>> = read(ctx)?
+        .mesh
+        .map(|m| m.interface_drops.keys().map(|k| (k.clone(), interface_packets(k))).collect())
+        .unwrap_or_default();
     let before = read(ctx)?;
     let started = Instant::now();
     std::thread::sleep(args.interval);
     let after = read(ctx)?;
     let secs = started.elapsed().as_secs_f64();
+    let reasons = crate::telemetry::reasons::kernel_names().0;
+    let telemetry = after.telemetry.as_ref().map(|a| (a, a.since(&before.telemetry.clone().unwrap_or_default())));
+    let mesh = match (&before.mesh, &after.mesh) {
+        (Some(b), Some(a)) => Some(mesh_report(b, a, &first, secs)),
+        _ => None,
+    };
+    match args.output {
+        Output::Json => {
+            let mut v = json!({ "interval_seconds": secs });
+            if let Some((_, json)) = &mesh {
+                v.as_object_mut().expect("an object").extend(json.as_object().cloned().unwrap_or_default());
+            }
+            if let Some((total, interval)) = &telemetry {
+                v["telemetry"] = json!({ "interval": interval.to_json(&reasons), "total": total.to_json(&reasons) });
+            }
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Output::Text => {
+            if let Some((text, _)) = &mesh {
+                print!("{text}");
+            }
+            if let Some((_, interval)) = &telemetry {
+                println!("TELEMETRY (counted over the last {secs:.1} s; percentiles of that interval's samples)");
+                print!("{}", interval.render_text(&reasons, Some(secs)));
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// The mesh datapath's rates between two readings: as text and as JSON.
+fn mesh_report(
+    before: &MeshCounters,
+    after: &MeshCounters,
+    first: &BTreeMap<String, Option<u64>>,
+    secs: f64,
+) -> (String, Value) {
     let packets: BTreeMap<String, (Option<u64>, Option<u64>)> = after
         .interface_drops
         .keys()
         .map(|k| (k.clone(), (first.get(k).copied().flatten(), interface_packets(k))))
         .collect();
-    let per_interface = interface_drop_rates(&before, &after, &packets, secs);
+    let per_interface = interface_drop_rates(before, after, &packets, secs);
     let sections = [
         ("PROTOCOL", rows(&before.protocols, &after.protocols, secs)),
         ("VERDICT", rows(&before.verdicts, &after.verdicts, secs)),
         ("RULE", rows(&before.rules, &after.rules, secs)),
         ("ROUTE", rows(&before.routes, &after.routes, secs)),
     ];
-    let drop = drop_rate(&before, &after, secs);
-    match args.output {
-        Output::Json => {
-            let section = |rows: &[Row]| -> Value {
-                rows.iter()
-                    .map(|r| {
-                        (
-                            r.name.clone(),
-                            json!({ "packets": r.packets, "bytes": r.bytes,
-                            "packets_per_second": r.packets_per_second, "bytes_per_second": r.bytes_per_second }),
-                        )
-                    })
-                    .collect::<serde_json::Map<_, _>>()
-                    .into()
-            };
-            let v = json!({
-                "interval_seconds": secs,
-                "protocols": section(&sections[0].1),
-                "verdicts": section(&sections[1].1),
-                "rules": section(&sections[2].1),
-                "routes": section(&sections[3].1),
-                "drops_per_second": drop.0,
-                "drop_ratio": drop.1,
-                "interfaces": per_interface.iter().map(|(k, (rate, ratio))| {
-                    (k.clone(), json!({ "drops_per_second": rate, "drop_ratio": ratio }))
-                }).collect::<serde_json::Map<_, _>>(),
-                "flow_records": after.flow,
-            });
-            println!("{}", serde_json::to_string_pretty(&v)?);
-        }
-        Output::Text => {
-            print!("{}", render_text(&sections, secs, drop, &after.flow));
-            for (k, (rate, ratio)) in &per_interface {
-                let share = ratio
-                    .map(|r| format!("{:.2} % of its packets", r * 100.0))
-                    .unwrap_or_else(|| "its packet counters are unreadable".into());
-                println!("policy drops on {k}: {rate:.1}/s, {share}");
-            }
-        }
+    let drop = drop_rate(before, after, secs);
+    let section = |rows: &[Row]| -> Value {
+        rows.iter()
+            .map(|r| {
+                (
+                    r.name.clone(),
+                    json!({ "packets": r.packets, "bytes": r.bytes,
+                    "packets_per_second": r.packets_per_second, "bytes_per_second": r.bytes_per_second }),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    let v = json!({
+        "protocols": section(&sections[0].1),
+        "verdicts": section(&sections[1].1),
+        "rules": section(&sections[2].1),
+        "routes": section(&sections[3].1),
+        "drops_per_second": drop.0,
+        "drop_ratio": drop.1,
+        "interfaces": per_interface.iter().map(|(k, (rate, ratio))| {
+            (k.clone(), json!({ "drops_per_second": rate, "drop_ratio": ratio }))
+        }).collect::<serde_json::Map<_, _>>(),
+        "flow_records": after.flow,
+    });
+    let mut text = render_text(&sections, secs, drop, &after.flow);
+    for (k, (rate, ratio)) in &per_interface {
+        let share = ratio
+            .map(|r| format!("{:.2} % of its packets", r * 100.0))
+            .unwrap_or_else(|| "its packet counters are unreadable".into());
+        let _ = writeln!(text, "policy drops on {k}: {rate:.1}/s, {share}");
     }
-    Ok(0)
+    (text, v)
 }
 
 #[cfg(test)]

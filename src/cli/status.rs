@@ -7,8 +7,10 @@ use std::fmt::Write as _;
 use serde_json::Value;
 
 use super::{Context, Exit, Output};
+use crate::model::State;
 use crate::plan::Plan;
 use crate::snapshot::Snapshot;
+use crate::telemetry::{Telemetry, reasons};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -29,7 +31,7 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     }
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
-        Output::Text => print!("{}", render_text(&v, drift.as_ref())),
+        Output::Text => print!("{}", render_text(&v, &observed, drift.as_ref())),
     }
     Ok(0)
 }
@@ -42,7 +44,7 @@ fn s(v: &Value) -> String {
     }
 }
 
-pub fn render_text(v: &Value, drift: Option<&Plan>) -> String {
+pub fn render_text(v: &Value, observed: &State, drift: Option<&Plan>) -> String {
     let mut o = String::new();
     let f = &v["features"];
     let _ = writeln!(o, "bpfsync status: root {}, kernel {}", s(&v["bpffs_root"]), s(&f["kernel_release"]));
@@ -125,6 +127,11 @@ pub fn render_text(v: &Value, drift: Option<&Plan>) -> String {
                 let _ = writeln!(o, "    {name:<44} {:>10} packets {:>12} bytes", s(&st["packets"]), s(&st["bytes"]));
             }
         }
+    }
+    if let Some(mut t) = Telemetry::from_state(observed) {
+        t.name_interfaces(crate::kernel::netlink::interface_name);
+        let _ = writeln!(o, "\nTELEMETRY (traffic this node terminates; what XDP forwards is not seen)");
+        o.push_str(&t.render_text(&reasons::kernel_names().0, None));
     }
     render_heal(&mut o, &v["heal"]);
     if let Some(fs) = v["foreign"].as_array().filter(|a| !a.is_empty()) {

@@ -346,3 +346,131 @@ fn xdp_action_name(code: u16) -> String {
         n => format!("invalid action {n}"),
     }
 }
+
+/// The maps the decoders read (`status`, `stats` and `/metrics` observe
+/// only these).
+pub const MAPS: [&str; 5] = ["tcp_stats", "watch_prefixes", "watch_names", "drop_reasons", "xdp_errors"];
+
+fn sub_stats(a: &TcpWatchStats, b: &TcpWatchStats) -> TcpWatchStats {
+    let mut out = *a;
+    for i in 0..datapath::TELEMETRY_BUCKETS {
+        out.rtt_buckets[i] = a.rtt_buckets[i].saturating_sub(b.rtt_buckets[i]);
+        out.connect_buckets[i] = a.connect_buckets[i].saturating_sub(b.connect_buckets[i]);
+    }
+    for (x, y) in [
+        (&mut out.rtt_sum_us, b.rtt_sum_us),
+        (&mut out.rtt_samples, b.rtt_samples),
+        (&mut out.connect_sum_us, b.connect_sum_us),
+        (&mut out.connect_samples, b.connect_samples),
+        (&mut out.retransmits, b.retransmits),
+        (&mut out.cong_cwr, b.cong_cwr),
+        (&mut out.cong_recovery, b.cong_recovery),
+        (&mut out.cong_loss, b.cong_loss),
+        (&mut out.opened_active, b.opened_active),
+        (&mut out.opened_passive, b.opened_passive),
+        (&mut out.closed, b.closed),
+        (&mut out.connects_failed, b.connects_failed),
+        (&mut out.resets_received, b.resets_received),
+        (&mut out.resets_sent, b.resets_sent),
+    ] {
+        *x = x.saturating_sub(y);
+    }
+    out
+}
+
+impl Telemetry {
+    /// What was counted since `before` (a program reloaded in between
+    /// starts from zero: its counters never go below zero here).
+    pub fn since(&self, before: &Telemetry) -> Telemetry {
+        let tcp = self.tcp.as_ref().map(|watches| {
+            watches
+                .iter()
+                .map(|w| {
+                    let earlier = before.tcp.iter().flatten().find(|b| b.slot == w.slot && b.name == w.name);
+                    let stats = earlier.map_or(w.stats, |b| sub_stats(&w.stats, &b.stats));
+                    TcpWatch { stats, ..w.clone() }
+                })
+                .collect()
+        });
+        let drops = self.drops.as_ref().map(|d| {
+            d.iter()
+                .map(|(slot, n)| {
+                    let earlier = before.drops.iter().flatten().find(|(s, _)| s == slot).map_or(0, |(_, n)| *n);
+                    (*slot, n.saturating_sub(earlier))
+                })
+                .collect()
+        });
+        let xdp_errors = self.xdp_errors.as_ref().map(|e| {
+            e.iter()
+                .map(|x| {
+                    let earlier = before
+                        .xdp_errors
+                        .iter()
+                        .flatten()
+                        .find(|b| (b.ifindex, b.kind, &b.code) == (x.ifindex, x.kind, &x.code))
+                        .map_or(0, |b| b.count);
+                    XdpError { count: x.count.saturating_sub(earlier), ..x.clone() }
+                })
+                .collect()
+        });
+        Telemetry { tcp, drops, xdp_errors }
+    }
+
+    /// Names the interfaces of XDP errors with `name_of(ifindex)`.
+    pub fn name_interfaces(&mut self, name_of: impl Fn(u32) -> Option<String>) {
+        for x in self.xdp_errors.iter_mut().flatten() {
+            x.interface = name_of(x.ifindex);
+        }
+    }
+
+    /// The text `status` prints (totals) and `stats` prints (`per_second`
+    /// over an interval: counts with their rates, percentiles of the
+    /// interval's samples).
+    pub fn render_text(&self, reasons: &DropReasonNames, per_second: Option<f64>) -> String {
+        use std::fmt::Write as _;
+        let count = |n: u64| match per_second {
+            Some(secs) => format!("{n} ({:.1}/s)", n as f64 / secs),
+            None => n.to_string(),
+        };
+        let ms = |h: &Log2Histogram| {
+            let q = |x: f64| h.quantile(x).map_or("-".to_string(), |s| format!("{:.3}", s * 1e3));
+            format!("{}/{}/{} ms ({} samples)", q(0.5), q(0.9), q(0.99), h.count)
+        };
+        let mut o = String::new();
+        if let Some(watches) = &self.tcp {
+            let _ = writeln!(o, "  TCP by watched remote prefix (locally terminated connections)");
+            for w in watches {
+                let prefixes =
+                    if w.prefixes.is_empty() { String::new() } else { format!(" ({})", w.prefixes.join(", ")) };
+                let _ = writeln!(o, "    {}{prefixes}", w.name);
+                let _ = writeln!(o, "      rtt p50/p90/p99       {}", ms(&w.rtt()));
+                let _ = writeln!(o, "      connect p50/p90/p99   {}", ms(&w.connect()));
+                let _ = writeln!(o, "      retransmits           {}", count(w.stats.retransmits));
+                let cong: Vec<String> = w.congestion().iter().map(|(k, v)| format!("{k} {}", count(*v))).collect();
+                let _ = writeln!(o, "      congestion entries    {}", cong.join(", "));
+                let life: Vec<String> = w.lifecycle().iter().map(|(k, v)| format!("{k} {}", count(*v))).collect();
+                let _ = writeln!(o, "      connections           {}", life.join(", "));
+            }
+        }
+        if let Some(drops) = &self.drops {
+            let _ = writeln!(o, "  Stack drops by kernel drop reason");
+            if drops.iter().all(|(_, n)| *n == 0) {
+                let _ = writeln!(o, "    none");
+            }
+            for (slot, n) in drops.iter().filter(|(_, n)| *n > 0) {
+                let _ = writeln!(o, "    {:<32} {}", reasons.name(*slot), count(*n));
+            }
+        }
+        if let Some(errors) = &self.xdp_errors {
+            let _ = writeln!(o, "  XDP errors by interface");
+            if errors.iter().all(|x| x.count == 0) {
+                let _ = writeln!(o, "    none");
+            }
+            for x in errors.iter().filter(|x| x.count > 0) {
+                let iface = x.interface.clone().unwrap_or_else(|| format!("ifindex {}", x.ifindex));
+                let _ = writeln!(o, "    {iface:<16} {:<9} {:<16} {}", x.kind, x.code, count(x.count));
+            }
+        }
+        o
+    }
+}

@@ -19,6 +19,15 @@ pub const MAX_KERNEL_BTF_BYTES: u64 = 64 << 20;
 /// the table.
 pub const SUBSYSTEM: &str = "SUBSYSTEM";
 
+/// The running kernel's table for display, and why it is empty when it
+/// could not be read (codes then show as `REASON_<n>`).
+pub fn kernel_names() -> (DropReasonNames, Option<String>) {
+    match DropReasonNames::kernel() {
+        Ok(t) => (t.clone(), None),
+        Err(e) => (DropReasonNames::default(), Some(e.clone())),
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DropReasonNames {
     by_code: BTreeMap<u32, String>,
