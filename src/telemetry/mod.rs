@@ -74,12 +74,16 @@ fn watch_maps(t: &TelemetrySpec) -> Vec<MapSpec> {
     let watches = t.tcp.as_ref().map(|tcp| tcp.watch.as_slice()).unwrap_or_default();
     let mut prefixes = Vec::new();
     let mut names = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for (i, w) in watches.iter().enumerate() {
         let slot = i as u32 + 1;
         names.push(EntrySpec { key: json!(slot), value: json!({ "name": w.name }) });
         for p in &w.prefixes {
-            // Checked by the spec's own checks; an unparsable one is skipped.
-            if let Ok(c) = p.parse::<Cidr>() {
+            // The spec's own checks report a prefix that does not parse or
+            // is watched twice; here it is left out.
+            if let Ok(c) = p.parse::<Cidr>()
+                && seen.insert(c)
+            {
                 prefixes.push(EntrySpec { key: json!(trie_cidr(&c)), value: json!(slot) });
             }
         }
