@@ -55,7 +55,7 @@ impl Node {
 
     /// (run count, run time in ns) of each loaded program, by name.
     fn program_stats(&self) -> Vec<(String, u64, u64)> {
-        let mut kernel = RealKernel::open_read_only(&self.bpffs.root()).unwrap();
+        let mut kernel = RealKernel::open_read_only(self.bpffs.root()).unwrap();
         let state = kernel.observe(&Scope::default()).unwrap();
         state
             .programs
