@@ -243,6 +243,20 @@ fn the_drop_filter_counts_only_the_named_reasons_in_the_program() {
     let out = env.run(&["validate", &path]);
     assert_eq!(out.status.code(), Some(1));
     assert!(common::stderr(&out).contains("this kernel has no drop reason `NO_SOKET`: did you mean `NO_SOCKET`?"));
+    // Away from the node, the names are resolved against the node's BTF
+    // file when given one; one that cannot be read is said so.
+    write_spec(env.state.path(), "spec.yaml", &spec("ignore: [NO_SOCKET]"));
+    let validate = |btf: &str| {
+        Command::new(env!("CARGO_BIN_EXE_bpfsync"))
+            .args(["validate", &path])
+            .env("BPFSYNC_KERNEL_BTF", btf)
+            .output()
+            .unwrap()
+    };
+    assert!(validate("/sys/kernel/btf/vmlinux").status.success());
+    let out = validate("/nonexistent/vmlinux");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(common::stderr(&out).contains("cannot name drop reasons: cannot read kernel BTF `/nonexistent/vmlinux`"));
     env.run_ok(&["down", "--auto-approve"]);
 }
 

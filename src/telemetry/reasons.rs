@@ -13,6 +13,9 @@ use crate::object::btf::Btf;
 
 /// Where the running kernel publishes its BTF.
 pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+/// Names another kernel's BTF file (a copy of a node's `vmlinux`), for
+/// plans made away from the node: reason numbers differ between kernels.
+pub const KERNEL_BTF_ENV: &str = "BPFSYNC_KERNEL_BTF";
 /// The largest kernel BTF read (6.x kernels publish 5-6 MiB).
 pub const MAX_KERNEL_BTF_BYTES: u64 = 64 << 20;
 /// The name of the slot that gathers subsystem reasons and codes beyond
@@ -34,11 +37,15 @@ pub struct DropReasonNames {
 }
 
 impl DropReasonNames {
-    /// The running kernel's table, read once per process (a kernel does
-    /// not change its BTF while it runs).
+    /// The running kernel's table (or the one `BPFSYNC_KERNEL_BTF`
+    /// names), read once per process: a kernel does not change its BTF
+    /// while it runs.
     pub fn kernel() -> &'static Result<DropReasonNames, String> {
         static KERNEL: OnceLock<Result<DropReasonNames, String>> = OnceLock::new();
-        KERNEL.get_or_init(|| Self::read(Path::new(KERNEL_BTF)))
+        KERNEL.get_or_init(|| match std::env::var_os(KERNEL_BTF_ENV) {
+            Some(path) => Self::read(Path::new(&path)),
+            None => Self::read(Path::new(KERNEL_BTF)),
+        })
     }
 
     /// The table in the BTF file at `path`.
