@@ -626,7 +626,9 @@ fn check_telemetry(l: &LoadedSpec, s: &NodeSpec, d: &mut Vec<Diagnostic>) {
     }
     if let Some(tcp) = &t.tcp {
         let mut names: HashMap<&str, usize> = HashMap::new();
-        let mut prefixes: HashMap<Cidr, usize> = HashMap::new();
+        // By the trie's form: `10.0.0.0/8` and `::ffff:10.0.0.0/104` are
+        // one key there.
+        let mut prefixes: HashMap<String, usize> = HashMap::new();
         let mut count = 0usize;
         for (i, w) in tcp.watch.iter().enumerate() {
             let base = format!("/telemetry/tcp/watch/{i}");
@@ -645,7 +647,7 @@ fn check_telemetry(l: &LoadedSpec, s: &NodeSpec, d: &mut Vec<Diagnostic>) {
                 match text.parse::<Cidr>() {
                     Err(e) => d.push(l.diag(&format!("{base}/prefixes/{j}"), e)),
                     Ok(c) => {
-                        if let Some(other) = prefixes.insert(c, i) {
+                        if let Some(other) = prefixes.insert(telemetry::trie_cidr(&c), i) {
                             d.push(l.diag(
                                 &format!("{base}/prefixes/{j}"),
                                 format!("`{text}` is already watched by `{}`", tcp.watch[other].name),

@@ -3,6 +3,7 @@
 //! need them and `spec` sits below `telemetry`.
 
 use super::TelemetrySpec;
+use crate::net::Cidr;
 
 /// Watches a spec may declare: slots 1..=255 of `tcp_stats` (slot 0 is
 /// `other`).
@@ -38,4 +39,13 @@ pub fn programs(t: &TelemetrySpec) -> Vec<(&'static str, &'static str, Option<&'
         }
     }
     out
+}
+
+/// A watched prefix as the trie holds it: IPv4 as IPv4-mapped IPv6
+/// (`::ffff:a.b.c.d/len+96`), so one trie answers for both families.
+pub fn trie_cidr(c: &Cidr) -> String {
+    match c.addr {
+        std::net::IpAddr::V4(a) => format!("{}/{}", a.to_ipv6_mapped(), c.len + 96),
+        std::net::IpAddr::V6(a) => format!("{a}/{}", c.len),
+    }
 }

@@ -32,7 +32,9 @@ use crate::spec::{EntrySpec, MapSpec, ProgramSpec, ProgramType, TelemetrySpec};
 pub use hist::Log2Histogram;
 pub use reasons::DropReasonNames;
 
-pub use crate::spec::telemetry::{DROP_PROGRAMS, MAX_PREFIXES, MAX_WATCHES, TCP_PROGRAMS, XDP_PROGRAMS, programs};
+pub use crate::spec::telemetry::{
+    DROP_PROGRAMS, MAX_PREFIXES, MAX_WATCHES, TCP_PROGRAMS, XDP_PROGRAMS, programs, trie_cidr,
+};
 
 // The spec's limits are the maps' sizes.
 const _: () = assert!(MAX_WATCHES == datapath::WATCH_SLOTS - 1);
@@ -81,10 +83,10 @@ fn watch_maps(t: &TelemetrySpec) -> Vec<MapSpec> {
         for p in &w.prefixes {
             // The spec's own checks report a prefix that does not parse or
             // is watched twice; here it is left out.
-            if let Ok(c) = p.parse::<Cidr>()
-                && seen.insert(c)
+            if let Some(key) = p.parse::<Cidr>().ok().map(|c| trie_cidr(&c))
+                && seen.insert(key.clone())
             {
-                prefixes.push(EntrySpec { key: json!(trie_cidr(&c)), value: json!(slot) });
+                prefixes.push(EntrySpec { key: json!(key), value: json!(slot) });
             }
         }
     }
@@ -92,14 +94,6 @@ fn watch_maps(t: &TelemetrySpec) -> Vec<MapSpec> {
         MapSpec { name: "watch_prefixes".into(), entries: prefixes },
         MapSpec { name: "watch_names".into(), entries: names },
     ]
-}
-
-/// A prefix as the trie holds it: IPv4 as `::ffff:a.b.c.d/len+96`.
-pub fn trie_cidr(c: &Cidr) -> String {
-    match c.addr {
-        std::net::IpAddr::V4(a) => format!("{}/{}", a.to_ipv6_mapped(), c.len + 96),
-        std::net::IpAddr::V6(a) => format!("{a}/{}", c.len),
-    }
 }
 
 /// A trie key back as the prefix the spec wrote.
