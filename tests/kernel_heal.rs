@@ -293,7 +293,10 @@ fn review_mode_waits_for_a_person_survives_restarts_and_stale_proposals_are_refu
     // A proposal made stale by an edit cannot be approved.
     std::fs::write(&spec, &spec_text).unwrap();
     t.primary_down(false).unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    // The restored route's hops must be seen healthy again before the
+    // next failure: a fixed second was not always enough on a loaded
+    // machine (a CI-like full run timed out here once).
+    wait_hops_healthy(&agent);
     t.primary_down(true).unwrap();
     wait("a new pending proposal", Duration::from_secs(10), || with_status(&proposals(&env), "pending").len() == 1);
     let stale = with_status(&proposals(&env), "pending")[0]["id"].as_str().unwrap().to_string();

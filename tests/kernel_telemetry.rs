@@ -151,8 +151,9 @@ fn tcp_to_a_watched_prefix_is_measured_and_forced_retransmits_are_counted() {
     // `stats` reads twice: what happened in between, with percentiles of
     // that interval's samples only.
     let stats = std::thread::scope(|scope| {
-        let run = scope.spawn(|| env.run_ok(&["stats", "--interval", "2s", "-o", "json"]));
-        std::thread::sleep(Duration::from_millis(500));
+        // Well inside the interval: the first reading is taken ~50 ms in.
+        let run = scope.spawn(|| env.run_ok(&["stats", "--interval", "3s", "-o", "json"]));
+        std::thread::sleep(Duration::from_secs(1));
         transfer(&sb, 7301, 10_000);
         run.join().unwrap()
     });
