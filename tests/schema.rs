@@ -111,6 +111,7 @@ fn the_schema_only_uses_keywords_shared_by_2019_09_and_2020_12() {
         "required",
         "items",
         "minItems",
+        "maxItems",
         "pattern",
         "minLength",
         "maxLength",
