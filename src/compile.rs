@@ -34,24 +34,9 @@ type LoadedObject = (Arc<[u8]>, Arc<ObjectInfo>);
 #[derive(Default)]
 pub struct ObjectLoader {
     cache: HashMap<PathBuf, Result<LoadedObject, String>>,
-    /// The kernel BTF drop reasons are named from; the running kernel's
-    /// when unset.
-    kernel_btf: Option<PathBuf>,
 }
 
 impl ObjectLoader {
-    /// A loader that names drop reasons from the BTF at `path` (tests).
-    pub fn with_kernel_btf(path: PathBuf) -> ObjectLoader {
-        ObjectLoader { kernel_btf: Some(path), ..Default::default() }
-    }
-
-    fn drop_reasons(&self) -> Result<DropReasonNames, String> {
-        match &self.kernel_btf {
-            Some(path) => DropReasonNames::read(path),
-            None => DropReasonNames::kernel().clone(),
-        }
-    }
-
     fn load_path(&mut self, path: PathBuf) -> Result<LoadedObject, String> {
         self.cache
             .entry(path.clone())
@@ -133,7 +118,7 @@ pub fn compile(spec: &LoadedSpec, loader: &mut ObjectLoader) -> Result<Desired, 
     let mesh_on = mesh::in_use(s);
     let mut programs = with_mesh_programs(&s.programs, mesh_on);
     if let Some(t) = &s.telemetry {
-        let skip = drop_filter(spec, loader, &mut diags);
+        let skip = drop_filter(spec, &mut diags);
         programs.extend(telemetry::program_specs(t, &skip));
     }
 
@@ -425,12 +410,14 @@ fn compile_mesh(spec: &LoadedSpec, desired: &mut Desired) {
 
 /// The drop reason slots `telemetry.drops` skips, its names resolved
 /// against the kernel's own table (none to resolve: no kernel BTF read).
-fn drop_filter(spec: &LoadedSpec, loader: &ObjectLoader, diags: &mut Vec<Diagnostic>) -> Vec<u32> {
+fn drop_filter(spec: &LoadedSpec, diags: &mut Vec<Diagnostic>) -> Vec<u32> {
     let Some(drops) = spec.spec.telemetry.as_ref().and_then(|t| t.drops.as_ref()) else { return vec![] };
     if drops.only.is_empty() && drops.ignore.is_empty() {
         return vec![];
     }
-    let reasons = match loader.drop_reasons() {
+    // The running kernel's table, or the node's BTF `BPFSYNC_KERNEL_BTF`
+    // names (plans made elsewhere).
+    let reasons = match DropReasonNames::kernel() {
         Ok(r) => r,
         Err(e) => {
             diags.push(spec.diag("/telemetry/drops", format!("cannot name drop reasons: {e}")));
