@@ -1,7 +1,8 @@
 //! `bpfsync demo`: the newcomer's first run. Builds a sandbox (a network
 //! namespace and a veth pair), applies `examples/demo.yaml` there with its
 //! own bpffs root and state directory, shows the plan, the status and the
-//! counters moving under real traffic, proves a second apply is a no-op,
+//! counters moving under real traffic (and the stack dropping it, by
+//! reason), proves a second apply is a no-op,
 //! and tears everything down — also on Ctrl-C.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +21,7 @@ use crate::kernel::{Kernel, Scope};
 use crate::model::MapRef;
 use crate::plan::{self, text::TextOptions};
 use crate::sandbox::{Sandbox, TempBpffs, TempDir, TwoPaths};
+use crate::telemetry::Telemetry;
 
 pub const DEMO_SPEC: &str = include_str!("../../examples/demo.yaml");
 const NETNS: &str = "bpfsync-demo";
@@ -164,6 +166,14 @@ fn run_in_sandbox(ctx: &Context, spec_path: &std::path::Path, sandbox: &Sandbox,
     }
     if interrupted() {
         return Ok(());
+    }
+
+    section(ctx.color, "bpfsync status   (telemetry: what the node's stack did with those datagrams)");
+    let maps = crate::telemetry::MAPS.iter().map(|m| m.to_string()).collect();
+    let seen = kernel.observe(&Scope { map_names: maps, ..Default::default() });
+    if let Some(t) = seen.ok().as_ref().and_then(Telemetry::from_state) {
+        // Node-wide: other traffic on this machine counts too.
+        print!("{}", t.render_text(&crate::telemetry::reasons::kernel_names().0, None));
     }
 
     section(ctx.color, "bpfsync plan examples/demo.yaml   (again: nothing to do)");
