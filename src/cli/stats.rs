@@ -180,7 +180,10 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     let after = read(ctx)?;
     let secs = started.elapsed().as_secs_f64();
     let reasons = crate::telemetry::reasons::kernel_names().0;
-    let telemetry = after.telemetry.as_ref().map(|a| (a, a.since(&before.telemetry.clone().unwrap_or_default())));
+    // Loaded between the readings: everything it counted is the interval's.
+    let nothing_before = Telemetry::default();
+    let telemetry =
+        after.telemetry.as_ref().map(|a| (a, a.since(before.telemetry.as_ref().unwrap_or(&nothing_before))));
     let mesh = match (&before.mesh, &after.mesh) {
         (Some(b), Some(a)) => Some(mesh_report(b, a, &first, secs)),
         _ => None,
