@@ -307,3 +307,53 @@ fn xdp_exceptions_and_redirect_errors_are_counted_by_interface() {
     assert!(text.contains("XDP errors by interface") && text.contains(&sb.host_if), "{text}");
     env.run_ok(&["down", "--auto-approve"]);
 }
+
+#[test]
+fn ipv6_peers_and_ipv4_mapped_peers_are_charged_to_their_own_family_watch() {
+    let env = Env::new();
+    let sb = Sandbox::create().unwrap();
+    // IPv6 on the pair too, unique to this sandbox like its /30.
+    let o = sb.peer_ip.octets();
+    let v6 = |last: u8| format!("fd00:bf:{}:{}::{last}", o[1], o[2] & !3);
+    let prefix6 = format!("fd00:bf:{}:{}::/126", o[1], o[2] & !3);
+    let ip = |args: &[&str]| assert!(Command::new("ip").args(args).status().unwrap().success(), "ip {args:?}");
+    ip(&["addr", "add", &format!("{}/126", v6(1)), "dev", &sb.host_if, "nodad"]);
+    ip(&["-n", &sb.netns, "addr", "add", &format!("{}/126", v6(2)), "dev", &sb.peer_if, "nodad"]);
+    let spec = format!(
+        "apiVersion: bpfsync/v1\nkind: NodeSpec\ntelemetry:\n  tcp:\n    watch:\n      - name: sandbox-v6\n        prefixes: [\"{}\"]\n      - name: sandbox-v4\n        prefixes: [{}]\n",
+        prefix6,
+        subnet(&sb)
+    );
+    let path = write_spec(env.state.path(), "spec.yaml", &spec);
+    env.run_ok(&["apply", &path, "--auto-approve"]);
+
+    // A dual-stack server in the namespace: IPv4 peers reach its sockets
+    // as IPv4-mapped IPv6 addresses.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = sb.spawn_in_netns(move || {
+        let listener = TcpListener::bind("[::]:7311").unwrap();
+        tx.send(()).unwrap();
+        for _ in 0..3 {
+            let (mut c, _) = listener.accept().unwrap();
+            let mut buf = Vec::new();
+            let _ = c.read_to_end(&mut buf);
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    // Over IPv6; as a mapped address from an IPv6 socket; over IPv4.
+    for addr in [format!("[{}]:7311", v6(2)), format!("[::ffff:{}]:7311", sb.peer_ip), format!("{}:7311", sb.peer_ip)] {
+        let mut c = TcpStream::connect(&addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        c.write_all(b"hello").unwrap();
+    }
+    server.join().unwrap().unwrap();
+
+    let s = status(&env);
+    let (v6w, v4w) = (watch(&s, "sandbox-v6"), watch(&s, "sandbox-v4"));
+    assert_eq!(v6w["prefixes"], serde_json::json!([prefix6]));
+    assert_eq!(v6w["connections"]["opened_active"], 1, "{v6w}");
+    assert_eq!(v6w["connections"]["opened_passive"], 1, "{v6w}");
+    // Both IPv4 connections, whichever family their sockets have.
+    assert_eq!(v4w["connections"]["opened_active"], 2, "{v4w}");
+    assert_eq!(v4w["connections"]["opened_passive"], 2, "{v4w}");
+    env.run_ok(&["down", "--auto-approve"]);
+}
