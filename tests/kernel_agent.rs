@@ -588,3 +588,33 @@ fn slow_floods_and_oversized_requests_cannot_take_the_listener() {
     assert_eq!(agent.get("/readyz").0, 200, "still serving");
     agent.stop();
 }
+
+/// SIGTERM as soon as the agent listens, while its first reconcile still
+/// loads programs: it stops cleanly after that reconcile instead of being
+/// killed by the signal mid-apply (its handler used to be installed only
+/// once the first reconcile was done).
+#[test]
+fn a_sigterm_during_start_up_stops_the_agent_cleanly() {
+    let env = Env::new();
+    let sb = Sandbox::create().unwrap();
+    let (_dir, path) = spec_file(&sb.host_if, 1);
+    for _ in 0..3 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bpfsync"))
+            .args(["--bpffs-root", env.bpffs.root().to_str().unwrap()])
+            .args(["--state-dir", env.state.path().to_str().unwrap()])
+            .args(["agent", "--spec", path.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait("the agent to listen", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().unwrap();
+        assert!(status.success(), "SIGTERM during start-up: {status}");
+        // Down between rounds, so each start has programs to load.
+        env.run_ok(&["down", "--auto-approve"]);
+    }
+}

@@ -104,15 +104,21 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
-        let shutdown = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        // The handlers are installed now, not when the agent first polls
+        // `shutdown` (after its first reconcile): a SIGTERM during start-up
+        // would otherwise kill the process mid-apply instead of stopping it.
+        use anyhow::Context as _;
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        let shutdown = async move {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
+                _ = int.recv() => {}
                 _ = term.recv() => {}
             }
         };
-        agent::run(config, shutdown, |addr| eprintln!("bpfsync agent: listening on http://{addr}")).await
+        agent::run(config, shutdown, |addr| eprintln!("bpfsync agent: listening on http://{addr}")).await?;
+        anyhow::Ok(())
     })?;
     Ok(0)
 }
