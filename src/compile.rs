@@ -382,16 +382,7 @@ fn compile_mesh(spec: &LoadedSpec, desired: &mut Desired) {
     }
     // Failed redirects, counted per route (a kernel without the
     // tracepoint leaves it pending; the rest of the datapath runs).
-    let hook = Hook::Tracepoint { event: mesh::REDIRECT_ERR_EVENT.into(), program: mesh::REDIRECT_ERR_PROGRAM.into() };
-    let attachment = Attachment {
-        program: mesh::REDIRECT_ERR_PROGRAM.into(),
-        mode: None,
-        takeover: false,
-        link_id: None,
-        defunct: false,
-        running_mode: None,
-    };
-    desired.state.attachments.insert(hook, attachment);
+    insert_tracepoint(desired, mesh::REDIRECT_ERR_EVENT, mesh::REDIRECT_ERR_PROGRAM);
     desired.state.mesh = Some(crate::model::NodeDependent(Arc::new(model)));
     // Flow record settings: one array entry (all zero = the defaults,
     // which is also what an array holds when nothing was written).
@@ -445,17 +436,22 @@ fn drop_filter(spec: &LoadedSpec, diags: &mut Vec<Diagnostic>) -> Vec<u32> {
 fn compile_telemetry_hooks(spec: &LoadedSpec, desired: &mut Desired) {
     let Some(t) = &spec.spec.telemetry else { return };
     for (program, event, _) in telemetry::programs(t) {
-        let hook = Hook::Tracepoint { event: event.into(), program: program.into() };
-        let att = Attachment {
-            program: program.into(),
-            mode: None,
-            takeover: false,
-            link_id: None,
-            defunct: false,
-            running_mode: None,
-        };
-        desired.state.attachments.insert(hook, att);
+        insert_tracepoint(desired, event, program);
     }
+}
+
+/// `program` on the tracepoint `event`.
+fn insert_tracepoint(desired: &mut Desired, event: &str, program: &str) {
+    let hook = Hook::Tracepoint { event: event.into(), program: program.into() };
+    let att = Attachment {
+        program: program.into(),
+        mode: None,
+        takeover: false,
+        link_id: None,
+        defunct: false,
+        running_mode: None,
+    };
+    desired.state.attachments.insert(hook, att);
 }
 
 /// The hooks the spec declares on interfaces and tracepoints.
@@ -493,16 +489,7 @@ fn compile_attachments(spec: &LoadedSpec, desired: &mut Desired) {
         let _ = i;
     }
     for tp in &s.tracepoints {
-        let hook = Hook::Tracepoint { event: tp.event.clone(), program: tp.program.clone() };
-        let att = Attachment {
-            program: tp.program.clone(),
-            mode: None,
-            takeover: false,
-            link_id: None,
-            defunct: false,
-            running_mode: None,
-        };
-        desired.state.attachments.insert(hook, att);
+        insert_tracepoint(desired, &tp.event, &tp.program);
     }
 }
 

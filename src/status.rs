@@ -151,7 +151,7 @@ fn telemetry_json(observed: &State) -> Value {
     let Some(mut t) = crate::telemetry::Telemetry::from_state(observed) else { return Value::Null };
     t.name_interfaces(crate::kernel::netlink::interface_name);
     let (names, error) = crate::telemetry::reasons::kernel_names();
-    let mut v = t.to_json(&names);
+    let mut v = t.to_json(names);
     if let Some(e) = error {
         v["drop_reason_names_error"] = json!(e);
     }

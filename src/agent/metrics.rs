@@ -340,11 +340,14 @@ fn encode_telemetry(encoder: &mut DescriptorEncoder, t: &Telemetry) -> Result<()
         let mut enc = encoder.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
         for w in watches {
             let h = pick(w);
+            let buckets = h.per_bucket();
+            // `_count` is the buckets' total, so it equals the `+Inf` bucket.
+            let count = buckets.iter().map(|(_, n)| n).sum();
             let labels = [("watch", w.name.as_str())];
             enc.encode_family(&labels)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
                 h.sum_us as f64 / 1e6,
-                h.per_bucket().iter().map(|(_, n)| n).sum(),
-                &h.per_bucket(),
+                count,
+                &buckets,
                 None,
             )?;
         }

@@ -173,7 +173,7 @@ fn run_in_sandbox(ctx: &Context, spec_path: &std::path::Path, sandbox: &Sandbox,
     let seen = kernel.observe(&Scope { map_names: maps, ..Default::default() });
     if let Some(t) = seen.ok().as_ref().and_then(Telemetry::from_state) {
         // Node-wide: other traffic on this machine counts too.
-        print!("{}", t.render_text(&crate::telemetry::reasons::kernel_names().0, None));
+        print!("{}", t.render_text(crate::telemetry::reasons::kernel_names().0, None));
     }
 
     section(ctx.color, "bpfsync plan examples/demo.yaml   (again: nothing to do)");

@@ -195,7 +195,7 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
                 v.as_object_mut().expect("an object").extend(json.as_object().cloned().unwrap_or_default());
             }
             if let Some((total, interval)) = &telemetry {
-                v["telemetry"] = json!({ "interval": interval.to_json(&reasons), "total": total.to_json(&reasons) });
+                v["telemetry"] = json!({ "interval": interval.to_json(reasons), "total": total.to_json(reasons) });
             }
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
@@ -205,7 +205,7 @@ pub fn run(ctx: &Context, args: &Args) -> anyhow::Result<Exit> {
             }
             if let Some((_, interval)) = &telemetry {
                 println!("TELEMETRY (counted over the last {secs:.1} s; percentiles of that interval's samples)");
-                print!("{}", interval.render_text(&reasons, Some(secs)));
+                print!("{}", interval.render_text(reasons, Some(secs)));
             }
         }
     }

@@ -131,7 +131,7 @@ pub fn render_text(v: &Value, observed: &State, drift: Option<&Plan>) -> String 
     if let Some(mut t) = Telemetry::from_state(observed) {
         t.name_interfaces(crate::kernel::netlink::interface_name);
         let _ = writeln!(o, "\nTELEMETRY (traffic this node terminates; what XDP forwards is not seen)");
-        o.push_str(&t.render_text(&reasons::kernel_names().0, None));
+        o.push_str(&t.render_text(reasons::kernel_names().0, None));
     }
     render_heal(&mut o, &v["heal"]);
     if let Some(fs) = v["foreign"].as_array().filter(|a| !a.is_empty()) {

@@ -60,20 +60,6 @@ impl Log2Histogram {
         (self.count > 0).then(|| self.sum_us as f64 / self.count as f64 / 1e6)
     }
 
-    /// Cumulative (upper bound in seconds, count) pairs ending with +Inf
-    /// as `f64::MAX` (what the metrics encoder writes as `+Inf`).
-    pub fn cumulative(&self) -> Vec<(f64, u64)> {
-        let mut running = 0u64;
-        self.buckets
-            .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                running = running.saturating_add(*n);
-                (Self::upper_bound_seconds(i).unwrap_or(f64::MAX), running)
-            })
-            .collect()
-    }
-
     /// Per-bucket counts (not cumulative) with their upper bounds, as the
     /// prometheus-client encoder takes them.
     pub fn per_bucket(&self) -> Vec<(f64, u64)> {
@@ -124,15 +110,16 @@ mod tests {
     fn the_open_ended_bucket_answers_with_its_lower_bound() {
         let h = hist(&[(TELEMETRY_BUCKETS - 1, 5)]);
         assert_eq!(h.quantile(0.99), Some(2f64.powi(TELEMETRY_BUCKETS as i32 - 1) / 1e6));
-        assert_eq!(h.cumulative().last(), Some(&(f64::MAX, 5)));
+        assert_eq!(h.per_bucket().last(), Some(&(f64::MAX, 5)));
     }
 
     #[test]
-    fn cumulative_counts_add_up() {
-        let h = hist(&[(0, 1), (2, 3), (5, 6)]);
-        let c = h.cumulative();
-        assert_eq!(c[0], (2e-6, 1));
-        assert_eq!(c[2], (8e-6, 4));
-        assert_eq!(c[TELEMETRY_BUCKETS - 1], (f64::MAX, 10));
+    fn buckets_are_bounded_by_doubling_microseconds() {
+        let b = hist(&[(0, 1), (2, 3), (5, 6)]).per_bucket();
+        assert_eq!(b.len(), TELEMETRY_BUCKETS);
+        assert_eq!(b[0], (2e-6, 1));
+        assert_eq!(b[2], (8e-6, 3));
+        assert_eq!(b[5], (64e-6, 6));
+        assert_eq!(b.iter().map(|(_, n)| n).sum::<u64>(), 10);
     }
 }

@@ -188,29 +188,33 @@ fn per_cpu_u64(bytes: &[u8]) -> Option<u64> {
     Some(bytes.chunks_exact(8).map(|c| u64::from_ne_bytes(c.try_into().unwrap_or_default())).fold(0, u64::wrapping_add))
 }
 
-fn add_stats(a: &mut TcpWatchStats, b: &TcpWatchStats) {
+/// Field by field `op(a, b)`: the sum of two CPUs' copies, or what was
+/// counted between two readings.
+fn combine(a: &TcpWatchStats, b: &TcpWatchStats, op: fn(u64, u64) -> u64) -> TcpWatchStats {
+    let mut out = *a;
     for i in 0..datapath::TELEMETRY_BUCKETS {
-        a.rtt_buckets[i] = a.rtt_buckets[i].wrapping_add(b.rtt_buckets[i]);
-        a.connect_buckets[i] = a.connect_buckets[i].wrapping_add(b.connect_buckets[i]);
+        out.rtt_buckets[i] = op(a.rtt_buckets[i], b.rtt_buckets[i]);
+        out.connect_buckets[i] = op(a.connect_buckets[i], b.connect_buckets[i]);
     }
     for (x, y) in [
-        (&mut a.rtt_sum_us, b.rtt_sum_us),
-        (&mut a.rtt_samples, b.rtt_samples),
-        (&mut a.connect_sum_us, b.connect_sum_us),
-        (&mut a.connect_samples, b.connect_samples),
-        (&mut a.retransmits, b.retransmits),
-        (&mut a.cong_cwr, b.cong_cwr),
-        (&mut a.cong_recovery, b.cong_recovery),
-        (&mut a.cong_loss, b.cong_loss),
-        (&mut a.opened_active, b.opened_active),
-        (&mut a.opened_passive, b.opened_passive),
-        (&mut a.closed, b.closed),
-        (&mut a.connects_failed, b.connects_failed),
-        (&mut a.resets_received, b.resets_received),
-        (&mut a.resets_sent, b.resets_sent),
+        (&mut out.rtt_sum_us, b.rtt_sum_us),
+        (&mut out.rtt_samples, b.rtt_samples),
+        (&mut out.connect_sum_us, b.connect_sum_us),
+        (&mut out.connect_samples, b.connect_samples),
+        (&mut out.retransmits, b.retransmits),
+        (&mut out.cong_cwr, b.cong_cwr),
+        (&mut out.cong_recovery, b.cong_recovery),
+        (&mut out.cong_loss, b.cong_loss),
+        (&mut out.opened_active, b.opened_active),
+        (&mut out.opened_passive, b.opened_passive),
+        (&mut out.closed, b.closed),
+        (&mut out.connects_failed, b.connects_failed),
+        (&mut out.resets_received, b.resets_received),
+        (&mut out.resets_sent, b.resets_sent),
     ] {
-        *x = x.wrapping_add(y);
+        *x = op(*x, y);
     }
+    out
 }
 
 fn u32_key(k: &[u8]) -> Option<u32> {
@@ -271,7 +275,11 @@ impl Telemetry {
             }
         }
         for (k, v) in stats.iter() {
-            let (Some(s), Some(sum)) = (u32_key(k), per_cpu_sum::<TcpWatchStats>(v, add_stats)) else { continue };
+            let (Some(s), Some(sum)) =
+                (u32_key(k), per_cpu_sum::<TcpWatchStats>(v, |a, b| *a = combine(a, b, u64::wrapping_add)))
+            else {
+                continue;
+            };
             slots.entry(s).or_insert_with(|| TcpWatch { slot: s, ..Default::default() }).stats = sum;
         }
         for w in slots.values_mut() {
@@ -349,33 +357,6 @@ fn xdp_action_name(code: u16) -> String {
 /// only these).
 pub const MAPS: [&str; 5] = ["tcp_stats", "watch_prefixes", "watch_names", "drop_reasons", "xdp_errors"];
 
-fn sub_stats(a: &TcpWatchStats, b: &TcpWatchStats) -> TcpWatchStats {
-    let mut out = *a;
-    for i in 0..datapath::TELEMETRY_BUCKETS {
-        out.rtt_buckets[i] = a.rtt_buckets[i].saturating_sub(b.rtt_buckets[i]);
-        out.connect_buckets[i] = a.connect_buckets[i].saturating_sub(b.connect_buckets[i]);
-    }
-    for (x, y) in [
-        (&mut out.rtt_sum_us, b.rtt_sum_us),
-        (&mut out.rtt_samples, b.rtt_samples),
-        (&mut out.connect_sum_us, b.connect_sum_us),
-        (&mut out.connect_samples, b.connect_samples),
-        (&mut out.retransmits, b.retransmits),
-        (&mut out.cong_cwr, b.cong_cwr),
-        (&mut out.cong_recovery, b.cong_recovery),
-        (&mut out.cong_loss, b.cong_loss),
-        (&mut out.opened_active, b.opened_active),
-        (&mut out.opened_passive, b.opened_passive),
-        (&mut out.closed, b.closed),
-        (&mut out.connects_failed, b.connects_failed),
-        (&mut out.resets_received, b.resets_received),
-        (&mut out.resets_sent, b.resets_sent),
-    ] {
-        *x = x.saturating_sub(y);
-    }
-    out
-}
-
 impl Telemetry {
     /// What was counted since `before` (a program reloaded in between
     /// starts from zero: its counters never go below zero here).
@@ -385,7 +366,7 @@ impl Telemetry {
                 .iter()
                 .map(|w| {
                     let earlier = before.tcp.iter().flatten().find(|b| b.slot == w.slot && b.name == w.name);
-                    let stats = earlier.map_or(w.stats, |b| sub_stats(&w.stats, &b.stats));
+                    let stats = earlier.map_or(w.stats, |b| combine(&w.stats, &b.stats, u64::saturating_sub));
                     TcpWatch { stats, ..w.clone() }
                 })
                 .collect()
@@ -470,5 +451,43 @@ impl Telemetry {
             }
         }
         o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(retransmits: u64, bucket3: u64) -> TcpWatchStats {
+        let mut s = TcpWatchStats { retransmits, ..Default::default() };
+        s.rtt_buckets[3] = bucket3;
+        s
+    }
+
+    #[test]
+    fn per_cpu_copies_are_summed_and_readings_subtracted() {
+        // Two CPUs' copies, one after the other (624 bytes: no rounding).
+        let mut bytes = stats(2, 5).as_bytes().to_vec();
+        bytes.extend(stats(3, 1).as_bytes());
+        let sum = per_cpu_sum::<TcpWatchStats>(&bytes, |a, b| *a = combine(a, b, u64::wrapping_add)).unwrap();
+        assert_eq!((sum.retransmits, sum.rtt_buckets[3]), (5, 6));
+        assert!(per_cpu_sum::<TcpWatchStats>(&bytes[1..], |_, _| {}).is_none(), "a torn value is no value");
+        // Since an earlier reading; a counter that went back (a reload) is 0.
+        let watch = |s| TcpWatch { slot: 1, name: "w".into(), prefixes: vec![], stats: s };
+        let after = Telemetry { tcp: Some(vec![watch(stats(7, 2))]), ..Default::default() };
+        let before = Telemetry { tcp: Some(vec![watch(stats(4, 9))]), ..Default::default() };
+        let d = after.since(&before).tcp.unwrap();
+        assert_eq!((d[0].stats.retransmits, d[0].stats.rtt_buckets[3]), (3, 0));
+    }
+
+    #[test]
+    fn trie_keys_read_back_as_the_prefixes_written() {
+        for text in ["10.20.0.0/16", "0.0.0.0/0", "fd00:20::/48", "::1/128"] {
+            let c: Cidr = text.parse().unwrap();
+            let trie: Cidr = trie_cidr(&c).parse().unwrap();
+            let mut key = WatchKey { prefixlen: trie.len as u32, ..Default::default() };
+            key.addr.copy_from_slice(&crate::net::ip_bytes(&trie.addr));
+            assert_eq!(spec_cidr(&key), text);
+        }
     }
 }

@@ -23,11 +23,13 @@ pub const MAX_KERNEL_BTF_BYTES: u64 = 64 << 20;
 pub const SUBSYSTEM: &str = "SUBSYSTEM";
 
 /// The running kernel's table for display, and why it is empty when it
-/// could not be read (codes then show as `REASON_<n>`).
-pub fn kernel_names() -> (DropReasonNames, Option<String>) {
+/// could not be read (codes then show as `REASON_<n>`). Read once per
+/// process; a scrape borrows it.
+pub fn kernel_names() -> (&'static DropReasonNames, Option<&'static str>) {
+    static EMPTY: DropReasonNames = DropReasonNames { by_code: BTreeMap::new() };
     match DropReasonNames::kernel() {
-        Ok(t) => (t.clone(), None),
-        Err(e) => (DropReasonNames::default(), Some(e.clone())),
+        Ok(t) => (t, None),
+        Err(e) => (&EMPTY, Some(e.as_str())),
     }
 }
 
